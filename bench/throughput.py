@@ -1,0 +1,231 @@
+"""Offline throughput of jaxserve on the default model, with its baselines in the same run.
+
+Workload A: N requests x P prompt tokens x O output tokens, greedy, ignore_eos: jaxserve vs
+  transformers generate() at batch 1 (a few prompts) and at static batch 8.
+Workload B: N requests sharing a long prefix with distinct suffixes: prefix caching on vs off.
+Workload C: workload A with prefix caching on vs off (0% hits: the cost of caching).
+KV usage: peak KV blocks in use vs allocated under a KV-bound load.
+
+Prints a table and writes one JSON record to bench/results/. Ratios, not absolute times, are
+what to compare: this machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxserve import LLM, SamplingParams
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Stay clear of the special tokens at the bottom of the vocabulary.
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def run_jaxserve(
+    prompts: list[list[int]], max_tokens: int, engine_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    with LLM(**engine_kwargs) as llm:
+        startup = time.perf_counter() - t0
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        stats = llm.stats
+    ttfts = sorted(o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "seconds": elapsed,
+        "startup_seconds": startup,
+        "output_tokens": n_out,
+        "output_tok_s": n_out / elapsed,
+        "ttft_p50_s": ttfts[len(ttfts) // 2],
+        "stats": stats,
+        "token_ids": [o.outputs[0].token_ids for o in outs],
+    }
+
+
+def run_transformers(
+    prompts: list[list[int]], max_tokens: int, batch_size: int, model: Any
+) -> dict[str, Any]:
+    import torch
+
+    n_out = 0
+    start = time.perf_counter()
+    token_ids = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            batch = torch.tensor(prompts[i : i + batch_size])
+            out = model.generate(
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            new = out[:, batch.shape[1] :]
+            n_out += new.numel()
+            token_ids.extend(new.tolist())
+    elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "output_tokens": n_out,
+        "output_tok_s": n_out / elapsed,
+        "token_ids": token_ids,
+    }
+
+
+def load_transformers_model() -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxserve.model.builtin import fetch_builtin
+
+    gguf = fetch_builtin("smollm2-135m")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-batch1-requests", type=int, default=8)
+    ap.add_argument("--hf-batch8-requests", type=int, default=16)
+    ap.add_argument("--prefix-len", type=int, default=1024)
+    ap.add_argument("--suffix-len", type=int, default=32)
+    ap.add_argument("--prefix-output-len", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--skip", default="", help="comma list of A,B,C,KV,HF to skip")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.upper().split(",")))
+    vocab = 49152
+    engine = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "show_progress": False,
+    }
+    record: dict[str, Any] = {
+        "bench": "throughput",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": platform.platform(),
+        "args": vars(args),
+    }
+    rows = []
+    prompts_a = random_prompts(args.num_requests, args.prompt_len, vocab, seed=0)
+    a_len = args.prompt_len + args.output_len
+    if not skip & {"A", "C"}:
+        on = run_jaxserve(prompts_a, args.output_len, {**engine, "max_model_len": a_len})
+        off = run_jaxserve(
+            prompts_a,
+            args.output_len,
+            {**engine, "max_model_len": a_len, "enable_prefix_caching": False},
+        )
+        record["A_jaxserve"] = {k: v for k, v in on.items() if k != "token_ids"}
+        record["C_caching_off"] = {k: v for k, v in off.items() if k != "token_ids"}
+        record["C_cost"] = off["output_tok_s"] / on["output_tok_s"] - 1.0
+        record["C_same_tokens"] = on["token_ids"] == off["token_ids"]
+        rows.append(("A jaxserve (caching on)", on["output_tok_s"], ""))
+        rows.append(
+            (
+                "C jaxserve caching off",
+                off["output_tok_s"],
+                f"caching costs {-record['C_cost'] * 100:+.1f}% (target <= 2%)",
+            )
+        )
+        if "HF" not in skip:
+            model = load_transformers_model()
+            hf1 = run_transformers(prompts_a[: args.hf_batch1_requests], args.output_len, 1, model)
+            hf8 = run_transformers(prompts_a[: args.hf_batch8_requests], args.output_len, 8, model)
+            record["A_hf_batch1"] = {k: v for k, v in hf1.items() if k != "token_ids"}
+            record["A_hf_batch8"] = {k: v for k, v in hf8.items() if k != "token_ids"}
+            record["A_vs_hf_batch1"] = on["output_tok_s"] / hf1["output_tok_s"]
+            record["A_vs_hf_batch8"] = on["output_tok_s"] / hf8["output_tok_s"]
+            same = sum(a == b for a, b in zip(on["token_ids"], hf1["token_ids"], strict=False))
+            record["A_greedy_match_hf_batch1"] = f"{same}/{len(hf1['token_ids'])}"
+            rows.append(
+                (
+                    "A transformers batch 1",
+                    hf1["output_tok_s"],
+                    f"jaxserve {record['A_vs_hf_batch1']:.1f}x (target >= 20x)",
+                )
+            )
+            rows.append(
+                (
+                    "A transformers static batch 8",
+                    hf8["output_tok_s"],
+                    f"jaxserve {record['A_vs_hf_batch8']:.1f}x (target >= 4x)",
+                )
+            )
+    if "B" not in skip:
+        rng = random.Random(1)
+        prefix = [rng.randrange(100, vocab) for _ in range(args.prefix_len)]
+        prompts_b = [
+            prefix + [rng.randrange(100, vocab) for _ in range(args.suffix_len)]
+            for _ in range(args.num_requests)
+        ]
+        b_len = args.prefix_len + args.suffix_len + args.prefix_output_len
+        b_on = run_jaxserve(prompts_b, args.prefix_output_len, {**engine, "max_model_len": b_len})
+        b_off = run_jaxserve(
+            prompts_b,
+            args.prefix_output_len,
+            {**engine, "max_model_len": b_len, "enable_prefix_caching": False},
+        )
+        record["B_caching_on"] = {k: v for k, v in b_on.items() if k != "token_ids"}
+        record["B_caching_off"] = {k: v for k, v in b_off.items() if k != "token_ids"}
+        record["B_speedup"] = b_off["seconds"] / b_on["seconds"]
+        record["B_same_tokens"] = b_on["token_ids"] == b_off["token_ids"]
+        rows.append(("B shared prefix, caching off", b_off["output_tok_s"], ""))
+        rows.append(
+            (
+                "B shared prefix, caching on",
+                b_on["output_tok_s"],
+                f"{record['B_speedup']:.1f}x faster (target >= 3x)",
+            )
+        )
+    if "KV" not in skip:
+        # A load whose total KV need is several times the cache: the scheduler should keep
+        # the cache nearly full (and preempt) rather than leave blocks idle.
+        kv_prompts = random_prompts(args.num_requests, args.prompt_len, vocab, seed=2)
+        block_bytes = 2 * 30 * 16 * 3 * 64 * 4
+        kv = run_jaxserve(
+            kv_prompts,
+            args.output_len,
+            {**engine, "max_model_len": a_len, "kv_cache_memory": 161 * block_bytes},
+        )
+        record["KV"] = {k: v for k, v in kv.items() if k != "token_ids"}
+        rows.append(
+            (
+                "KV-bound load",
+                kv["output_tok_s"],
+                f"peak usage {kv['stats']['peak_kv_cache_usage'] * 100:.1f}% "
+                f"(target >= 90%), preemptions {kv['stats']['num_preemptions']}",
+            )
+        )
+    print(f"\n{'workload':<34} {'output tok/s':>12}  note")
+    for name, tps, note in rows:
+        print(f"{name:<34} {tps:>12.1f}  {note}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`jaxserve generate | convert`: the command line (the server's `serve` joins it later)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jaxserve.config import DEFAULT_MODEL, EngineArgs
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model", default=DEFAULT_MODEL, help="built-in name, HF dir, .gguf, or converted dir"
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output (default: min(model context, 2048))",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="token budget of one step (prefill chunks + decodes)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    mem = g.add_mutually_exclusive_group()
+    mem.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=None,
+        help="bytes of KV cache (the CPU way to size it)",
+    )
+    mem.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of accelerator memory for weights + KV cache",
+    )
+    g.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="turn prefix caching off",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "xla", "pallas"],
+        help="attention implementation (auto: by platform)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
+    g.add_argument(
+        "--no-warmup",
+        dest="enable_warmup",
+        action="store_false",
+        help="skip compiling every shape bucket at start-up",
+    )
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model,
+        dtype=ns.dtype,
+        max_model_len=ns.max_model_len,
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        block_size=ns.block_size,
+        kv_cache_memory=ns.kv_cache_memory,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        enable_prefix_caching=ns.enable_prefix_caching,
+        attention_backend=ns.attention_backend,
+        seed=ns.seed,
+        enable_warmup=ns.enable_warmup,
+    )
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from jaxserve.llm import LLM
+    from jaxserve.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=ns.max_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        seed=ns.sampling_seed,
+    )
+    with LLM(**vars(engine_args_from(ns))) as llm:
+        start = time.perf_counter()
+        if ns.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in ns.prompts], params)
+        else:
+            outs = llm.generate(ns.prompts, params)
+        elapsed = time.perf_counter() - start
+        for out in outs:
+            if ns.json:
+                print(
+                    json.dumps(
+                        {
+                            "prompt": out.prompt,
+                            "text": out.outputs[0].text,
+                            "finish_reason": out.outputs[0].finish_reason,
+                        }
+                    )
+                )
+            else:
+                print(f"{out.prompt!r} -> {out.outputs[0].text!r}")
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(f"[{n} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _convert(ns: argparse.Namespace) -> int:
+    from jaxserve.engine.core import resolve_dtype
+    from jaxserve.model.checkpoint import save_checkpoint
+    from jaxserve.model.loader import load_model
+
+    loaded = load_model(ns.src, resolve_dtype(ns.dtype))
+    save_checkpoint(ns.dst, loaded.params, loaded.spec, loaded.tokenizer)
+    print(f"wrote {ns.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="A pure-JAX LLM engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for prompts offline")
+    gen.add_argument("prompts", nargs="+", help="prompt texts")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
+    gen.add_argument("--json", action="store_true", help="print one JSON line per prompt")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+    conv = sub.add_parser("convert", help="write a model as an orbax checkpoint + tokenizer")
+    conv.add_argument("src", help="built-in name, HF dir or .gguf file")
+    conv.add_argument("dst", help="output directory")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    conv.set_defaults(func=_convert)
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

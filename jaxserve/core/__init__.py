@@ -1,0 +1,1 @@
+"""Host-side bookkeeping: blocks, KV cache manager, scheduler. Never imports jax."""

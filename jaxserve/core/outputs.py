@@ -1,0 +1,104 @@
+"""The typed messages between scheduler, runner and engine client.
+
+schedule() -> SchedulerOutput -> runner.execute() -> ModelRunnerOutput
+-> scheduler.update_from_output() -> EngineCoreOutputs. All host values (lists, ints), never
+device arrays: EngineCoreOutputs crosses a process boundary once the server lands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jaxserve.request import FinishReason, Request
+
+
+@dataclass
+class ScheduledRequest:
+    # the request itself; the runner only reads it (tokens, sampling params, seed)
+    request: Request
+    # position of the first token computed this step (= request.num_computed_tokens at
+    # schedule time; the scheduler advances the request's counter right after scheduling)
+    num_computed_tokens: int
+    # tokens computed this step: all_token_ids[num_computed_tokens : + num_scheduled_tokens]
+    num_scheduled_tokens: int
+    # the request's whole block table (block ids, in token order)
+    block_ids: list[int]
+    # True when this chunk reaches the request's last known token, so the step samples one
+    is_sampling: bool
+
+
+@dataclass
+class SchedulerOutput:
+    # the requests of this step, in batch order
+    scheduled: list[ScheduledRequest]
+    # sum of num_scheduled_tokens over `scheduled`
+    total_num_scheduled_tokens: int
+    # requests preempted (blocks freed, back to waiting) while building this step
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # requests finished or aborted since the previous step
+    finished_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class TokenLogprobs:
+    # the sampled token and its log-probability under the model (before sampling filters)
+    token_id: int
+    logprob: float
+    # 1-based rank of the sampled token in the full distribution
+    rank: int
+    # the top-N (token id, logprob) pairs, most likely first; N = SamplingParams.logprobs
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    # req_id -> the token sampled this step (only requests with is_sampling)
+    sampled_token_ids: dict[str, int]
+    # req_id -> logprobs of that token, for requests that asked for logprobs
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerStats:
+    # requests in the running set / waiting queue after this step
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    # fraction of usable KV blocks (all but the null block) held by requests
+    kv_cache_usage: float = 0.0
+    # blocks held by requests (not counting free cached blocks)
+    num_used_blocks: int = 0
+    num_total_blocks: int = 0
+    # cumulative prefix-cache lookups and hits, in tokens
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # cumulative preemptions
+    num_preemptions: int = 0
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    # tokens generated since the last output for this request
+    new_token_ids: list[int]
+    # logprobs of those tokens, when the request asked for them
+    new_logprobs: list[TokenLogprobs] | None = None
+    # set once, on the request's last output
+    finish_reason: FinishReason | None = None
+    # the stop token id or stop string that ended it
+    stop_reason: int | str | None = None
+    # prompt tokens served from the prefix cache (usage.prompt_tokens_details.cached_tokens)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineCoreOutputs:
+    outputs: list[EngineCoreOutput] = field(default_factory=list)
+    scheduler_stats: SchedulerStats | None = None

@@ -1,0 +1,1 @@
+"""The engine: EngineCore (schedule -> execute -> update) and the clients around it."""

@@ -1,0 +1,140 @@
+"""EngineCore: the busy loop's body. No HTTP, no tokenizer: token ids in, token ids out.
+
+step() is three calls joined by two dataclasses:
+scheduler.schedule() -> SchedulerOutput -> runner.execute() -> ModelRunnerOutput
+-> scheduler.update_from_output() -> EngineCoreOutputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import EngineArgs
+from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.model.loader import LoadedModel, load_model
+from jaxserve.model.spec import ModelSpec
+from jaxserve.request import Request, RequestStatus
+from jaxserve.runner.compile_cache import enable_persistent_compilation_cache
+from jaxserve.runner.model_runner import ModelRunner, determine_num_blocks
+
+logger = logging.getLogger(__name__)
+
+# Without --max-model-len, contexts are capped here so the default KV cache stays small.
+_DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def resolve_dtype(dtype: str) -> jnp.dtype:
+    """float32 on CPU (XLA:CPU bf16 is many times slower), bfloat16 on GPU/TPU."""
+    if dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
+
+
+def resolve_attention_backend(backend: str) -> str:
+    if backend == "auto":
+        # The Pallas kernels plug in here once they exist; until then every platform uses xla.
+        return "xla"
+    return backend
+
+
+class EngineCore:
+    def __init__(
+        self,
+        args: EngineArgs,
+        *,
+        loaded: LoadedModel | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        start = time.perf_counter()
+        enable_persistent_compilation_cache()
+        model_config = args.model_config()
+        self.dtype = resolve_dtype(model_config.dtype)
+        self.model = loaded if loaded is not None else load_model(model_config.model, self.dtype)
+        spec = self.model.spec
+        if model_config.max_model_len is None:
+            max_model_len = min(spec.max_position_embeddings, _DEFAULT_MAX_MODEL_LEN)
+        else:
+            max_model_len = model_config.max_model_len
+            if max_model_len > spec.max_position_embeddings:
+                raise ValueError(
+                    f"max_model_len={max_model_len} is larger than the model's "
+                    f"max_position_embeddings={spec.max_position_embeddings}"
+                )
+        self.max_model_len = max_model_len
+        cache_config = args.cache_config()
+        scheduler_config = args.scheduler_config(max_model_len)
+        params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model.params))
+        num_blocks = determine_num_blocks(
+            spec, cache_config, scheduler_config, self.dtype, params_bytes
+        )
+        self.runner = ModelRunner(
+            spec,
+            self.model.params,
+            dtype=self.dtype,
+            num_blocks=num_blocks,
+            cache_config=cache_config,
+            scheduler_config=scheduler_config,
+            attention_backend=resolve_attention_backend(model_config.attention_backend),
+        )
+        self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
+        self.warmup_seconds = 0.0
+        if args.enable_warmup:
+            self.warmup_seconds = self.runner.warmup(show_progress=show_progress)
+        self.startup_seconds = time.perf_counter() - start
+        self.last_stats = SchedulerStats()
+        # highest KV cache usage seen after any step (for benchmarks and notebooks)
+        self.peak_kv_cache_usage = 0.0
+        logger.info(
+            "engine ready in %.1f s: %d KV blocks of %d tokens, max_model_len=%d",
+            self.startup_seconds,
+            num_blocks,
+            cache_config.block_size,
+            max_model_len,
+        )
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.abort_requests(list(request_ids))
+
+    def finish_requests(self, request_ids: Iterable[str], stop_reason: str) -> None:
+        """Ends requests whose stop string the detokenizer found (finish_reason "stop")."""
+        self.scheduler.finish_requests(
+            list(request_ids), RequestStatus.FINISHED_STOPPED, stop_reason=stop_reason
+        )
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        if not self.scheduler.has_unfinished_requests():
+            return EngineCoreOutputs()
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if outputs.scheduler_stats is not None:
+            self.last_stats = outputs.scheduler_stats
+            self.peak_kv_cache_usage = max(
+                self.peak_kv_cache_usage, outputs.scheduler_stats.kv_cache_usage
+            )
+        return outputs
+
+    @property
+    def num_compiles_after_warmup(self) -> int:
+        return self.runner.num_compiles_after_warmup
+
+    def close(self) -> None:
+        """Frees the device buffers (weights and KV cache); the engine is unusable after."""
+        self.runner.close()
+        self.model = None  # type: ignore[assignment]

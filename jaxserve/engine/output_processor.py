@@ -1,0 +1,165 @@
+"""Output processing: core token ids -> text, stop strings, n-way fan-in, RequestOutput.
+
+Runs where the tokenizer lives (in-process for LLM, the API process for the server). A stop
+string found here ends the request in the core too (the caller aborts the returned ids).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxserve.core.outputs import EngineCoreOutput, TokenLogprobs
+from jaxserve.engine.processor import ProcessedPrompt
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class _Completion:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    # core request id -> its completion
+    completions: dict[str, _Completion]
+    arrival_time: float
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+
+
+@dataclass
+class ProcessedOutputs:
+    # one RequestOutput per user request that changed this step
+    request_outputs: list[RequestOutput]
+    # core request id -> stop string: requests a stop string ended (abort them in the core)
+    stopped_by_string: dict[str, str]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._states: dict[str, _RequestState] = {}
+        # core request id -> user request id
+        self._parent: dict[str, str] = {}
+
+    def add_request(
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, core_ids: list[str]
+    ) -> None:
+        if request_id in self._states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        completions = {}
+        for i, core_id in enumerate(core_ids):
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                prompt.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            completions[core_id] = _Completion(
+                index=i,
+                detokenizer=detok,
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            self._parent[core_id] = request_id
+        self._states[request_id] = _RequestState(
+            request_id, prompt, params, completions, arrival_time=time.monotonic()
+        )
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forgets a user request; returns its unfinished core ids (to abort in the core)."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return []
+        for core_id in state.completions:
+            self._parent.pop(core_id, None)
+        return [cid for cid, c in state.completions.items() if c.finish_reason is None]
+
+    def _add_logprobs(self, comp: _Completion, entries: list[TokenLogprobs]) -> None:
+        assert comp.logprobs is not None and comp.cumulative_logprob is not None
+        for e in entries:
+            pos = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(e.top)}
+            pos[e.token_id] = Logprob(e.logprob, rank=e.rank)
+            for tid, lp in pos.items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+            comp.logprobs.append(pos)
+            comp.cumulative_logprob += e.logprob
+
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        changed: dict[str, _RequestState] = {}
+        stopped: dict[str, str] = {}
+        now = time.monotonic()
+        for out in outputs:
+            request_id = self._parent.get(out.request_id)
+            if request_id is None:
+                continue  # aborted by the user while this step ran
+            state = self._states[request_id]
+            comp = state.completions[out.request_id]
+            if comp.finish_reason is not None:
+                continue
+            if state.first_token_time is None and out.new_token_ids:
+                state.first_token_time = now
+            state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            comp.token_ids.extend(out.new_token_ids)
+            if out.new_logprobs and comp.logprobs is not None:
+                self._add_logprobs(comp, out.new_logprobs)
+            detok = comp.detokenizer
+            detok.update(out.new_token_ids)
+            if detok.finished:  # a stop string matched
+                comp.finish_reason, comp.stop_reason = "stop", detok.stop_reason
+                if out.finish_reason is None:
+                    stopped[out.request_id] = str(detok.stop_reason)
+            elif out.finish_reason is not None:
+                detok.flush()
+                comp.finish_reason = out.finish_reason.value
+                comp.stop_reason = out.stop_reason
+            changed[request_id] = state
+        return ProcessedOutputs([self._make_output(s) for s in changed.values()], stopped)
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        completions = []
+        for comp in state.completions.values():
+            completions.append(
+                CompletionOutput(
+                    index=comp.index,
+                    text=comp.detokenizer.output_text,
+                    token_ids=list(comp.token_ids),
+                    cumulative_logprob=comp.cumulative_logprob,
+                    logprobs=comp.logprobs,
+                    finish_reason=comp.finish_reason,
+                    stop_reason=comp.stop_reason,
+                )
+            )
+        finished = all(c.finish_reason is not None for c in completions)
+        metrics = {"arrival_time": state.arrival_time}
+        if state.first_token_time is not None:
+            metrics["first_token_time"] = state.first_token_time
+        if finished:
+            metrics["finished_time"] = time.monotonic()
+            self.abort_request(state.request_id)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt.prompt,
+            prompt_token_ids=state.prompt.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=state.num_cached_tokens,
+            metrics=metrics,
+        )

@@ -1,0 +1,121 @@
+"""Paged KV cache layout, per-step attention metadata, and the pure-jnp (`xla`) attention.
+
+The cache is one block array per K and V, stacked over layers; a token's KV lives at flat slot
+`block_id * block_size + offset`. Block 0 is the null block: padding tokens write there and the
+block manager never hands it out. The `xla` attention below is the CPU backend and the
+reference every Pallas kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["slot_mapping", "token_req_idx", "block_tables", "kv_lens", "cu_q_lens"],
+    meta_fields=[],
+)
+@dataclasses.dataclass
+class AttentionMetadata:
+    # i32[T] flat cache slot each token's K/V is written to (padding tokens: slot 0, null block)
+    slot_mapping: jax.Array
+    # i32[T] row of block_tables the token belongs to (padding tokens: 0)
+    token_req_idx: jax.Array
+    # i32[R, B] block ids of each request (unused entries: 0, the null block)
+    block_tables: jax.Array
+    # i32[R] tokens with KV after this step, per request (padding rows: 0)
+    kv_lens: jax.Array
+    # i32[R + 1] cumulative query lengths; rows past the real requests repeat the total
+    cu_q_lens: jax.Array
+
+
+def write_kv(
+    cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim] one layer
+    new: jax.Array,  # [T, num_kv_heads, head_dim]
+    slot_mapping: jax.Array,  # i32[T]
+) -> jax.Array:
+    """Scatters this step's K or V into the paged cache (in place under donation)."""
+    nb, bs, hkv, d = cache.shape
+    flat = cache.reshape(nb * bs, hkv, d)
+    return flat.at[slot_mapping].set(new.astype(cache.dtype)).reshape(nb, bs, hkv, d)
+
+
+# Upper bound on the elements of one gathered K (tokens x context x kv heads x head_dim) before
+# the attention is split into token chunks, to keep CPU memory per layer bounded (~128 MiB f32).
+_MAX_GATHER_ELEMS = 1 << 25
+
+
+def xla_paged_attention(
+    q: jax.Array,  # [T, num_q_heads, head_dim]
+    k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim] one layer
+    v_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    positions: jax.Array,  # i32[T] position of each query token in its request
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:  # [T, num_q_heads, head_dim]
+    """Ragged paged attention in plain jnp: each token attends to its own request's blocks.
+
+    Causality comes from positions: a token sees keys at positions <= its own (every such key
+    was written this step or earlier), so prefill chunks and decodes mix freely in one batch.
+    """
+    t, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    b = md.block_tables.shape[1]
+    s = b * bs
+    group = hq // hkv
+    key_pos = jnp.arange(s, dtype=jnp.int32)
+
+    def attend(q_c, pos_c, req_c):  # one chunk of tokens
+        tables = md.block_tables[req_c]  # [Tc, B]
+        k = k_cache[tables].reshape(-1, s, hkv, d)
+        v = v_cache[tables].reshape(-1, s, hkv, d)
+        qg = q_c.reshape(-1, hkv, group, d).astype(jnp.float32)
+        scores = jnp.einsum("tkgd,tskd->tkgs", qg, k.astype(jnp.float32)) * sm_scale
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        mask = key_pos[None, :] <= pos_c[:, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, :] > pos_c[:, None] - sliding_window
+        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("tkgs,tskd->tkgd", probs, v.astype(jnp.float32))
+        return out.reshape(-1, hq, d).astype(q.dtype)
+
+    chunk = t
+    while chunk > 1 and chunk * s * hkv * d > _MAX_GATHER_ELEMS and chunk % 2 == 0:
+        chunk //= 2
+    if chunk == t:
+        return attend(q, positions, md.token_req_idx)
+    n = t // chunk
+    out = jax.lax.map(
+        lambda args: attend(*args),
+        (
+            q.reshape(n, chunk, hq, d),
+            positions.reshape(n, chunk),
+            md.token_req_idx.reshape(n, chunk),
+        ),
+    )
+    return out.reshape(t, hq, d)

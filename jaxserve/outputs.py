@@ -1,0 +1,57 @@
+"""What the offline API returns: vLLM-shaped RequestOutput / CompletionOutput / Logprob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    # log-probability of the token under the model's distribution
+    logprob: float
+    # 1-based rank of the token in that distribution
+    rank: int | None = None
+    # the token's text
+    decoded_token: str | None = None
+
+
+# One generated position: token id -> Logprob, holding the top-N and the sampled token.
+SampleLogprobs = list[dict[int, Logprob]]
+
+
+@dataclass
+class CompletionOutput:
+    # index of this completion among the request's n
+    index: int
+    # the generated text (stop string removed unless include_stop_str_in_output)
+    text: str
+    # the generated token ids
+    token_ids: list[int]
+    # sum of the sampled tokens' logprobs; None unless logprobs were requested
+    cumulative_logprob: float | None = None
+    # per generated token, the top-N logprobs plus the sampled one; None unless requested
+    logprobs: SampleLogprobs | None = None
+    # "stop", "length", "abort" once finished, else None
+    finish_reason: str | None = None
+    # the stop token id or stop string that ended it (None for eos or length)
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    # the prompt text (None when the prompt was given as token ids)
+    prompt: str | None
+    prompt_token_ids: list[int]
+    # one per completion (n of them), in index order
+    outputs: list[CompletionOutput]
+    # True once every completion has finished
+    finished: bool
+    # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0
+    # wall-clock timings: arrival, first token, finish (time.monotonic seconds)
+    metrics: dict[str, float] = field(default_factory=dict)

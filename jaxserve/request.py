@@ -1,0 +1,118 @@
+"""Request: one sequence's state as the engine core tracks it (host-side, plain Python).
+
+A request is its prompt, its generated tokens, and `num_computed_tokens` (how many of those
+tokens have KV in the cache). The scheduler hands out tokens until `num_computed_tokens`
+catches up with `num_tokens`; there is no prefill or decode mode.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from jaxserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    # everything from here on is finished
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @staticmethod
+    def is_finished(status: RequestStatus) -> bool:
+        return status >= RequestStatus.FINISHED_STOPPED
+
+
+class FinishReason(enum.StrEnum):
+    """The OpenAI finish_reason strings."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH_CAPPED: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+}
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_id: int | None,
+        *,
+        sampling_seed: int,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        adapter_id: str | None = None,
+        max_tokens: int,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        # the seed actually used: the user's, or one the engine drew for an unseeded request
+        self.sampling_seed = sampling_seed
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority
+        # extra keys of the block hashes: requests with different salts never share blocks
+        self.cache_salt = cache_salt
+        self.adapter_id = adapter_id
+        # max_tokens resolved against max_model_len
+        self.max_tokens = max_tokens
+        self.status = RequestStatus.WAITING
+        self.output_token_ids: list[int] = []
+        # prompt + output, the sequence whose KV the cache holds
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        # how many of all_token_ids have KV in the cache
+        self.num_computed_tokens = 0
+        # prompt tokens served from the prefix cache when first scheduled (for usage accounting)
+        self.num_cached_tokens = -1
+        self.num_preemptions = 0
+        # chained hashes of the full blocks of all_token_ids, filled by the KV cache manager
+        self.block_hashes: list[bytes] = []
+        # the stop token id (int) or stop string (str) that ended the request
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return RequestStatus.is_finished(self.status)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self.status)
+
+    def append_output_token_ids(self, token_ids: int | list[int]) -> None:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        self.output_token_ids.extend(token_ids)
+        self.all_token_ids.extend(token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"prompt={self.num_prompt_tokens}, output={self.num_output_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

@@ -1,0 +1,130 @@
+"""The real default model end to end: transformers parity and the engine against itself.
+
+One warmed-up engine serves the module; the last test checks nothing compiled after warmup.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jaxserve import LLM, SamplingParams
+
+ENGINE = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=64, show_progress=False)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(**ENGINE) as llm:
+        yield llm
+
+
+def token_prompts(n: int, seed: int, lo: int = 1, hi: int = 300) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"prompt_token_ids": [rng.randrange(100, 49152) for _ in range(rng.randint(lo, hi))]}
+        for _ in range(n)
+    ]
+
+
+def test_greedy_matches_transformers(llm, smollm2_gguf):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.inference_mode():
+            ref = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+            )
+        assert out.prompt_token_ids == ids[0].tolist()
+        assert out.outputs[0].token_ids == ref[0, ids.shape[1] :].tolist(), prompt
+    assert "Paris" in outs[0].outputs[0].text
+
+
+def test_alone_equals_batched(llm):
+    prompts = token_prompts(64, seed=0)
+    batched = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for i in range(0, 64, 4):  # 16 of them, each alone
+        alone = llm.generate([prompts[i]], GREEDY, use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == batched[i].outputs[0].token_ids, i
+
+
+def test_prefix_caching_on_equals_off(llm):
+    rng = random.Random(1)
+    prefix = [rng.randrange(100, 49152) for _ in range(100)]
+    prompts = [
+        {"prompt_token_ids": prefix + [rng.randrange(100, 49152) for _ in range(n)]}
+        for n in (3, 17, 40, 1, 64, 16)
+    ]
+    before = llm.stats["prefix_cache_hits"]
+    on = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.stats["prefix_cache_hits"] - before >= 5 * 96  # 6 blocks of the prefix, 5 times
+    assert any(o.num_cached_tokens >= 96 for o in on)
+    with LLM(**{**ENGINE, "enable_prefix_caching": False, "enable_warmup": False}) as off_llm:
+        off = off_llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert off_llm.stats["prefix_cache_hits"] == 0
+    for a, b in zip(on, off, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_preemption_equals_ample(llm):
+    prompts = token_prompts(24, seed=2, lo=40, hi=120)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    ample = llm.generate(prompts, params, use_tqdm=False)
+    # 40 blocks of 16 tokens cannot hold 24 requests of up to 168 tokens: preemption must
+    # kick in, and recompute must give the same tokens.
+    tight_args = {**ENGINE, "num_gpu_blocks_override": 40, "enable_warmup": False}
+    with LLM(**tight_args) as tight_llm:
+        tight = tight_llm.generate(prompts, params, use_tqdm=False)
+        assert tight_llm.stats["num_preemptions"] > 0
+    for a, b in zip(ample, tight, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_batch_independent(llm):
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234)
+    target = {"prompt_token_ids": [1, 504, 3458, 282, 4649, 314]}
+    alone = llm.generate([target], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = token_prompts(9, seed=3, hi=60)
+    mates = SamplingParams(temperature=1.0, max_tokens=30)
+    outs = llm.generate(
+        others[:4] + [target] + others[4:], [mates] * 4 + [seeded] + [mates] * 5, use_tqdm=False
+    )
+    assert outs[4].outputs[0].token_ids == alone
+    other_seed = llm.generate([target], seeded.with_updates(seed=99), use_tqdm=False)[0]
+    assert other_seed.outputs[0].token_ids != alone
+
+
+def test_no_compiles_after_warmup(llm):
+    # A mixed workload: long prompts chunked over several steps next to decodes, sampling
+    # with penalties / top-k / logprobs / n=2, then lone decodes.
+    prompts = token_prompts(12, seed=4, lo=1, hi=400)
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, presence_penalty=0.5, max_tokens=20),
+        SamplingParams(temperature=0.0, logprobs=3, max_tokens=10, n=2),
+        SamplingParams(
+            temperature=1.0, top_p=0.5, min_p=0.1, repetition_penalty=1.2, max_tokens=100
+        ),
+    ] * 4
+    llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats["num_compiles_after_warmup"] == 0
+    assert llm.stats["kv_cache_usage"] == 0.0  # every block back in the free queue
