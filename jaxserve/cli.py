@@ -123,9 +123,8 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _convert(ns: argparse.Namespace) -> int:
-    from jaxserve.engine.core import resolve_dtype
     from jaxserve.model.checkpoint import save_checkpoint
-    from jaxserve.model.loader import load_model
+    from jaxserve.model.loader import load_model, resolve_dtype
 
     loaded = load_model(ns.src, resolve_dtype(ns.dtype))
     save_checkpoint(ns.dst, loaded.params, loaded.spec, loaded.tokenizer)

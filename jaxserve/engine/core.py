@@ -12,12 +12,11 @@ import time
 from collections.abc import Iterable
 
 import jax
-import jax.numpy as jnp
 
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
-from jaxserve.model.loader import LoadedModel, load_model
+from jaxserve.model.loader import LoadedModel, load_model, resolve_dtype
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner.compile_cache import enable_persistent_compilation_cache
@@ -27,13 +26,6 @@ logger = logging.getLogger(__name__)
 
 # Without --max-model-len, contexts are capped here so the default KV cache stays small.
 _DEFAULT_MAX_MODEL_LEN = 2048
-
-
-def resolve_dtype(dtype: str) -> jnp.dtype:
-    """float32 on CPU (XLA:CPU bf16 is many times slower), bfloat16 on GPU/TPU."""
-    if dtype == "auto":
-        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-    return jnp.dtype(dtype)
 
 
 def resolve_attention_backend(backend: str) -> str:

@@ -1,0 +1,377 @@
+"""Scheduler: the token-budget continuous-batching loop of the engine core (vLLM V1 semantics).
+
+schedule() picks this step's requests and token counts -> SchedulerOutput; the runner computes
+them; update_from_output() appends the sampled tokens, finds finished requests and frees their
+blocks -> EngineCoreOutputs. Plain host Python: per-step cost is O(scheduled requests + new blocks).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterator
+
+from jaxserve.config import CacheConfig, SchedulerConfig
+from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.outputs import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from jaxserve.request import Request, RequestStatus
+
+
+class WaitingQueue:
+    """Requests waiting for admission: FCFS, or by (priority, arrival_time) under "priority"."""
+
+    def __init__(self, policy: str) -> None:
+        self.is_priority = policy == "priority"
+        # fcfs: admission order, preempted requests pushed back at the front
+        self._fifo: deque[Request] = deque()
+        # priority: a heap of (priority, arrival_time, insertion count, request)
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def add(self, request: Request) -> None:
+        if self.is_priority:
+            self._push(request)
+        else:
+            self._fifo.append(request)
+
+    def add_front(self, request: Request) -> None:
+        """Requeues a preempted request ahead of the others (under priority, its key decides)."""
+        if self.is_priority:
+            self._push(request)
+        else:
+            self._fifo.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._heap[0][3] if self.is_priority else self._fifo[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3] if self.is_priority else self._fifo.popleft()
+
+    def remove(self, request: Request) -> None:
+        """O(len) removal, for aborts only."""
+        if self.is_priority:
+            self._heap = [entry for entry in self._heap if entry[3] is not request]
+            heapq.heapify(self._heap)
+        else:
+            self._fifo.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.is_priority else len(self._fifo)
+
+    def __iter__(self) -> Iterator[Request]:
+        """Requests in admission order (sorts the heap: for tests and debugging)."""
+        if self.is_priority:
+            return (entry[3] for entry in sorted(self._heap, key=lambda e: e[:3]))
+        return iter(self._fifo)
+
+    def _push(self, request: Request) -> None:
+        key = (request.priority, request.arrival_time, next(self._counter), request)
+        heapq.heappush(self._heap, key)
+
+
+class Scheduler:
+    def __init__(
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+    ) -> None:
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_model_len = scheduler_config.max_model_len
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=num_blocks,
+            block_size=cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+            max_model_len=scheduler_config.max_model_len,
+        )
+        # req_id -> every unfinished request (waiting or running)
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue(scheduler_config.policy)
+        # admitted requests in admission order; the last one is the first preempted (fcfs)
+        self.running: list[Request] = []
+        # finished or aborted since the last schedule(), reported in the next SchedulerOutput
+        self.finished_req_ids: list[str] = []
+        # cumulative number of preemptions
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queues a request; a bad one raises ValueError (naming the field) and takes nothing."""
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError("prompt_token_ids must not be empty")
+        if num_prompt > self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens, more than max_model_len={self.max_model_len}"
+            )
+        # The last sampled token is never computed, so the KV holds at most this many tokens.
+        max_kv_tokens = min(num_prompt + request.max_tokens - 1, self.max_model_len)
+        num_blocks_needed = -(-max_kv_tokens // self.block_size)
+        num_usable = self.kv_cache_manager.num_usable_blocks
+        if num_blocks_needed > num_usable:
+            # Admitting it could only end in preempting itself forever.
+            raise ValueError(
+                f"prompt + max_tokens need up to {num_blocks_needed} KV blocks, more than the "
+                f"{num_usable} in the cache; lower max_tokens or max_model_len"
+            )
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def abort_requests(self, request_ids: list[str] | str) -> None:
+        """Aborts waiting or running requests; unknown or finished ids are ignored."""
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(
+        self,
+        request_ids: list[str] | str,
+        status: RequestStatus,
+        stop_reason: int | str | None = None,
+    ) -> None:
+        """Ends requests for a reason found outside the core (a stop string, an abort)."""
+        if not RequestStatus.is_finished(status):
+            raise ValueError(f"status must be a finished status, got {status.name}")
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        finished_running = False
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                finished_running = True
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            request.stop_reason = stop_reason
+            self._free_request(request)
+        if finished_running:
+            self.running = [r for r in self.running if not r.is_finished]
+
+    def get_request(self, req_id: str) -> Request | None:
+        """The unfinished request with this id, else None."""
+        return self.requests.get(req_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block hash; refused (False) while a request holds blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=kv.usage,
+            num_used_blocks=kv.num_usable_blocks - kv.num_free_blocks,
+            # usable blocks (the null block excluded), so used / total == kv_cache_usage
+            num_total_blocks=kv.num_usable_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Hands out this step's token budget: running requests first, then waiting ones.
+
+        NOTE on the algorithm (vLLM V1): there is no prefill or decode phase. Each request has
+        num_computed_tokens and num_tokens; each step gives requests tokens so the former catches
+        up with the latter, a long prompt in budget-sized chunks next to other requests' decodes.
+        Out of blocks, the lowest-priority running request (fcfs: the last admitted) is
+        preempted: its blocks are freed, it goes back to the front of the waiting queue and is
+        recomputed later (its full blocks stay in the prefix cache, so that is cheap). A step
+        that preempted admits no waiting request.
+        """
+        config = self.scheduler_config
+        kv = self.kv_cache_manager
+        token_budget = config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted_req_ids: list[str] = []
+
+        req_index = 0
+        while req_index < len(self.running) and token_budget > 0:
+            request = self.running[req_index]
+            num_computed = request.num_computed_tokens
+            num_new = min(
+                request.num_tokens - num_computed, token_budget, self.max_model_len - num_computed
+            )
+            if num_new <= 0:
+                req_index += 1  # nothing to compute (the runner skipped its sample)
+                continue
+            block_ids = kv.allocate_slots(request, num_new)
+            while block_ids is None:
+                victim, victim_index = self._preempt_lowest_priority()
+                preempted_req_ids.append(victim.request_id)
+                if victim is request:
+                    break
+                if victim_index < req_index:  # only under "priority": it came earlier this step
+                    req_index -= 1
+                    for i, entry in enumerate(scheduled):
+                        if entry.request is victim:
+                            del scheduled[i]
+                            token_budget += entry.num_scheduled_tokens
+                            break
+                block_ids = kv.allocate_slots(request, num_new)
+            if block_ids is None:
+                break
+            scheduled.append(self._make_scheduled(request, num_computed, num_new, block_ids))
+            token_budget -= num_new
+            req_index += 1
+
+        if not preempted_req_ids:
+            token_budget = self._admit_waiting(scheduled, token_budget)
+
+        # Advance only now: ScheduledRequest keeps the step's start position for the runner.
+        for entry in scheduled:
+            entry.request.num_computed_tokens = (
+                entry.num_computed_tokens + entry.num_scheduled_tokens
+            )
+        finished_req_ids, self.finished_req_ids = self.finished_req_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            total_num_scheduled_tokens=config.max_num_batched_tokens - token_budget,
+            preempted_req_ids=preempted_req_ids,
+            finished_req_ids=finished_req_ids,
+        )
+
+    def _admit_waiting(self, scheduled: list[ScheduledRequest], token_budget: int) -> int:
+        """Admits waiting requests in queue order while budget, seats and blocks last.
+
+        Returns the budget left. Under fcfs a waiting request never preempts a running one.
+        """
+        kv = self.kv_cache_manager
+        max_num_seqs = self.scheduler_config.max_num_seqs
+        is_chunked = self.scheduler_config.enable_chunked_prefill
+        while len(self.waiting) > 0 and token_budget > 0 and len(self.running) < max_num_seqs:
+            request = self.waiting.peek()
+            hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
+            num_remaining = min(request.num_tokens, self.max_model_len) - num_hit_tokens
+            if (
+                not is_chunked
+                and token_budget < num_remaining <= self.scheduler_config.max_num_batched_tokens
+            ):
+                break  # it fits a later step whole (longer ones are chunked anyway: no deadlock)
+            num_new = min(num_remaining, token_budget)
+            block_ids = kv.allocate_slots(request, num_new, hit_block_ids, num_hit_tokens)
+            if block_ids is None:
+                break
+            self.waiting.pop()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            scheduled.append(self._make_scheduled(request, num_hit_tokens, num_new, block_ids))
+            token_budget -= num_new
+        return token_budget
+
+    def _make_scheduled(
+        self, request: Request, num_computed: int, num_new: int, block_ids: list[int]
+    ) -> ScheduledRequest:
+        return ScheduledRequest(
+            request=request,
+            num_computed_tokens=num_computed,
+            num_scheduled_tokens=num_new,
+            block_ids=block_ids,
+            is_sampling=num_computed + num_new == request.num_tokens,
+        )
+
+    def _preempt_lowest_priority(self) -> tuple[Request, int]:
+        """Frees the lowest-priority running request and requeues it for recompute.
+
+        Returns the victim and the index it had in the running list.
+        """
+        if self.waiting.is_priority:
+            victim_index = max(
+                range(len(self.running)),
+                # ties go to the later-admitted request
+                key=lambda i: (self.running[i].priority, self.running[i].arrival_time, i),
+            )
+        else:
+            victim_index = len(self.running) - 1
+        victim = self.running.pop(victim_index)
+        # free() first: it reads num_computed_tokens to tell valid cached blocks from unwritten
+        self.kv_cache_manager.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_front(victim)
+        return victim, victim_index
+
+    # ---- after the step ------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> EngineCoreOutputs:
+        """Appends each sampled token, finishes requests that hit a stop, frees their blocks."""
+        outputs: list[EngineCoreOutput] = []
+        sampled = runner_output.sampled_token_ids
+        logprobs = runner_output.logprobs
+        num_finished = 0
+        for entry in scheduler_output.scheduled:
+            request = entry.request
+            if not entry.is_sampling or request.is_finished:
+                continue  # a prefill chunk, or aborted while the step ran
+            req_id = request.request_id
+            token_id = sampled.get(req_id)
+            if token_id is None:
+                continue
+            request.append_output_token_ids(token_id)
+            if self._check_stop(request, token_id):
+                self._free_request(request)
+                num_finished += 1
+            token_logprobs = logprobs.get(req_id)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=req_id,
+                    new_token_ids=[token_id],
+                    new_logprobs=[token_logprobs] if token_logprobs is not None else None,
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+        if num_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        """Sets a finished status (and stop_reason) when the token just appended ends it."""
+        params = request.sampling_params
+        num_output = request.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return True
+        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    def _free_request(self, request: Request) -> None:
+        """Frees a finished request's blocks and forgets it (the caller fixes up the queues)."""
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.append(request.request_id)

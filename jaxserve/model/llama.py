@@ -1,0 +1,226 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3: params and forward.
+
+Weights are stored in "x @ W" layout ([in, out]) and every per-layer weight is stacked on a
+leading num_layers axis, so `forward` is one `lax.scan` (one compiled layer body, whatever the
+depth). The KV cache rides in the scan carry: each layer writes its slice of the stacked cache
+and XLA keeps the update in place when the caller's jit donates the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model import layers
+from jaxserve.model.attention import AttentionMetadata, KVCache, write_kv
+from jaxserve.model.spec import ModelSpec
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerParams:
+    # every field has a leading num_layers axis L
+    attn_norm: jax.Array  # [L, E] input_layernorm
+    wq: jax.Array  # [L, E, num_q_heads * head_dim]
+    wk: jax.Array  # [L, E, num_kv_heads * head_dim]
+    wv: jax.Array  # [L, E, num_kv_heads * head_dim]
+    wo: jax.Array  # [L, num_q_heads * head_dim, E]
+    mlp_norm: jax.Array  # [L, E] post_attention_layernorm
+    w_gate: jax.Array  # [L, E, F]
+    w_up: jax.Array  # [L, E, F]
+    w_down: jax.Array  # [L, F, E]
+    bq: jax.Array | None = None  # [L, num_q_heads * head_dim] qkv_bias only
+    bk: jax.Array | None = None  # [L, num_kv_heads * head_dim] qkv_bias only
+    bv: jax.Array | None = None  # [L, num_kv_heads * head_dim] qkv_bias only
+    q_norm: jax.Array | None = None  # [L, head_dim] qk_norm only
+    k_norm: jax.Array | None = None  # [L, head_dim] qk_norm only
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Params:
+    embed: jax.Array  # [V, E]
+    layers: LayerParams
+    final_norm: jax.Array  # [E]
+    lm_head: jax.Array | None  # [E, V]; None when tied to embed
+
+
+def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shape of every array in Params, keyed by field name (layer fields include L)."""
+    e, f, hd, n = spec.hidden_size, spec.intermediate_size, spec.head_dim, spec.num_layers
+    q, kv = spec.num_q_heads * hd, spec.num_kv_heads * hd
+    shapes = {
+        "embed": (spec.vocab_size, e),
+        "final_norm": (e,),
+        "attn_norm": (n, e),
+        "wq": (n, e, q),
+        "wk": (n, e, kv),
+        "wv": (n, e, kv),
+        "wo": (n, q, e),
+        "mlp_norm": (n, e),
+        "w_gate": (n, e, f),
+        "w_up": (n, e, f),
+        "w_down": (n, f, e),
+    }
+    if not spec.tie_word_embeddings:
+        shapes["lm_head"] = (e, spec.vocab_size)
+    if spec.qkv_bias:
+        shapes.update(bq=(n, q), bk=(n, kv), bv=(n, kv))
+    if spec.qk_norm:
+        shapes.update(q_norm=(n, hd), k_norm=(n, hd))
+    return shapes
+
+
+def params_from_arrays(spec: ModelSpec, arrays: dict[str, jax.Array]) -> Params:
+    """Assembles Params from a dict keyed as in `param_shapes` (checks every shape)."""
+    expected = param_shapes(spec)
+    if set(arrays) != set(expected):
+        raise ValueError(
+            f"params mismatch: missing {set(expected) - set(arrays)}, "
+            f"unexpected {set(arrays) - set(expected)}"
+        )
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise ValueError(f"param {name}: shape {arrays[name].shape}, expected {shape}")
+    top = {"embed", "final_norm", "lm_head"}
+    return Params(
+        embed=arrays["embed"],
+        layers=LayerParams(**{k: v for k, v in arrays.items() if k not in top}),
+        final_norm=arrays["final_norm"],
+        lm_head=arrays.get("lm_head"),
+    )
+
+
+def init_params(spec: ModelSpec, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Random params for tests: normal(0, 0.02) matrices, norms near 1, small biases."""
+    arrays = {}
+    shapes = param_shapes(spec)
+    for k, (name, shape) in zip(jax.random.split(key, len(shapes)), shapes.items(), strict=True):
+        noise = jax.random.normal(k, shape, jnp.float32)
+        if "norm" in name:
+            arrays[name] = (1.0 + 0.1 * noise).astype(dtype)
+        else:
+            arrays[name] = (0.02 * noise).astype(dtype)
+    return params_from_arrays(spec, arrays)
+
+
+def params_nbytes(params: Params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def init_kv_cache(
+    spec: ModelSpec, num_blocks: int, block_size: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+    """A zeroed cache; block 0 is the null block that padding tokens write to."""
+    shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def forward(
+    params: Params,
+    spec: ModelSpec,
+    input_ids: jax.Array,  # i32[T]
+    positions: jax.Array,  # i32[T]
+    md: AttentionMetadata,
+    kv_cache: KVCache,
+    *,
+    attention_backend: str = "xla",
+) -> tuple[jax.Array, KVCache]:  # ([T, E] after the final norm, updated cache)
+    """Runs every layer over one flat ragged token batch; returns hidden states and the cache."""
+    x = params.embed[input_ids]  # [T, E]
+    cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(spec))  # f32[T, head_dim]
+    body = functools.partial(
+        _layer,
+        spec=spec,
+        positions=positions,
+        md=md,
+        cos=cos,
+        sin=sin,
+        backend=attention_backend,
+    )
+    idx = jnp.arange(spec.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), (params.layers, idx))
+    with jax.named_scope("final_norm"):
+        x = layers.rms_norm(x, params.final_norm, spec.rms_norm_eps)
+    return x, KVCache(k=k, v=v)
+
+
+def _layer(carry, xs, *, spec, positions, md, cos, sin, backend):
+    x, k_all, v_all = carry  # [T, E], [L, num_blocks, block_size, num_kv_heads, head_dim] x2
+    lp, i = xs  # LayerParams of this layer (leading axis removed), i32[]
+    t = x.shape[0]
+    hq, hkv, hd = spec.num_q_heads, spec.num_kv_heads, spec.head_dim
+    with jax.named_scope("attn"):
+        h = layers.rms_norm(x, lp.attn_norm, spec.rms_norm_eps)
+        q, k, v = h @ lp.wq, h @ lp.wk, h @ lp.wv
+        if spec.qkv_bias:
+            q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
+        q = q.reshape(t, hq, hd)  # [T, num_q_heads, head_dim]
+        k = k.reshape(t, hkv, hd)  # [T, num_kv_heads, head_dim]
+        v = v.reshape(t, hkv, hd)
+        if spec.qk_norm:
+            q = layers.rms_norm(q, lp.q_norm, spec.rms_norm_eps)
+            k = layers.rms_norm(k, lp.k_norm, spec.rms_norm_eps)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        # Write before attending: tokens of this step must see each other's keys. The layer's
+        # cache is addressed inside the whole stacked cache (layers folded into the block axis,
+        # block ids offset by i * num_blocks) rather than sliced out: slicing k_all[i] makes
+        # XLA materialise a copy of the layer every step, which costs as much as copying the
+        # whole cache; a scatter/gather on the flat view stays in place under donation.
+        nl, nb, bs = k_all.shape[:3]
+        k_flat = k_all.reshape(nl * nb, bs, hkv, hd)  # layers folded into blocks (a bitcast)
+        v_flat = v_all.reshape(nl * nb, bs, hkv, hd)
+        slots = md.slot_mapping + i * (nb * bs)
+        k_flat = write_kv(k_flat, k, slots)
+        v_flat = write_kv(v_flat, v, slots)
+        layer_md = dataclasses.replace(md, block_tables=md.block_tables + i * nb)
+        o = layers.paged_attention(
+            q,
+            k_flat,
+            v_flat,
+            positions,
+            layer_md,
+            sm_scale=hd**-0.5,
+            sliding_window=spec.sliding_window,
+            backend=backend,
+        )  # [T, num_q_heads, head_dim]
+        k_all = k_flat.reshape(k_all.shape)
+        v_all = v_flat.reshape(v_all.shape)
+        x = x + o.reshape(t, hq * hd) @ lp.wo
+    h = layers.rms_norm(x, lp.mlp_norm, spec.rms_norm_eps)
+    x = x + layers.swiglu_mlp(h, lp.w_gate, lp.w_up, lp.w_down)
+    return (x, k_all, v_all), None
+
+
+def compute_logits(
+    params: Params,
+    spec: ModelSpec,
+    hidden: jax.Array,  # [R, E]
+) -> jax.Array:  # f32[R, V]
+    with jax.named_scope("lm_head"):
+        w = params.embed.T if spec.tie_word_embeddings else params.lm_head
+        return jnp.dot(hidden, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+def abstract_params(spec: ModelSpec, dtype: jnp.dtype) -> Params:
+    """ShapeDtypeStructs of the params (for eval_shape / checkpoint restore targets)."""
+    return params_from_arrays(
+        spec, {n: jax.ShapeDtypeStruct(s, dtype) for n, s in param_shapes(spec).items()}
+    )
+
+
+__all__ = [
+    "LayerParams",
+    "Params",
+    "abstract_params",
+    "compute_logits",
+    "forward",
+    "init_kv_cache",
+    "init_params",
+    "param_shapes",
+    "params_from_arrays",
+    "params_nbytes",
+]

@@ -1,0 +1,164 @@
+"""Host-side builder of SamplingMetadata: per-request SamplingParams -> numpy arrays [R].
+
+Runs every step on the host (numpy only, no jax); the runner device_puts the result next to
+the other step inputs. Padding rows are greedy with no penalties, bans or logprobs, so they
+cost nothing and change nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxserve.request import Request
+from jaxserve.runner.sampler import SamplingMetadata
+from jaxserve.sampling_params import MAX_BANNED_TOKEN_IDS, SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs from one request this step (a plain view, no engine state)."""
+
+    params: SamplingParams
+    # the seed actually used (the user's, or one the engine drew); any int, folded to 32 bits
+    seed: int
+    # tokens generated so far: the draw for this step is keyed by (seed, step)
+    step: int
+    # read only when params.has_penalties
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    # banned with the stop ids while min_tokens is unmet (unless ignore_eos); None: no eos
+    eos_token_id: int | None
+
+    @classmethod
+    def from_request(cls, request: Request) -> SamplingRow:
+        return cls(
+            params=request.sampling_params,
+            seed=request.sampling_seed,
+            step=request.num_output_tokens,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            eos_token_id=request.eos_token_id,
+        )
+
+    @property
+    def num_penalty_tokens(self) -> int:
+        """Entries this row needs in penalty_token_ids (0 when it has no penalties)."""
+        if not self.params.has_penalties:
+            return 0
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def banned_token_ids(self) -> list[int]:
+        """eos (unless ignore_eos) + stop ids while fewer than min_tokens tokens are out."""
+        p = self.params
+        if self.step >= p.min_tokens:
+            return []
+        banned = list(p.stop_token_ids)
+        if self.eos_token_id is not None and not p.ignore_eos:
+            banned.append(self.eos_token_id)
+        return banned
+
+
+def fold_seed(seed: int) -> int:
+    """Any Python int -> u32, mixing in the high bits so seeds past 2**32 stay distinct-ish."""
+    seed &= (1 << 64) - 1
+    return (seed ^ (seed >> 32)) & 0xFFFFFFFF
+
+
+def required_penalty_len(rows: Sequence[SamplingRow | None]) -> int:
+    """The smallest penalty_len that fits every row's prompt + output (0: no row penalizes)."""
+    return max((row.num_penalty_tokens for row in rows if row is not None), default=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _all_minus_one(num_rows: int, width: int) -> np.ndarray:
+    # Shared across steps: the common no-penalty case allocates nothing. Read-only so a
+    # consumer cannot corrupt the cache.
+    a = np.full((num_rows, width), -1, np.int32)
+    a.setflags(write=False)
+    return a
+
+
+def build_sampling_metadata(
+    rows: Sequence[SamplingRow | None],
+    num_rows: int,
+    penalty_len: int,
+) -> SamplingMetadata:
+    """SamplingMetadata of numpy arrays for `rows` padded to `num_rows` (None: padding row).
+
+    penalty_len (L, a static bucket chosen by the runner) must be >= required_penalty_len(rows);
+    it is only read when some row has penalties.
+    """
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} rows do not fit in num_rows={num_rows}")
+    temperature = np.zeros(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    top_p = np.ones(num_rows, np.float32)
+    min_p = np.zeros(num_rows, np.float32)
+    presence = np.zeros(num_rows, np.float32)
+    frequency = np.zeros(num_rows, np.float32)
+    repetition = np.ones(num_rows, np.float32)
+    seeds = np.zeros(num_rows, np.uint32)
+    steps = np.zeros(num_rows, np.int32)
+    num_logprobs = np.full(num_rows, -1, np.int32)
+    prompt_lens = np.zeros(num_rows, np.int32)
+    banned: np.ndarray | None = None
+    penalty_ids: np.ndarray | None = None
+
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        p = row.params
+        temperature[i] = p.temperature
+        top_k[i] = p.top_k
+        top_p[i] = p.top_p
+        min_p[i] = p.min_p
+        presence[i] = p.presence_penalty
+        frequency[i] = p.frequency_penalty
+        repetition[i] = p.repetition_penalty
+        seeds[i] = fold_seed(row.seed)
+        steps[i] = row.step
+        if p.logprobs is not None:
+            num_logprobs[i] = p.logprobs
+        ban = row.banned_token_ids
+        if ban:
+            if banned is None:
+                banned = np.full((num_rows, MAX_BANNED_TOKEN_IDS), -1, np.int32)
+            banned[i, : len(ban)] = ban
+        n = row.num_penalty_tokens
+        if n:
+            if n > penalty_len:
+                raise ValueError(
+                    f"row {i} needs {n} penalty tokens but penalty_len={penalty_len}; "
+                    "size it with required_penalty_len(rows)"
+                )
+            if penalty_ids is None:
+                penalty_ids = np.full((num_rows, penalty_len), -1, np.int32)
+            num_prompt = len(row.prompt_token_ids)
+            penalty_ids[i, :num_prompt] = row.prompt_token_ids
+            penalty_ids[i, num_prompt:n] = row.output_token_ids
+            prompt_lens[i] = num_prompt
+
+    return SamplingMetadata(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+        seeds=seeds,
+        steps=steps,
+        banned_token_ids=(
+            banned if banned is not None else _all_minus_one(num_rows, MAX_BANNED_TOKEN_IDS)
+        ),
+        penalty_token_ids=(
+            penalty_ids if penalty_ids is not None else _all_minus_one(num_rows, penalty_len)
+        ),
+        penalty_prompt_lens=prompt_lens,
+        num_logprobs=num_logprobs,
+    )

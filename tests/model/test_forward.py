@@ -1,0 +1,71 @@
+"""forward's own contracts: the KV cache is updated in place under donation; backends."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxserve.model import llama
+from jaxserve.model.spec import ModelSpec
+
+from .helpers import single_request_md
+
+SPEC = ModelSpec(
+    architecture="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=4,
+    num_q_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
+def _step(params, ids, pos, md, kv_cache):
+    hidden, kv_cache = llama.forward(params, SPEC, ids, pos, md, kv_cache)
+    return hidden, kv_cache
+
+
+def test_donated_cache_is_updated_in_place():
+    # 4 layers x 512 blocks x 4 x 2 x 16 x 4 B x (k, v) = 2 MiB of cache
+    cache = llama.init_kv_cache(SPEC, 512, 4)
+    params = llama.init_params(SPEC, jax.random.key(0))
+    ids = jnp.zeros((4,), jnp.int32)
+    pos = jnp.arange(4, dtype=jnp.int32)
+    md = single_request_md(0, 4, 2)
+    compiled = (
+        jax.jit(_step, donate_argnames="kv_cache").lower(params, ids, pos, md, cache).compile()
+    )
+    mem = compiled.memory_analysis()
+    cache_bytes = cache.k.nbytes + cache.v.nbytes
+    assert mem.alias_size_in_bytes == cache_bytes  # the output cache is the input buffer
+    # no per-layer copy of the cache may appear as a temporary (one layer = 1/4 of it)
+    assert mem.temp_size_in_bytes < cache_bytes // (4 * SPEC.num_layers)
+
+
+def test_cache_receives_this_steps_kv_in_every_layer():
+    cache = llama.init_kv_cache(SPEC, 8, 4)
+    params = llama.init_params(SPEC, jax.random.key(0))
+    md = single_request_md(0, 3, 2)  # slots 4, 5, 6 (block 1)
+    _, cache = _step(params, jnp.array([1, 2, 3]), jnp.arange(3), md, cache)
+    for kv in (cache.k, cache.v):
+        assert bool(jnp.all(jnp.any(kv[:, 1, :3] != 0, axis=(-1, -2))))  # written
+        assert bool(jnp.all(kv[:, 1, 3] == 0)) and bool(jnp.all(kv[:, 2:] == 0))  # untouched
+
+
+def test_pallas_backend_not_yet_and_unknown_backend_rejected():
+    cache = llama.init_kv_cache(SPEC, 8, 4)
+    params = llama.init_params(SPEC, jax.random.key(0))
+    md = single_request_md(0, 2, 1)
+    args = (params, SPEC, jnp.array([1, 2]), jnp.arange(2), md, cache)
+    with pytest.raises(NotImplementedError, match="pallas"):
+        llama.forward(*args, attention_backend="pallas")
+    with pytest.raises(ValueError, match="attention_backend"):
+        llama.forward(*args, attention_backend="flash")
