@@ -113,13 +113,13 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
+        # Usage peaks while the step runs (finished requests free their blocks after it).
+        usage = self.scheduler.kv_cache_manager.usage
+        self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, usage)
         runner_output = self.runner.execute(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         if outputs.scheduler_stats is not None:
             self.last_stats = outputs.scheduler_stats
-            self.peak_kv_cache_usage = max(
-                self.peak_kv_cache_usage, outputs.scheduler_stats.kv_cache_usage
-            )
         return outputs
 
     @property

@@ -135,10 +135,14 @@ class ModelRunner:
             scheduler_config.max_model_len,
             cache_config.block_size,
         )
-        self.params = params
+        # Commit params and cache to the device: jit keys its cache on committed-ness, and the
+        # step returns a committed cache, so an uncommitted first cache would compile twice.
+        device = jax.devices()[0]
+        self.params = jax.device_put(params, device)
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
-        self.kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        self.kv_cache = jax.device_put(kv_cache, device)
         self._step_fn = jax.jit(
             functools.partial(_step, spec=spec, attention_backend=attention_backend),
             donate_argnames=("kv_cache",),

@@ -44,7 +44,8 @@ def test_greedy_matches_transformers(llm, smollm2_gguf):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
     tok = llm.get_tokenizer()
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    # Stop at eos on both sides (transformers' min_new_tokens would ban eos; we don't).
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = torch.tensor([tok.encode(prompt)])
         with torch.inference_mode():
@@ -52,7 +53,6 @@ def test_greedy_matches_transformers(llm, smollm2_gguf):
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=32,
-                min_new_tokens=32,
                 do_sample=False,
             )
         assert out.prompt_token_ids == ids[0].tolist()

@@ -1,0 +1,144 @@
+"""The offline LLM API on a tiny random model: outputs, sampling options, errors, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import jax
+import pytest
+
+from jaxserve import LLM, SamplingParams
+
+ENGINE = dict(
+    max_model_len=128,
+    max_num_batched_tokens=64,
+    max_num_seqs=16,
+    enable_warmup=False,
+    show_progress=False,
+)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    with LLM(str(tiny_model_dir), **ENGINE) as llm:
+        yield llm
+
+
+def test_outputs_in_input_order(llm):
+    prompts = [{"prompt_token_ids": list(range(100, 100 + n))} for n in (30, 1, 7, 60, 2)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == [p["prompt_token_ids"] for p in prompts]
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    text = llm.get_tokenizer().decode(outs[0].outputs[0].token_ids, skip_special_tokens=True)
+    assert outs[0].outputs[0].text == text
+
+
+def test_string_prompt_and_chat(llm):
+    out = llm.generate("Hello there", GREEDY, use_tqdm=False)[0]
+    assert out.prompt == "Hello there"
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("Hello there")
+    chat = llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False)[0]
+    assert len(chat.outputs[0].token_ids) == 12
+    assert chat.prompt_token_ids[-3:] != out.prompt_token_ids[-3:]  # the template was applied
+
+
+def test_n_completions(llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7)
+    out = llm.generate({"prompt_token_ids": list(range(200, 240))}, params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    again = llm.generate({"prompt_token_ids": list(range(200, 240))}, params, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+
+
+def test_logprobs(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True)
+    comp = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0].outputs[0]
+    assert len(comp.logprobs) == 6
+    total = 0.0
+    for tid, entry in zip(comp.token_ids, comp.logprobs, strict=True):
+        assert tid in entry and 3 <= len(entry) <= 4
+        assert entry[tid].rank == 1  # greedy picks the most likely token
+        best = max(entry.values(), key=lambda lp: lp.logprob)
+        assert best is entry[tid] and best.logprob <= 0.0
+        total += entry[tid].logprob
+    assert math.isclose(comp.cumulative_logprob, total, rel_tol=1e-6)
+
+
+def test_stop_strings_and_stop_token_ids(llm):
+    prompt = {"prompt_token_ids": list(range(300, 320))}
+    free = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    assert stop.strip(), free.text
+    cut = llm.generate(prompt, GREEDY.with_updates(stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == free.text[: free.text.index(stop)]
+    stop_id = free.token_ids[4]
+    by_id = llm.generate(prompt, GREEDY.with_updates(stop_token_ids=[stop_id]), use_tqdm=False)
+    comp = by_id[0].outputs[0]
+    first = free.token_ids.index(stop_id)
+    assert comp.token_ids == free.token_ids[: first + 1]
+    assert comp.finish_reason == "stop" and comp.stop_reason == stop_id
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", GREEDY, "prompt"),
+        ({"prompt_token_ids": []}, GREEDY, "prompt"),
+        ({"prompt_token_ids": list(range(1, 200))}, GREEDY, "max_model_len"),
+        ({"prompt_token_ids": [1, 2, 10**9]}, GREEDY, "prompt_token_ids[2]"),
+        ({"prompt_token_ids": [1, -5]}, GREEDY, "prompt_token_ids[1]"),
+        ("hi", {"max_tokens": 0}, "max_tokens"),
+        ("hi", {"top_p": 0.0}, "top_p"),
+        ("hi", {"top_p": 1.5}, "top_p"),
+        ("hi", {"temperature": -1.0}, "temperature"),
+        ("hi", {"stop_token_ids": [10**9]}, "stop_token_ids"),
+    ],
+)
+def test_bad_input_names_field_and_engine_keeps_serving(llm, prompt, params, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        if isinstance(params, dict):
+            params = SamplingParams(**params)
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}, prompt], params, use_tqdm=False)
+    # Nothing half-queued, nothing leaked, and the next request is served normally.
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 12
+    assert llm.stats["kv_cache_usage"] == 0.0
+
+
+def test_missing_model_path_names_it():
+    with pytest.raises(FileNotFoundError, match="model='/no/such/model'"):
+        LLM("/no/such/model", **ENGINE)
+
+
+def test_unknown_engine_argument():
+    with pytest.raises(TypeError, match="max_num_seq"):
+        LLM("smollm2-135m", max_num_seq=4)
+
+
+def test_generate_inside_running_event_loop(llm):
+    async def main():
+        return llm.generate({"prompt_token_ids": [9, 8, 7]}, GREEDY, use_tqdm=False)
+
+    out = asyncio.run(main())[0]
+    assert len(out.outputs[0].token_ids) == 12
+
+
+def _live_bytes() -> int:
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+def test_close_frees_device_memory_and_recreate(tiny_model_dir):
+    before = _live_bytes()
+    for _ in range(3):
+        with LLM(str(tiny_model_dir), **ENGINE) as llm:
+            assert _live_bytes() > before
+            llm.generate({"prompt_token_ids": [1, 2]}, GREEDY, use_tqdm=False)
+        assert _live_bytes() == before
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate("hi", GREEDY)
