@@ -10,18 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 # Prompt tokens decoded ahead of the first output token, so tokenizers that strip or add a
 # leading space by position (sentencepiece's "▁") render the first delta as the full decode
 # would (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
 _INITIAL_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
-
-
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a local model directory (never the hub)."""
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _message_content(content: Any, field: str) -> str:

@@ -94,8 +94,9 @@ class EngineCore:
     def spec(self) -> ModelSpec:
         return self.model.spec
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def add_request(self, request: Request, *, urgent: bool = False) -> None:
+        """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes)."""
+        self.scheduler.add_request(request, urgent=urgent)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.abort_requests(list(request_ids))

@@ -42,14 +42,18 @@ class LLMEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        stream: bool = False,
     ) -> None:
-        """Validates and queues one request (raises ValueError naming the field when bad)."""
+        """Validates and queues one request (raises ValueError naming the field when bad).
+
+        stream=True: the request's RequestOutputs carry only what is new since the last one.
+        """
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         requests = self.input_processor.make_requests(
             request_id, processed, params, priority=priority, cache_salt=cache_salt
         )
         self.output_processor.add_request(
-            request_id, processed, params, [r.request_id for r in requests]
+            request_id, processed, params, [r.request_id for r in requests], stream=stream
         )
         for r in requests:
             self.core.add_request(r)

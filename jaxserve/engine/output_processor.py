@@ -26,6 +26,11 @@ class _Completion:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # streaming only: what arrived since the last RequestOutput of this request
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    changed: bool = False
 
 
 @dataclass
@@ -36,6 +41,8 @@ class _RequestState:
     # core request id -> its completion
     completions: dict[str, _Completion]
     arrival_time: float
+    # True: each RequestOutput carries only what is new (vLLM's DELTA output kind)
+    stream: bool = False
     num_cached_tokens: int = 0
     first_token_time: float | None = None
 
@@ -56,7 +63,13 @@ class OutputProcessor:
         self._parent: dict[str, str] = {}
 
     def add_request(
-        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, core_ids: list[str]
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        core_ids: list[str],
+        *,
+        stream: bool = False,
     ) -> None:
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -68,6 +81,7 @@ class OutputProcessor:
                 skip_special_tokens=params.skip_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
             completions[core_id] = _Completion(
                 index=i,
@@ -77,7 +91,7 @@ class OutputProcessor:
             )
             self._parent[core_id] = request_id
         self._states[request_id] = _RequestState(
-            request_id, prompt, params, completions, arrival_time=time.monotonic()
+            request_id, prompt, params, completions, arrival_time=time.monotonic(), stream=stream
         )
 
     def has_unfinished_requests(self) -> bool:
@@ -100,6 +114,7 @@ class OutputProcessor:
             for tid, lp in pos.items():
                 lp.decoded_token = self.tokenizer.decode([tid])
             comp.logprobs.append(pos)
+            comp.delta_logprobs.append(pos)
             comp.cumulative_logprob += e.logprob
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
@@ -118,16 +133,18 @@ class OutputProcessor:
                 state.first_token_time = now
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             comp.token_ids.extend(out.new_token_ids)
+            comp.delta_token_ids.extend(out.new_token_ids)
+            comp.changed = True
             if out.new_logprobs and comp.logprobs is not None:
                 self._add_logprobs(comp, out.new_logprobs)
             detok = comp.detokenizer
-            detok.update(out.new_token_ids)
+            comp.delta_text += detok.update(out.new_token_ids)
             if detok.finished:  # a stop string matched
                 comp.finish_reason, comp.stop_reason = "stop", detok.stop_reason
                 if out.finish_reason is None:
                     stopped[out.request_id] = str(detok.stop_reason)
             elif out.finish_reason is not None:
-                detok.flush()
+                comp.delta_text += detok.flush()
                 comp.finish_reason = out.finish_reason.value
                 comp.stop_reason = out.stop_reason
             changed[request_id] = state
@@ -136,18 +153,28 @@ class OutputProcessor:
     def _make_output(self, state: _RequestState) -> RequestOutput:
         completions = []
         for comp in state.completions.values():
+            if state.stream:
+                if not comp.changed:
+                    continue
+                text, token_ids = comp.delta_text, comp.delta_token_ids
+                logprobs = comp.delta_logprobs if comp.logprobs is not None else None
+            else:
+                text, token_ids = comp.detokenizer.output_text, list(comp.token_ids)
+                logprobs = comp.logprobs
             completions.append(
                 CompletionOutput(
                     index=comp.index,
-                    text=comp.detokenizer.output_text,
-                    token_ids=list(comp.token_ids),
+                    text=text,
+                    token_ids=token_ids,
                     cumulative_logprob=comp.cumulative_logprob,
-                    logprobs=comp.logprobs,
+                    logprobs=logprobs,
                     finish_reason=comp.finish_reason,
                     stop_reason=comp.stop_reason,
                 )
             )
-        finished = all(c.finish_reason is not None for c in completions)
+            comp.delta_text, comp.delta_token_ids, comp.delta_logprobs = "", [], []
+            comp.changed = False
+        finished = all(c.finish_reason is not None for c in state.completions.values())
         metrics = {"arrival_time": state.arrival_time}
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time

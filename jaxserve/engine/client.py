@@ -1,0 +1,87 @@
+"""EngineClient: what the API server needs from an engine, whatever process the core runs in.
+
+The server (server/) is written against this interface only; AsyncLLM implements it with the
+engine core in its own process, and tests implement it with a fake.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jaxserve.core.outputs import SchedulerStats
+from jaxserve.engine.processor import ProcessedPrompt, PromptType
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process died or stopped answering; in-flight requests fail with it."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (the server answers 429 with Retry-After)."""
+
+
+class EngineClient(ABC):
+    # name the model is served under (the `model` field of requests and /v1/models)
+    model_name: str
+    # longest prompt + output a request may have
+    max_model_len: int
+    # the model's tokenizer (HF), used by the API process for prompts and chat templates
+    tokenizer: Any
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt: PromptType | ProcessedPrompt,
+        params: SamplingParams,
+        request_id: str,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs as deltas (only what is new); the last has finished.
+
+        Raises ValueError (bad input, naming the field) before anything is queued,
+        EngineOverloadedError when the queue is full, EngineDeadError if the engine dies.
+        Closing the iterator early (a client disconnect) aborts the request in the engine.
+        """
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Ends the request and frees its KV blocks (unknown ids are ignored)."""
+
+    @abstractmethod
+    async def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        """The pooled, L2-normalized final hidden state of the prompt."""
+
+    @abstractmethod
+    async def check_health(self, timeout: float) -> None:
+        """A real one-token generation through the engine, ahead of user traffic; raises on
+        failure or when `timeout` seconds pass."""
+
+    @property
+    @abstractmethod
+    def is_ready(self) -> bool:
+        """Weights loaded and warmup done."""
+
+    @property
+    @abstractmethod
+    def dead_reason(self) -> str | None:
+        """None while the engine core is alive; else why it is not."""
+
+    @property
+    @abstractmethod
+    def heartbeat_age(self) -> float:
+        """Seconds since the engine core last reported progress (a step, or idle)."""
+
+    @property
+    @abstractmethod
+    def stats(self) -> SchedulerStats:
+        """The latest scheduler stats the core reported."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stops the engine core and frees its resources."""
