@@ -1,4 +1,4 @@
-"""`jaxserve generate | convert`: the command line (the server's `serve` joins it later)."""
+"""`jaxserve serve | generate | convert`: the command line."""
 
 from __future__ import annotations
 
@@ -86,6 +86,47 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     )
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize and /detokenize",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients send as `model` (default: the --model value)",
+    )
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        help="queued requests beyond which new ones get 429 with Retry-After",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests before closing (a second exits now)",
+    )
+    g.add_argument("--max-n", type=int, default=16, help="most completions per prompt (n)")
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=8 << 20,
+        help="largest request body; larger ones get 413",
+    )
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from server.serve import run_server
+
+    return run_server(ns)
+
+
 def _generate(ns: argparse.Namespace) -> int:
     from jaxserve.llm import LLM
     from jaxserve.sampling_params import SamplingParams
@@ -135,6 +176,10 @@ def _convert(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description="A pure-JAX LLM engine.")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_server_args(srv)
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate text for prompts offline")
     gen.add_argument("prompts", nargs="+", help="prompt texts")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")

@@ -77,6 +77,11 @@ class SchedulerStats:
     prefix_cache_hits: int = 0
     # cumulative preemptions
     num_preemptions: int = 0
+    # filled by the engine core, not the scheduler: cumulative steps and seconds spent in
+    # them (schedule + execute + update), and XLA compiles after warmup (must stay 0)
+    num_steps: int = 0
+    step_seconds_total: float = 0.0
+    num_compiles_after_warmup: int = 0
 
 
 @dataclass

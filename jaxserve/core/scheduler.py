@@ -100,11 +100,20 @@ class Scheduler:
         self.finished_req_ids: list[str] = []
         # cumulative number of preemptions
         self.num_preemptions = 0
+        # seats (of max_num_seqs) that only urgent requests may take; the multi-process engine
+        # core reserves one for health probes so a full batch never delays them
+        self.num_reserved_seqs = 0
+        # ids of the waiting or running requests added with urgent=True
+        self._urgent_req_ids: set[str] = set()
 
     # ---- requests in and out -------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queues a request; a bad one raises ValueError (naming the field) and takes nothing."""
+    def add_request(self, request: Request, *, urgent: bool = False) -> None:
+        """Queues a request; a bad one raises ValueError (naming the field) and takes nothing.
+
+        urgent=True (health probes): the request goes to the front of the waiting queue
+        (under "priority", give it a low priority value too) and may take a reserved seat.
+        """
         num_prompt = request.num_prompt_tokens
         if num_prompt == 0:
             raise ValueError("prompt_token_ids must not be empty")
@@ -126,7 +135,11 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self.waiting.add(request)
+        if urgent:
+            self._urgent_req_ids.add(request.request_id)
+            self.waiting.add_front(request)
+        else:
+            self.waiting.add(request)
 
     def abort_requests(self, request_ids: list[str] | str) -> None:
         """Aborts waiting or running requests; unknown or finished ids are ignored."""
@@ -261,6 +274,11 @@ class Scheduler:
         is_chunked = self.scheduler_config.enable_chunked_prefill
         while len(self.waiting) > 0 and token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting.peek()
+            if (
+                len(self.running) >= max_num_seqs - self.num_reserved_seqs
+                and request.request_id not in self._urgent_req_ids
+            ):
+                break  # the seats left are reserved for urgent requests
             hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
             num_remaining = min(request.num_tokens, self.max_model_len) - num_hit_tokens
             if (
@@ -374,4 +392,5 @@ class Scheduler:
         """Frees a finished request's blocks and forgets it (the caller fixes up the queues)."""
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
+        self._urgent_req_ids.discard(request.request_id)
         self.finished_req_ids.append(request.request_id)

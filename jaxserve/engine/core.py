@@ -82,6 +82,8 @@ class EngineCore:
         self.last_stats = SchedulerStats()
         # highest KV cache usage seen after any step (for benchmarks and notebooks)
         self.peak_kv_cache_usage = 0.0
+        self.num_steps = 0
+        self.step_seconds_total = 0.0
         logger.info(
             "engine ready in %.1f s: %d KV blocks of %d tokens, max_model_len=%d",
             self.startup_seconds,
@@ -113,15 +115,28 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs()
+        start = time.perf_counter()
         scheduler_output = self.scheduler.schedule()
         # Usage peaks while the step runs (finished requests free their blocks after it).
         usage = self.scheduler.kv_cache_manager.usage
         self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, usage)
         runner_output = self.runner.execute(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.num_steps += 1
+        self.step_seconds_total += time.perf_counter() - start
         if outputs.scheduler_stats is not None:
-            self.last_stats = outputs.scheduler_stats
+            self.last_stats = self._add_engine_stats(outputs.scheduler_stats)
         return outputs
+
+    def _add_engine_stats(self, stats: SchedulerStats) -> SchedulerStats:
+        stats.num_steps = self.num_steps
+        stats.step_seconds_total = self.step_seconds_total
+        stats.num_compiles_after_warmup = self.runner.num_compiles_after_warmup
+        return stats
+
+    def make_stats(self) -> SchedulerStats:
+        """Current scheduler stats plus the engine's step and compile counters."""
+        return self._add_engine_stats(self.scheduler.make_stats())
 
     @property
     def num_compiles_after_warmup(self) -> int:

@@ -1,0 +1,281 @@
+"""The engine-core process: EngineCore in a busy loop behind two zmq sockets (vLLM V1 layout).
+
+AsyncLLM starts `run_engine_core` with multiprocessing's "spawn" context (a fresh interpreter:
+no forked JAX runtime, no inherited event loop). The process builds EngineCore (weights,
+warmup), sends Ready, then loops: drain the input socket (without blocking while there is
+work, blocking up to HEARTBEAT_INTERVAL_S when idle), run one core.step(), send its Outputs,
+and send a Heartbeat at least every HEARTBEAT_INTERVAL_S. It exits 0 on Shutdown or when its
+parent dies, and non-zero after a fatal error (which it reports first as a fatal Error).
+
+NOTE on health probes: a probe is a real one-token greedy generation (prompt: one token), added
+to the scheduler as an *urgent* request: at the front of the waiting queue, and allowed into one
+sequence seat that user requests may not take (`Scheduler.num_reserved_seqs = 1`). We reserve a
+seat rather than let the probe exceed max_num_seqs because the request bucket R is capped at
+max_num_seqs (a power of two by default), so a 65th row would need a larger compiled program.
+The price is one seat of max_num_seqs for users (none when max_num_seqs == 1: then a probe may
+wait for a seat). A probe still shares the step's token budget and the KV blocks, so under a
+prefill chunk that takes the whole budget it waits one step.
+
+NOTE on errors: a bad message or a request the scheduler refuses gets an Error naming that
+request and the loop goes on. An exception inside core.step() is fatal: the KV cache was donated
+to the failed step and the scheduler's counters already moved, so no request's state can be
+trusted; the core reports it and exits 1, and the API side fails every request with
+EngineDeadError (an honest 503 beats silently wrong tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from jaxserve.config import EngineArgs
+from jaxserve.core.outputs import EngineCoreOutputs
+from jaxserve.engine import ipc
+from jaxserve.engine.core import EngineCore
+from jaxserve.request import Request
+from jaxserve.runner.embedder import Embedder
+from jaxserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Probe request ids start with this; AsyncLLM refuses user request ids that do.
+PROBE_ID_PREFIX = "__jaxserve_probe__:"
+_PROBE_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+
+def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> None:
+    """The process entry point (must be importable for "spawn"); never returns normally."""
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="engine-core %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(paths.to_core)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)  # never block (or drop) an output: memory is the bound
+    out.setsockopt(zmq.LINGER, 2000)  # flush a last Error on exit, but never hang on it
+    out.connect(paths.from_core)
+    codec = ipc.core_codec()
+    try:
+        core = EngineCore(args, show_progress=False)
+    except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
+        msg = f"engine core failed to start: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        out.send(codec.encode(ipc.Error(message=msg, fatal=True)))
+        _close(ctx, inp, out)
+        sys.exit(1)
+    proc = EngineCoreProc(core, inp, out, codec, parent_pid)
+    rc = proc.run()
+    _close(ctx, inp, out)
+    if proc.is_orphaned:
+        paths.cleanup()  # the parent died without its shutdown(); nobody else will
+    sys.exit(rc)
+
+
+def _close(ctx: zmq.Context, *sockets: zmq.Socket) -> None:
+    for s in sockets:
+        s.close()
+    ctx.term()
+
+
+class EngineCoreProc:
+    """The loop around one EngineCore; owns the probe and embedding side-paths."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        inp: zmq.Socket,
+        out: zmq.Socket,
+        codec: ipc.Codec,
+        parent_pid: int,
+    ) -> None:
+        self.core = core
+        self.inp = inp
+        self.out = out
+        self.codec = codec
+        self.parent_pid = parent_pid
+        spec = core.spec
+        if core.scheduler.scheduler_config.max_num_seqs > 1:
+            core.scheduler.num_reserved_seqs = 1  # the probe seat (see the module NOTE)
+        # probe request id -> (probe_id, arrival time)
+        self._probes: dict[str, tuple[str, float]] = {}
+        self._embedder: Embedder | None = None
+        self._last_heartbeat = 0.0
+        # set when the loop ended because the parent process died
+        self.is_orphaned = False
+        self._ready = ipc.Ready(
+            vocab_size=spec.vocab_size,
+            eos_token_id=spec.eos_token_id,
+            max_model_len=core.max_model_len,
+            hidden_size=spec.hidden_size,
+            num_blocks=core.runner.num_blocks,
+            block_size=core.runner.block_size,
+            max_num_seqs=core.scheduler.scheduler_config.max_num_seqs,
+            startup_seconds=core.startup_seconds,
+            warmup_seconds=core.warmup_seconds,
+        )
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.out.send(self.codec.encode(message))
+
+    def run(self) -> int:
+        """The busy loop; returns the exit code."""
+        self.send(self._ready)
+        while True:
+            is_busy = self.core.has_unfinished_requests()
+            # Idle: block on the socket, but wake up in time for the next heartbeat.
+            if self.inp.poll(0 if is_busy else int(ipc.HEARTBEAT_INTERVAL_S * 1000)):
+                if self._drain_input():
+                    return 0
+            if self.core.has_unfinished_requests():
+                try:
+                    outputs = self.core.step()
+                except Exception as e:  # noqa: BLE001 - see the module NOTE on errors
+                    tb = traceback.format_exc()
+                    self.send(ipc.Error(message=f"engine step failed: {e!r}\n{tb}", fatal=True))
+                    return 1
+                self._send_outputs(outputs)
+            now = time.monotonic()
+            if now - self._last_heartbeat >= ipc.HEARTBEAT_INTERVAL_S:
+                if os.getppid() != self.parent_pid:
+                    self.is_orphaned = True  # nobody reads our outputs any more
+                    return 0
+                self._send_heartbeat(now)
+
+    def _drain_input(self) -> bool:
+        """Handles every queued message; True on Shutdown."""
+        while True:
+            try:
+                data = self.inp.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            try:
+                message = self.codec.decode(data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                # Name the request when the bytes are at least a msgpack map with an id, so
+                # the API side can fail that request instead of leaving it waiting.
+                self.send(
+                    ipc.Error(
+                        message=f"bad message: {e}",
+                        request_id=_salvage_id(data),
+                        is_invalid_request=True,
+                    )
+                )
+                continue
+            if isinstance(message, ipc.Shutdown):
+                return True
+            self._handle(message)
+
+    def _handle(self, message: msgspec.Struct) -> None:
+        """One message; a failure becomes an Error for that request, never a dead loop."""
+        request_id: str | None = None
+        try:
+            if isinstance(message, ipc.AddRequest):
+                request_id = message.request_id
+                self.core.add_request(_to_request(message))
+            elif isinstance(message, ipc.Abort):
+                self.core.abort_requests(message.request_ids)
+            elif isinstance(message, ipc.Finish):
+                self.core.finish_requests([message.request_id], message.stop_reason)
+            elif isinstance(message, ipc.HealthProbe):
+                request_id = message.probe_id
+                self._add_probe(message.probe_id)
+            elif isinstance(message, ipc.Embed):
+                request_id = message.req_id
+                self._embed(message)
+        except ValueError as e:
+            self.send(ipc.Error(message=str(e), request_id=request_id, is_invalid_request=True))
+        except Exception as e:  # noqa: BLE001 - one request never kills the loop
+            logger.exception("handling %s failed", type(message).__name__)
+            self.send(ipc.Error(message=f"{type(e).__name__}: {e}", request_id=request_id))
+
+    def _add_probe(self, probe_id: str) -> None:
+        core_id = PROBE_ID_PREFIX + probe_id
+        # Any in-vocabulary token will do; the eos token (or 0) is always one.
+        token = self.core.spec.eos_token_id or 0
+        request = Request(
+            core_id,
+            [token],
+            _PROBE_PARAMS,
+            None,
+            sampling_seed=0,
+            priority=-(1 << 62),  # first under the "priority" policy too
+            max_tokens=1,
+        )
+        self.core.add_request(request, urgent=True)
+        self._probes[core_id] = (probe_id, time.monotonic())
+
+    def _embed(self, message: ipc.Embed) -> None:
+        if self._embedder is None:
+            runner = self.core.runner
+            self._embedder = Embedder(
+                self.core.spec,
+                runner.params,
+                dtype=runner.dtype,
+                block_size=runner.block_size,
+                max_model_len=self.core.max_model_len,
+                attention_backend=runner.attention_backend,
+            )
+        embedding = self._embedder.embed(message.token_ids)
+        self.send(ipc.EmbedResult(req_id=message.req_id, embedding=embedding))
+
+    def _send_outputs(self, outputs: EngineCoreOutputs) -> None:
+        user_outputs = []
+        for o in outputs.outputs:
+            probe = self._probes.pop(o.request_id, None) if self._probes else None
+            if probe is None:
+                user_outputs.append(o)
+                continue
+            probe_id, arrival = probe
+            latency = time.monotonic() - arrival
+            token = o.new_token_ids[0] if o.new_token_ids else -1
+            self.send(ipc.ProbeResult(probe_id=probe_id, token_id=token, latency_s=latency))
+        if user_outputs or outputs.scheduler_stats is not None:
+            self.send(ipc.Outputs(outputs=user_outputs, scheduler_stats=outputs.scheduler_stats))
+
+    def _send_heartbeat(self, now: float) -> None:
+        scheduler = self.core.scheduler
+        self.send(
+            ipc.Heartbeat(
+                time=time.time(),
+                num_running=len(scheduler.running),
+                num_waiting=len(scheduler.waiting),
+                stats=self.core.make_stats(),
+            )
+        )
+        self._last_heartbeat = now
+
+
+def _salvage_id(data: bytes) -> str | None:
+    """The request_id / req_id / probe_id of an off-schema message, if it has one."""
+    try:
+        raw = msgspec.msgpack.decode(data)  # untyped: plain dicts, lists and scalars only
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict):
+        for key in ("request_id", "req_id", "probe_id"):
+            if isinstance(raw.get(key), str):
+                return raw[key]
+    return None
+
+
+def _to_request(m: ipc.AddRequest) -> Request:
+    if m.request_id.startswith(PROBE_ID_PREFIX):
+        raise ValueError(f"request_id must not start with {PROBE_ID_PREFIX!r}")
+    return Request(
+        m.request_id,
+        m.prompt_token_ids,
+        m.params,
+        m.eos_token_id,
+        sampling_seed=m.sampling_seed,
+        arrival_time=m.arrival_time,
+        priority=m.priority,
+        cache_salt=m.cache_salt,
+        max_tokens=m.max_tokens,
+    )

@@ -1,0 +1,205 @@
+"""The app factory: make_app(engine) -> an aiohttp Application serving the OpenAI API.
+
+Routes are listed in ROUTES (and described in openapi.py, which a test keeps complete).
+Generation lives in generation.py; this module holds the small endpoints and the wiring.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import struct
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+import jaxserve
+from jaxserve.engine.client import EngineClient
+from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
+from server import generation, health, openapi, protocol, responses
+from server.errors import APIError, bad_request, error_middleware
+from server.generation import check_model, read_body, render_chat
+from server.state import STATE_KEY, ServerState
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response({"object": "list", "data": [_model_card(state)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    check_model(state, request.match_info["model"])
+    return web.json_response(_model_card(state))
+
+
+def _model_card(state: ServerState) -> dict:
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "jaxserve",
+        "root": state.engine.model_name,
+        "max_model_len": state.engine.max_model_len,
+    }
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """One embedding per input: the mean of the final hidden states over the prompt's tokens,
+    L2-normalized (computed by the engine). `encoding_format: base64` packs little-endian
+    float32s, which is what the openai client asks for by default."""
+    state = request.app[STATE_KEY]
+    req = protocol.parse_embedding(await read_body(request), state.limits)
+    check_model(state, req.model)
+    all_ids = []
+    for i, raw in enumerate(req.inputs):
+        param = "input" if len(req.inputs) == 1 else f"input[{i}]"
+        ids = await generation.tokenize_text(state, raw) if isinstance(raw, str) else raw
+        if len(ids) > state.engine.max_model_len:
+            raise bad_request(
+                f"{param} has {len(ids)} tokens, over max_model_len={state.engine.max_model_len}",
+                param,
+            )
+        all_ids.append(ids)
+    data = []
+    with state.admit():
+        for i, ids in enumerate(all_ids):
+            try:
+                vector = await state.engine.embed(ids)
+            except Exception as e:
+                raise generation.engine_error(e, frozenset({"input"})) from None
+            if req.encoding_format == "base64":
+                packed = struct.pack(f"<{len(vector)}f", *vector)
+                embedding: list[float] | str = base64.b64encode(packed).decode()
+            else:
+                embedding = list(vector)
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+    num_tokens = sum(len(ids) for ids in all_ids)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": state.model_name,
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+        }
+    )
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    req = protocol.parse_tokenize(await read_body(request))
+    check_model(state, req.model)
+    if req.prompt is not None:
+        tokens = await generation.tokenize_text(state, req.prompt, req.add_special_tokens)
+    else:
+        assert req.messages is not None
+        tokens = render_chat(state, req.messages, req.add_generation_prompt)
+    return web.json_response(
+        {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
+    )
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    req = protocol.parse_detokenize(await read_body(request))
+    check_model(state, req.model)
+    tokenizer = state.engine.tokenizer
+    vocab_size = len(tokenizer)
+    bad = next((i for i, t in enumerate(req.tokens) if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(
+            f"tokens[{bad}] = {req.tokens[bad]} is outside the vocabulary [0, {vocab_size})",
+            f"tokens[{bad}]",
+        )
+    return web.json_response({"prompt": tokenizer.decode(req.tokens)})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": jaxserve.__version__})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.spec(request.app[STATE_KEY].model_name))
+
+
+# (method, path, handler); paths under PROTECTED_PREFIXES need the API key when one is set
+ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+    ("POST", "/v1/completions", generation.completions),
+    ("POST", "/v1/chat/completions", generation.chat_completions),
+    ("POST", "/v1/embeddings", embeddings),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/{model}", get_model),
+    ("POST", "/tokenize", tokenize),
+    ("POST", "/detokenize", detokenize),
+    ("GET", "/version", version),
+    ("GET", "/livez", health.livez),
+    ("GET", "/readyz", health.readyz),
+    ("GET", "/health", health.health),
+    ("GET", "/metrics", metrics),
+    ("GET", "/openapi.json", openapi_json),
+]
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    key = request.app[STATE_KEY].api_key
+    if key is None or not request.path.startswith(PROTECTED_PREFIXES):
+        return await handler(request)
+    given = request.headers.get("Authorization", "")
+    # compare_digest: the comparison takes as long whatever prefix of the key matches
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise APIError(
+            401,
+            "missing or invalid API key (send Authorization: Bearer <key>)",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return await handler(request)
+
+
+def make_app(
+    engine: EngineClient,
+    *,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_n: int = protocol.Limits.max_n,
+    max_prompts: int = protocol.Limits.max_prompts,
+    max_tokens_limit: int | None = None,
+    max_stop: int = protocol.Limits.max_stop,
+    max_logprobs: int = protocol.Limits.max_logprobs,
+    max_body_bytes: int = protocol.Limits.max_body_bytes,
+) -> web.Application:
+    """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle."""
+    limits = protocol.Limits(
+        max_n=max_n,
+        max_prompts=max_prompts,
+        max_tokens=max_tokens_limit,
+        max_stop=max_stop,
+        max_logprobs=max_logprobs,
+        max_body_bytes=max_body_bytes,
+    )
+    model_name = served_model_name or engine.model_name
+    # error_middleware is outermost, so auth failures and bugs in auth get the OpenAI shape
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=max_body_bytes
+    )
+    app[STATE_KEY] = ServerState(
+        engine=engine,
+        model_name=model_name,
+        limits=limits,
+        metrics=ServerMetrics(model_name, lambda: engine.stats),
+        api_key=api_key,
+        created=responses.now(),
+    )
+    app[health.HEALTH_KEY] = health.HealthProbe(engine)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app

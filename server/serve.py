@@ -1,0 +1,108 @@
+"""Runs the server: load the engine, listen, and drain on SIGTERM.
+
+Entry point: `run_server(ns)` with the namespace of `jaxserve serve` (jaxserve/cli.py).
+
+NOTE on shutdown: the first SIGTERM (or Ctrl-C) sets draining (readyz answers 503, so a load
+balancer stops sending traffic; new generation requests get 503), then waits up to
+--shutdown-timeout seconds for in-flight requests to finish, closes the listener (aiohttp
+cancels what is left, which aborts those requests in the engine), shuts the engine down and
+exits 0. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from jaxserve.engine.client import EngineClient
+from server.app import make_app
+from server.state import STATE_KEY
+
+logger = logging.getLogger("jaxserve.serve")
+# seconds the engine gets to stop after the listener closed
+_ENGINE_SHUTDOWN_TIMEOUT_S = 10.0
+# seconds handlers still running after the drain get before they are cancelled
+_CLOSE_GRACE_S = 0.5
+
+
+async def create_engine(ns: argparse.Namespace) -> EngineClient:
+    # Imported here: the engine pulls in jax, which the server's own tests never need.
+    from jaxserve.cli import engine_args_from
+    from jaxserve.engine.async_llm import AsyncLLM
+
+    return await AsyncLLM.create(
+        engine_args_from(ns),
+        max_waiting_requests=ns.max_waiting_requests,
+        served_model_name=ns.served_model_name,
+    )
+
+
+async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> int:
+    if engine is None:
+        engine = await create_engine(ns)
+    app = make_app(
+        engine,
+        api_key=ns.api_key,
+        served_model_name=ns.served_model_name,
+        max_n=ns.max_n,
+        max_body_bytes=ns.max_body_bytes,
+    )
+    state = app[STATE_KEY]
+    # handler_cancellation: a client disconnect cancels its handler, whose finally aborts
+    # the request in the engine (aiohttp's default lets it run to the end for nobody)
+    # shutdown_timeout: the drain above already waited; what is left is cancelled (aborted)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=_CLOSE_GRACE_S
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, ns.host, ns.port)
+    await site.start()
+    logger.info("serving %s on http://%s:%d", state.model_name, ns.host, ns.port)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            logger.warning("second signal: stopping without waiting for requests")
+            force.set()
+        else:
+            logger.info("signal: draining (%d requests in flight)", state.num_in_flight)
+            state.draining = True
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await stop.wait()
+        idle = asyncio.ensure_future(state.idle.wait())
+        forced = asyncio.ensure_future(force.wait())
+        _, pending = await asyncio.wait(
+            {idle, forced}, timeout=ns.shutdown_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if state.num_in_flight:
+            logger.warning("closing with %d requests still in flight", state.num_in_flight)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        try:
+            await asyncio.wait_for(engine.shutdown(), _ENGINE_SHUTDOWN_TIMEOUT_S)
+        except Exception:
+            logger.exception("engine shutdown failed")
+    return 0
+
+
+def run_server(ns: argparse.Namespace) -> int:
+    """`jaxserve serve`: blocks until SIGTERM/SIGINT, then drains and returns 0."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(ns))

@@ -1,0 +1,1 @@
+"""Test suite (a package, so tests/server never shadows the top-level server package)."""

@@ -1,0 +1,200 @@
+"""FakeEngine: an EngineClient with a real (byte-level, tiny) tokenizer and scripted output.
+
+Each completion "generates" the bytes of SCRIPT (rotated by its index), one token per step,
+then eos; stop strings go through the real IncrementalDetokenizer, so the server sees the
+same deltas, finish reasons and stop_reasons the real engine would give it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from jaxserve.core.outputs import SchedulerStats
+from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import IncrementalDetokenizer
+
+SCRIPT = "The quick brown fox jumps over the lazy dog. "
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: one token per byte (ids 0-255) plus <eos> = 256."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", chat_template=CHAT_TEMPLATE
+    )
+
+
+class FakeEngine(EngineClient):
+    def __init__(self, *, max_model_len: int = 256, step_delay: float = 0.0) -> None:
+        self.model_name = "fake-model"
+        self.max_model_len = max_model_len
+        self.tokenizer = make_tokenizer()
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.step_delay = step_delay
+        # switches the tests flip
+        self.overloaded = False
+        self.dead: str | None = None
+        self.ready = True
+        self.heartbeat = 0.0
+        self.health_delay = 0.0
+        self.health_error: Exception | None = None
+        self._stats = SchedulerStats()
+        # what happened
+        self.aborted: list[str] = []
+        self.requests: list[tuple[str, list[int], SamplingParams]] = []
+        self.num_health_checks = 0
+        self._seen_prompts: list[list[int]] = []
+        self.active: set[str] = set()
+
+    def _script_ids(self, index: int) -> list[int]:
+        ids = self.tokenizer.encode(SCRIPT, add_special_tokens=False)
+        return ids[index:] + ids[:index]
+
+    def generate(
+        self,
+        prompt: Any,
+        params: SamplingParams,
+        request_id: str,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        return self._generate(prompt, params, request_id)
+
+    async def _generate(
+        self, prompt: Any, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if self.overloaded:
+            raise EngineOverloadedError("waiting queue is full (1/1)")
+        ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else None
+        if ids is None:
+            ids = self.tokenizer.encode(prompt)
+        if any(t >= len(self.tokenizer) for t in ids):
+            raise ValueError(f"prompt_token_ids holds an id outside [0, {len(self.tokenizer)})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, over max_model_len")
+        # fake prefix cache: a prompt seen before hits on its full 4-token blocks
+        cached = (len(ids) - 1) // 4 * 4 if ids in self._seen_prompts else 0
+        self._seen_prompts.append(ids)
+        self.requests.append((request_id, ids, params))
+        self.active.add(request_id)
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        detoks = [
+            IncrementalDetokenizer(
+                self.tokenizer,
+                ids,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
+            )
+            for _ in range(params.n)
+        ]
+        counts = [0] * params.n
+        done = [False] * params.n
+        try:
+            while not all(done):
+                await asyncio.sleep(self.step_delay)
+                if self.dead is not None:
+                    raise EngineDeadError(self.dead)
+                outs = []
+                for i in range(params.n):
+                    if done[i]:
+                        continue
+                    script = self._script_ids(i)
+                    step = counts[i]
+                    tok = script[step] if step < len(script) else self.eos_token_id
+                    if params.ignore_eos and tok == self.eos_token_id:
+                        tok = script[step % len(script)]
+                    counts[i] += 1
+                    finish, stop_reason = None, None
+                    text = detoks[i].update([tok])
+                    if tok == self.eos_token_id:
+                        finish = "stop"
+                    elif tok in params.stop_token_ids:
+                        finish, stop_reason = "stop", tok
+                    elif detoks[i].finished:
+                        finish, stop_reason = "stop", detoks[i].stop_reason
+                    elif counts[i] >= max_tokens:
+                        finish = "length"
+                    if finish is not None and not detoks[i].finished:
+                        text += detoks[i].flush()
+                    logprobs = None
+                    if params.logprobs is not None:
+                        top = {
+                            (tok + k) % 256: Logprob(-0.1 * (k + 1), k + 1)
+                            for k in range(params.logprobs)
+                        }
+                        top[tok] = Logprob(-0.1, 1)
+                        logprobs = [top]
+                    done[i] = finish is not None
+                    outs.append(
+                        CompletionOutput(i, text, [tok], None, logprobs, finish, stop_reason)
+                    )
+                yield RequestOutput(
+                    request_id,
+                    prompt.get("prompt") if isinstance(prompt, dict) else prompt,
+                    ids,
+                    outs,
+                    all(done),
+                    num_cached_tokens=cached,
+                )
+        finally:
+            self.active.discard(request_id)
+            if not all(done):
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def embed(self, prompt_token_ids: list[int]) -> list[float]:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if self.overloaded:
+            raise EngineOverloadedError("queue full")
+        v = [float(len(prompt_token_ids)), float(sum(prompt_token_ids) % 7), 1.0]
+        norm = sum(x * x for x in v) ** 0.5
+        return [x / norm for x in v]
+
+    async def check_health(self, timeout: float) -> None:
+        self.num_health_checks += 1
+        await asyncio.sleep(self.health_delay)
+        if self.health_error is not None:
+            raise self.health_error
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.dead
+
+    @property
+    def heartbeat_age(self) -> float:
+        return self.heartbeat
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self._stats
+
+    async def shutdown(self) -> None:
+        self.dead = "shut down"
