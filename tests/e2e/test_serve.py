@@ -1,0 +1,380 @@
+"""The real server process on loopback with the default model, driven by the openai client
+and raw aiohttp: the API surface, usage accounting, disconnects, load, and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+MODEL = "smollm2-135m"
+BASE_ARGS = ["--max-model-len", "512", "--max-num-batched-tokens", "128"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "server", "--model", MODEL, "--port", str(self.port)]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([*cmd, *BASE_ARGS, *args], stdout=log, stderr=log)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 600.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready:\n{self.log.read_text()[-4000:]}")
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "none"), **kw)
+
+    def metric(self, name: str) -> float:
+        import urllib.request
+
+        text = urllib.request.urlopen(f"{self.url}/metrics").read().decode()
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        assert m, f"{name} not in /metrics"
+        return float(m.group(1))
+
+    def post(self, path: str, body: dict) -> dict:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{self.url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    def core_pid(self) -> int:
+        """The engine-core process: the spawned child (not multiprocessing's resource tracker)."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        for pid in map(int, out.stdout.split()):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                return pid
+        raise AssertionError("no engine-core child process")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve"), "--max-num-seqs", "32")
+    yield srv
+    srv.stop()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_completions_chat_models_embeddings(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    out = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0
+    )
+    assert "Paris" in out.choices[0].text
+    ntok = server.post("/tokenize", {"prompt": "The capital of France is"})["count"]
+    assert out.usage.prompt_tokens == ntok
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    emb = client.embeddings.create(model=MODEL, input=["hello", "world"])
+    vecs = [d.embedding for d in emb.data]
+    assert len(vecs) == 2 and len(vecs[0]) == 576 and vecs[0] != vecs[1]
+    assert abs(sum(x * x for x in vecs[0]) - 1.0) < 1e-4
+
+
+def test_streaming_equals_non_streaming_with_usage(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_seed_logprobs(server):
+    client = server.client()
+    kw = dict(
+        model=MODEL,
+        prompt="My favourite food is",
+        max_tokens=12,
+        temperature=1.0,
+        seed=42,
+        n=2,
+        logprobs=2,
+    )
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert len(a.choices) == 2 and a.choices[0].text != a.choices[1].text
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(len(top) >= 2 for top in lp.top_logprobs)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+
+def test_cached_tokens_on_repeated_prompt(server):
+    client = server.client()
+    prompt = "Tell me a long story about a dragon. " * 8
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_sse_framing(server):
+    async def go():
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{server.url}/v1/completions", json=body) as r:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                raw = await r.read()
+        events = raw.split(b"\n\n")
+        assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+        assert all(e.startswith(b"data: {") for e in events[:-2])
+
+    asyncio.run(go())
+
+
+def test_disconnects_free_kv_blocks(server):
+    async def one(session):
+        body = {
+            "model": MODEL,
+            "prompt": "Count to one hundred:",
+            "max_tokens": 200,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        async with session.post(f"{server.url}/v1/completions", json=body) as r:
+            async for _ in r.content:  # first event, then hang up mid-stream
+                break
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            await asyncio.gather(*(one(s) for _ in range(50)))
+
+    asyncio.run(go())
+    assert wait_for(lambda: server.metric("jaxserve_kv_cache_usage_perc") == 0.0, 15)
+    assert wait_for(lambda: server.metric("jaxserve_num_requests_running") == 0.0, 5)
+
+
+def test_200_requests_at_concurrency_32(server):
+    prompts = ["The sun is", "Cats are", "Python is a", "The ocean"]
+    client = server.client()
+    ref = {
+        p: client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+        for p in prompts
+    }
+
+    async def go():
+        sem = asyncio.Semaphore(32)
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none")
+
+        async def one(i):
+            async with sem:
+                p = prompts[i % 4]
+                r = await aclient.completions.create(
+                    model=MODEL, prompt=p, max_tokens=8, temperature=0
+                )
+                return p, r.choices[0].text
+
+        return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(go())
+    assert len(results) == 200
+    assert all(text == ref[p] for p, text in results)
+    assert wait_for(lambda: server.metric("jaxserve_kv_cache_usage_perc") == 0.0, 10)
+
+
+def test_malformed_requests_then_still_serving(server):
+    async def go():
+        bad = [
+            b"{not json",
+            b'{"model": "%s", "prompt": 5}' % MODEL.encode(),
+            b'{"model": "%s", "prompt": "x", "n": 100000}' % MODEL.encode(),
+            b'{"model": "%s", "prompt": "x", "top_p": 7}' % MODEL.encode(),
+            b'{"model": "%s", "prompt": "x", "bogus_field": 1}' % MODEL.encode(),
+        ]
+        async with aiohttp.ClientSession() as s:
+            for body in bad:
+                async with s.post(
+                    f"{server.url}/v1/completions",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as r:
+                    assert 400 <= r.status < 500
+                    err = (await r.json())["error"]
+                    assert err["message"] and "type" in err
+
+    asyncio.run(go())
+    out = server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert out.choices[0].text is not None
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="nope", prompt="Hi", max_tokens=2)
+
+
+def test_kill_engine_core_fails_requests_and_health(tmp_path):
+    srv = Server(tmp_path, "--no-warmup")
+    try:
+        client = srv.client(max_retries=0, timeout=30)
+
+        async def long_stream():
+            aclient = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+            stream = await aclient.completions.create(
+                model=MODEL,
+                prompt="Hello",
+                max_tokens=400,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            async for _ in stream:
+                pass
+
+        async def go():
+            task = asyncio.ensure_future(long_stream())
+            await asyncio.sleep(3)
+            os.kill(srv.core_pid(), signal.SIGKILL)
+            start = time.monotonic()
+            with pytest.raises(Exception):  # noqa: B017 - any error, as long as it comes
+                await asyncio.wait_for(task, 10)
+            return time.monotonic() - start
+
+        assert asyncio.run(go()) < 5.0
+        import urllib.error
+        import urllib.request
+
+        def health_503() -> bool:
+            try:
+                urllib.request.urlopen(f"{srv.url}/health", timeout=4)
+            except urllib.error.HTTPError as e:
+                return e.code == 503
+            return False
+
+        assert wait_for(health_503, 5)
+        with pytest.raises(openai.APIStatusError):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_then_exits_zero(tmp_path):
+    srv = Server(tmp_path, "--no-warmup", "--shutdown-timeout", "60")
+
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        task = asyncio.ensure_future(
+            aclient.completions.create(
+                model=MODEL,
+                prompt="Tell me a story",
+                max_tokens=40,
+                extra_body={"ignore_eos": True},
+            )
+        )
+        await asyncio.sleep(2)
+        srv.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{srv.url}/readyz") as r:
+                assert r.status == 503
+        return await task
+
+    out = asyncio.run(go())
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 40
+    assert srv.proc.wait(60) == 0
+
+
+def test_api_key_and_overload(tmp_path):
+    srv = Server(
+        tmp_path,
+        "--no-warmup",
+        "--api-key",
+        "sekret",
+        "--max-num-seqs",
+        "2",
+        "--max-waiting-requests",
+        "2",
+    )
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(api_key="wrong", max_retries=0).completions.create(
+                model=MODEL, prompt="Hi", max_tokens=1
+            )
+
+        async def go():
+            body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 30}
+            headers = {"Authorization": "Bearer sekret"}
+            async with aiohttp.ClientSession(headers=headers) as s:
+
+                async def one():
+                    async with s.post(f"{srv.url}/v1/completions", json=body) as r:
+                        return r.status, r.headers.get("Retry-After")
+
+                return await asyncio.gather(*(one() for _ in range(12)))
+
+        results = asyncio.run(go())
+        codes = [c for c, _ in results]
+        assert 200 in codes and 429 in codes
+        assert all(ra is not None for c, ra in results if c == 429)
+    finally:
+        srv.stop()
