@@ -349,13 +349,37 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if req.echo:
         tokenizer = state.engine.tokenizer
         echo_texts = [p.text if p.text is not None else _decode(tokenizer, p) for p in prompts]
+    return await _admit_and_run(
+        request,
+        state,
+        req,
+        prompts,
+        is_chat=False,
+        top_logprobs=req.logprobs,
+        echo_texts=echo_texts,
+        fields=protocol.COMPLETION_FIELDS,
+    )
+
+
+async def _admit_and_run(
+    request: web.Request,
+    state: ServerState,
+    req: Any,
+    prompts: list[EnginePrompt],
+    *,
+    is_chat: bool,
+    top_logprobs: int | None,
+    echo_texts: list[str] | None,
+    fields: frozenset[str],
+) -> web.StreamResponse:
+    """The shared tail of both generation endpoints: admit, fan out, stream or collect."""
     with state.admit():
         gen = _Generation(
             state,
-            is_chat=False,
+            is_chat=is_chat,
             prompts=prompts,
             n=req.params.n,
-            top_logprobs=req.logprobs,
+            top_logprobs=top_logprobs,
             echo_texts=echo_texts,
         )
         return await _run(
@@ -368,7 +392,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             include_usage=req.include_usage,
             priority=req.priority,
             cache_salt=req.cache_salt,
-            fields=protocol.COMPLETION_FIELDS,
+            fields=fields,
         )
 
 
@@ -398,24 +422,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ids = render_chat(state, req.messages, req.add_generation_prompt)
     check_prompt_len(state, ids, "messages")
     prompts = [EnginePrompt(None, ids)]
-    with state.admit():
-        gen = _Generation(
-            state,
-            is_chat=True,
-            prompts=prompts,
-            n=req.params.n,
-            top_logprobs=req.top_logprobs,
-            echo_texts=None,
-        )
-        return await _run(
-            request,
-            state,
-            gen,
-            prompts,
-            params=req.params,
-            stream=req.stream,
-            include_usage=req.include_usage,
-            priority=req.priority,
-            cache_salt=req.cache_salt,
-            fields=protocol.CHAT_FIELDS,
-        )
+    return await _admit_and_run(
+        request,
+        state,
+        req,
+        prompts,
+        is_chat=True,
+        top_logprobs=req.top_logprobs,
+        echo_texts=None,
+        fields=protocol.CHAT_FIELDS,
+    )
