@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from jaxserve.config import CacheConfig, SchedulerConfig
-from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.kv_cache_manager import KVCacheManager, check_kv_capacity
 from jaxserve.core.outputs import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -121,16 +121,13 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {num_prompt} tokens, more than max_model_len={self.max_model_len}"
             )
-        # The last sampled token is never computed, so the KV holds at most this many tokens.
-        max_kv_tokens = min(num_prompt + request.max_tokens - 1, self.max_model_len)
-        num_blocks_needed = -(-max_kv_tokens // self.block_size)
-        num_usable = self.kv_cache_manager.num_usable_blocks
-        if num_blocks_needed > num_usable:
-            # Admitting it could only end in preempting itself forever.
-            raise ValueError(
-                f"prompt + max_tokens need up to {num_blocks_needed} KV blocks, more than the "
-                f"{num_usable} in the cache; lower max_tokens or max_model_len"
-            )
+        check_kv_capacity(
+            num_prompt,
+            request.max_tokens,
+            self.max_model_len,
+            self.block_size,
+            self.kv_cache_manager.num_usable_blocks,
+        )
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING

@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from jaxserve.config import EngineArgs
+from jaxserve.core.kv_cache_manager import check_kv_capacity
 from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine import ipc
 from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
@@ -390,17 +391,14 @@ class AsyncLLM(EngineClient):
 
     def _check_fits(self, prompt: ProcessedPrompt, params: SamplingParams) -> None:
         """The scheduler's KV-capacity check, done here so it fails before queueing."""
-        assert self.ready is not None
-        room = self.max_model_len - len(prompt.prompt_token_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        max_kv_tokens = min(len(prompt.prompt_token_ids) + max_tokens - 1, self.max_model_len)
-        needed = -(-max_kv_tokens // self.ready.block_size)
-        usable = self.ready.num_blocks - 1  # the null block is never handed out
-        if needed > usable:
-            raise ValueError(
-                f"prompt + max_tokens need up to {needed} KV blocks, more than the {usable} in "
-                "the cache; lower max_tokens"
-            )
+        assert self.ready is not None and self.input_processor is not None
+        check_kv_capacity(
+            len(prompt.prompt_token_ids),
+            self.input_processor.resolve_max_tokens(prompt, params),
+            self.max_model_len,
+            self.ready.block_size,
+            self.ready.num_blocks - 1,  # the null block is never handed out
+        )
 
     def _send(self, message: msgspec.Struct) -> None:
         self._push.send(self._codec.encode(message), zmq.NOBLOCK)

@@ -80,6 +80,11 @@ class InputProcessor:
             if tid >= self.vocab_size:
                 raise ValueError(f"stop_token_ids holds {tid}, outside [0, {self.vocab_size})")
 
+    def resolve_max_tokens(self, prompt: ProcessedPrompt, params: SamplingParams) -> int:
+        """max_tokens capped by the room max_model_len leaves (None: all of it)."""
+        room = self.max_model_len - len(prompt.prompt_token_ids)
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
     def make_requests(
         self,
         request_id: str,
@@ -92,8 +97,7 @@ class InputProcessor:
     ) -> list[Request]:
         """One core request per completion; children of n > 1 get ids f"{request_id}:{i}"."""
         self.check_params(params)
-        room = self.max_model_len - len(prompt.prompt_token_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        max_tokens = self.resolve_max_tokens(prompt, params)
         base_seed = params.seed if params.seed is not None else None
         requests = []
         for i in range(params.n):
