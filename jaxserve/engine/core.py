@@ -28,10 +28,14 @@ logger = logging.getLogger(__name__)
 _DEFAULT_MAX_MODEL_LEN = 2048
 
 
-def resolve_attention_backend(backend: str) -> str:
+def resolve_attention_backend(backend: str, platform: str | None = None) -> str:
+    """auto: the Pallas kernels on TPU and CUDA, the jnp attention elsewhere (CPU).
+
+    `platform` defaults to jax's default backend; on CPU "pallas" still works, interpreted.
+    """
     if backend == "auto":
-        # The Pallas kernels plug in here once they exist; until then every platform uses xla.
-        return "xla"
+        platform = platform or jax.default_backend()
+        return "pallas" if platform in ("tpu", "gpu", "cuda") else "xla"
     return backend
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxserve.model import llama
+from jaxserve.model.attention import AttentionMetadata
 from jaxserve.model.spec import ModelSpec
 
 from .helpers import single_request_md
@@ -60,12 +62,26 @@ def test_cache_receives_this_steps_kv_in_every_layer():
         assert bool(jnp.all(kv[:, 1, 3] == 0)) and bool(jnp.all(kv[:, 2:] == 0))  # untouched
 
 
-def test_pallas_backend_not_yet_and_unknown_backend_rejected():
-    cache = llama.init_kv_cache(SPEC, 8, 4)
+def test_pallas_backend_matches_xla_and_unknown_backend_rejected():
+    # The Pallas path (the TPU kernel, interpreted on CPU) inside forward's layer scan with the
+    # flat multi-layer cache view: same hidden states and same cache as xla. Block size 8: the
+    # TPU kernel needs whole (8 x 128) f32 tiles per page.
     params = llama.init_params(SPEC, jax.random.key(0))
-    md = single_request_md(0, 2, 1)
-    args = (params, SPEC, jnp.array([1, 2]), jnp.arange(2), md, cache)
-    with pytest.raises(NotImplementedError, match="pallas"):
-        llama.forward(*args, attention_backend="pallas")
+    md = AttentionMetadata(
+        slot_mapping=jnp.arange(8, 13, dtype=jnp.int32),  # 5 tokens into block 1
+        token_req_idx=jnp.zeros((5,), jnp.int32),
+        block_tables=jnp.asarray([[1, 0]], jnp.int32),
+        kv_lens=jnp.asarray([5], jnp.int32),
+        cu_q_lens=jnp.asarray([0, 5], jnp.int32),
+    )
+    args = (params, SPEC, jnp.arange(1, 6), jnp.arange(5), md)
+    want, want_cache = llama.forward(*args, llama.init_kv_cache(SPEC, 4, 8))
+    got, got_cache = llama.forward(
+        *args, llama.init_kv_cache(SPEC, 4, 8), attention_backend="pallas"
+    )
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    # layer 0's K is computed before any attention; later layers' K inherit float noise
+    np.testing.assert_array_equal(got_cache.k[0], want_cache.k[0])
+    np.testing.assert_allclose(got_cache.v, want_cache.v, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="attention_backend"):
-        llama.forward(*args, attention_backend="flash")
+        llama.forward(*args, llama.init_kv_cache(SPEC, 4, 8), attention_backend="flash")

@@ -1,0 +1,168 @@
+"""The public ragged paged attention entry: validates inputs, then picks the platform's kernel.
+
+Every check runs on static shapes and dtypes, so it works the same under jit and prints the
+offending values. Backend modules are imported lazily: the CUDA kernel (gpu.py) is only loaded
+when a CUDA kernel is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PLATFORMS = ("tpu", "cuda")
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def resolve_platform(platform: str | None, interpret: Any) -> str:
+    """`platform`, or the kernel that fits the default device (TPU's interpreter on CPU)."""
+    if platform is not None:
+        if platform not in PLATFORMS:
+            raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
+        return platform
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "tpu"
+    if backend in ("gpu", "cuda"):
+        return "cuda"
+    if interpret:
+        # The TPU interpreter models DMAs and semaphores on CPU, so it is the CPU stand-in.
+        return "tpu"
+    raise ValueError(
+        f"no Pallas ragged paged attention kernel runs natively on {backend!r}; pass "
+        "interpret=True (and optionally platform='tpu' or 'cuda') to interpret one"
+    )
+
+
+def validate(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> None:
+    """Raises ValueError naming the field and its value for any input the kernels cannot take."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, num_q_heads, head_dim], got shape {q.shape}")
+    if k_cache.ndim != 4:
+        raise ValueError(
+            f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got shape {k_cache.shape}"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    t, hq, d = q.shape
+    _, bs, hkv, dk = k_cache.shape
+    if dk != d:
+        raise ValueError(f"head_dim of q ({d}) != head_dim of the KV cache ({dk})")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"num_q_heads={hq} must be a positive multiple of num_kv_heads={hkv} (GQA)"
+        )
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if jnp.dtype(x.dtype) not in _DTYPES:
+            raise ValueError(f"{name}.dtype must be float32 or bfloat16, got {x.dtype}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(
+            f"q, k_cache, v_cache dtypes must match, got {q.dtype}, {k_cache.dtype}, "
+            f"{v_cache.dtype}"
+        )
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [R, B], got shape {block_tables.shape}")
+    r = block_tables.shape[0]
+    for name, x, shape in (
+        ("kv_lens", kv_lens, (r,)),
+        ("block_tables", block_tables, block_tables.shape),
+        ("cu_q_lens", cu_q_lens, (r + 1,)),
+        ("num_seqs", num_seqs, (1,)),
+    ):
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (R={r}), got {x.shape}")
+        if x.dtype != jnp.int32:
+            raise ValueError(f"{name}.dtype must be int32, got {x.dtype}")
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale!r}")
+    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be > 0 or None, got {soft_cap!r}")
+    del t
+
+
+def validate_tpu(
+    q: jax.Array, k_cache: jax.Array, block_tables: jax.Array, knobs: dict[str, Any]
+) -> None:
+    """Mosaic TPU tiling rules: tiles' second-minor dims are multiples of 8 (32-bit) / 16."""
+    from pallas_kernels.ragged_paged_attention.tpu import sublane_multiple
+
+    unknown = set(knobs) - {"q_block", "kv_pages_per_chunk", "vmem_limit_bytes"}
+    if unknown:
+        raise ValueError(f"unknown TPU kernel knobs {sorted(unknown)}")
+    sub = sublane_multiple(k_cache.dtype)
+    bs = k_cache.shape[1]
+    if bs % sub:
+        raise ValueError(
+            f"block_size={bs} must be a multiple of {sub} for {k_cache.dtype} on TPU "
+            "(each page lands in VMEM as whole (sublane x lane) tiles)"
+        )
+    qb = knobs.get("q_block")
+    if qb is not None and (qb <= 0 or qb % sublane_multiple(q.dtype)):
+        raise ValueError(
+            f"q_block={qb} must be a positive multiple of {sublane_multiple(q.dtype)} for {q.dtype}"
+        )
+    ppc = knobs.get("kv_pages_per_chunk")
+    if ppc is not None and ppc <= 0:
+        raise ValueError(f"kv_pages_per_chunk must be positive, got {ppc}")
+    vmem = knobs.get("vmem_limit_bytes")
+    if vmem is not None and vmem <= 0:
+        raise ValueError(f"vmem_limit_bytes must be positive, got {vmem}")
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # [T, num_q_heads, head_dim]
+    k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    kv_lens: jax.Array,  # i32[R] tokens with KV after this step
+    block_tables: jax.Array,  # i32[R, B]
+    cu_q_lens: jax.Array,  # i32[R + 1]; rows past the real requests repeat the total
+    num_seqs: jax.Array,  # i32[1] real requests
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    platform: str | None = None,  # "tpu" | "cuda" | None (the default device's)
+    interpret: Any = False,  # True: run the kernel in Pallas interpret mode (CPU)
+    **knobs: Any,  # static tuning knobs of the platform's kernel
+) -> jax.Array:  # [T, num_q_heads, head_dim]; rows of padding tokens are 0
+    """Causal ragged paged attention over a flat batch of decode tokens and prefill chunks."""
+    validate(
+        q,
+        k_cache,
+        v_cache,
+        kv_lens,
+        block_tables,
+        cu_q_lens,
+        num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    platform = resolve_platform(platform, interpret)
+    args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
+    kwargs = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap)
+    if platform == "tpu":
+        validate_tpu(q, k_cache, block_tables, knobs)
+        from pallas_kernels.ragged_paged_attention import tpu
+
+        return tpu.ragged_paged_attention_tpu(*args, **kwargs, interpret=interpret, **knobs)
+    from pallas_kernels.ragged_paged_attention import gpu  # lazy: CUDA-only dependencies
+
+    return gpu.ragged_paged_attention_gpu(*args, **kwargs, interpret=interpret, **knobs)

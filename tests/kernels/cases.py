@@ -1,0 +1,141 @@
+"""Random ragged paged-attention batches for kernel tests (shared by every backend's tests).
+
+`make_inputs(case)` returns the kernel's inputs twice: `poisoned`, where everything a correct
+kernel must not read is NaN (the null block 0, blocks no request owns, slots past a request's
+length in its last block, query rows of padding tokens), and `clean`, the same batch with
+finite values there, for the reference (whose masked 0 * NaN would otherwise poison it too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str  # test id
+    q_lens: tuple[int, ...]  # query tokens of each real request this step
+    kv_lens: tuple[int, ...]  # KV tokens of each real request after this step (>= q_len)
+    num_q_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    block_size: int = 16
+    dtype: str = "float32"
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+    pad_tokens: int = 3  # padding tokens after the last real one (their rows must come out 0)
+    pad_rows: int = 1  # request rows past num_seqs (q_len 0, kv_len 0, null block table)
+    extra_pages: int = 1  # unused block-table columns beyond the longest request
+    spare_blocks: int = 3  # blocks no request owns (poisoned)
+    seed: int = 0
+
+
+# (atol, rtol) of kernel vs the float32-math reference, per input dtype. float32: both sum the
+# same terms in another order (measured max error ~1e-6 at these sizes). bfloat16: the output
+# is rounded to bf16 (2^-8 relative) and kernels feed P to the PV matmul in bf16.
+TOLERANCES = {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)}
+
+
+def make_inputs(case: Case) -> tuple[dict, dict]:  # (poisoned, clean) kernel keyword inputs
+    assert len(case.q_lens) == len(case.kv_lens)
+    assert all(0 <= q <= k for q, k in zip(case.q_lens, case.kv_lens, strict=True))
+    rng = np.random.default_rng(case.seed)
+    bs, hkv, d = case.block_size, case.num_kv_heads, case.head_dim
+    n = len(case.q_lens)
+    r = n + case.pad_rows
+    pages = [-(-k // bs) for k in case.kv_lens]
+    b = max(pages, default=0) + case.extra_pages
+    num_blocks = 1 + sum(pages) + case.spare_blocks  # block 0 is the null block
+    # Owned blocks are scattered over the pool in random order (not contiguous per request).
+    ids = rng.permutation(np.arange(1, num_blocks))
+    tables = np.zeros((r, b), np.int32)
+    owned = np.zeros((num_blocks, bs), bool)  # slots holding real keys
+    start = 0
+    for i, (k, np_) in enumerate(zip(case.kv_lens, pages, strict=True)):
+        tables[i, :np_] = ids[start : start + np_]
+        start += np_
+        for j in range(k):
+            owned[tables[i, j // bs], j % bs] = True
+    total = sum(case.q_lens)
+    t = total + case.pad_tokens
+    cu = np.zeros(r + 1, np.int32)
+    cu[1 : n + 1] = np.cumsum(case.q_lens)
+    cu[n + 1 :] = total
+    kv_lens = np.zeros(r, np.int32)
+    kv_lens[:n] = case.kv_lens
+
+    q = rng.standard_normal((t, case.num_q_heads, d), np.float32)
+    k = rng.standard_normal((num_blocks, bs, hkv, d), np.float32)
+    v = rng.standard_normal((num_blocks, bs, hkv, d), np.float32)
+    clean = _pack(case, q, k, v, kv_lens, tables, cu, n)
+    # Fresh copies: on CPU jnp.asarray may alias the numpy buffer, so poisoning q/k/v in place
+    # would poison `clean` too.
+    q, k, v = q.copy(), k.copy(), v.copy()
+    q[total:] = np.nan
+    k[~owned] = np.nan
+    v[~owned] = np.nan
+    poisoned = _pack(case, q, k, v, kv_lens, tables, cu, n)
+    return poisoned, clean
+
+
+def _pack(case: Case, q, k, v, kv_lens, tables, cu, n) -> dict:
+    dt = jnp.dtype(case.dtype)
+    return dict(
+        q=jnp.asarray(q, dt),
+        k_cache=jnp.asarray(k, dt),
+        v_cache=jnp.asarray(v, dt),
+        kv_lens=jnp.asarray(kv_lens),
+        block_tables=jnp.asarray(tables),
+        cu_q_lens=jnp.asarray(cu),
+        num_seqs=jnp.asarray([n], jnp.int32),
+    )
+
+
+def attention_kwargs(case: Case) -> dict:
+    """The non-array arguments every kernel and the reference take for this case."""
+    return dict(
+        sm_scale=case.head_dim**-0.5,
+        sliding_window=case.sliding_window,
+        soft_cap=case.soft_cap,
+    )
+
+
+def assert_close(out, ref, case: Case, num_tokens: int) -> None:
+    """Kernel output vs reference within the dtype's tolerance; padding rows exactly 0."""
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    ref = np.asarray(jnp.asarray(ref, jnp.float32))
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    total = sum(case.q_lens)
+    assert np.isfinite(out).all(), f"{case.name}: non-finite output rows " + str(
+        sorted(set(np.nonzero(~np.isfinite(out))[0].tolist()))[:10]
+    )
+    np.testing.assert_array_equal(out[total:num_tokens], 0.0, err_msg=f"{case.name}: padding")
+    atol, rtol = TOLERANCES[case.dtype]
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=rtol, err_msg=case.name)
+
+
+B16 = 16  # the engine's default block size
+
+
+# The standard battery: every backend's kernel is checked on these.
+CASES = (
+    Case("decode_only", q_lens=(1, 1, 1, 1, 1), kv_lens=(5, 16, 17, 40, 1)),
+    Case("prefill_only", q_lens=(20, 9), kv_lens=(20, 9)),
+    Case("mixed", q_lens=(1, 13, 1, 7), kv_lens=(33, 13, 2, 30)),
+    Case(
+        "block_boundaries",  # contexts at block boundaries +-1, chunked prefill ending there
+        q_lens=(1, 1, 1, 2, 1, 3),
+        kv_lens=(B16 - 1, B16, B16 + 1, 2 * B16 - 1, 2 * B16, 2 * B16 + 1),
+    ),
+    Case("long_context", q_lens=(3,), kv_lens=(700,), pad_rows=0),
+    Case("gqa1_d64", q_lens=(1, 6), kv_lens=(19, 6), num_q_heads=2, num_kv_heads=2, head_dim=64),
+    Case("gqa3", q_lens=(2, 1, 5), kv_lens=(18, 33, 5), num_q_heads=6, num_kv_heads=2),
+    Case("gqa8_d64", q_lens=(1, 4), kv_lens=(25, 40), num_q_heads=8, num_kv_heads=1, head_dim=64),
+    Case("sliding_window", q_lens=(1, 12, 1), kv_lens=(50, 30, 9), sliding_window=8),
+    Case("soft_cap", q_lens=(1, 5), kv_lens=(21, 37), soft_cap=5.0),
+    Case("bf16_mixed", q_lens=(1, 10, 1), kv_lens=(40, 10, 17), dtype="bfloat16"),
+    Case("zero_len_rows", q_lens=(1, 0, 4, 0), kv_lens=(9, 0, 4, 3), pad_rows=2),
+)
