@@ -147,3 +147,14 @@ def test_jittable_with_static_knobs():
     ref = ref_ragged_paged_attention(**clean, **kw)
     assert_close(out, ref, case, out.shape[0])
     np.testing.assert_array_equal(out, f(*poisoned.values()))  # deterministic
+
+
+@pytest.mark.parametrize(
+    "backend,interpret,want", [("tpu", False, "tpu"), ("gpu", False, "cuda"), ("cpu", True, "tpu")]
+)
+def test_platform_resolution(monkeypatch, backend, interpret, want):
+    from pallas_kernels.ragged_paged_attention import api
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: backend)
+    assert api.resolve_platform(None, interpret) == want
+    assert api.resolve_platform("cuda", interpret) == "cuda"  # an explicit platform wins
