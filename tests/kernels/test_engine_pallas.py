@@ -5,6 +5,7 @@ prefill+decode steps and decode-only steps all pass through the kernel."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -48,3 +49,48 @@ def test_auto_backend_per_platform(platform, want):
 def test_auto_backend_on_this_host_is_xla_on_cpu():
     assert jax.default_backend() == "cpu"  # CI has no accelerator
     assert resolve_attention_backend("auto") == "xla"
+
+
+def test_pallas_step_updates_cache_in_place():
+    # The KV update stays the donated XLA scatter under the pallas backend: the step's output
+    # cache is the input buffer and no layer-sized copy appears (kernel reads the flat view).
+    from jaxserve.model import llama
+    from jaxserve.model.attention import AttentionMetadata
+    from jaxserve.model.spec import ModelSpec
+
+    spec = ModelSpec(
+        architecture="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    cache = llama.init_kv_cache(spec, 512, 8)  # 4 MiB; one layer is 1 MiB
+    md = AttentionMetadata(
+        slot_mapping=jnp.arange(8, 12, dtype=jnp.int32),
+        token_req_idx=jnp.zeros((4,), jnp.int32),
+        block_tables=jnp.asarray([[1, 0]], jnp.int32),
+        kv_lens=jnp.asarray([4], jnp.int32),
+        cu_q_lens=jnp.asarray([0, 4], jnp.int32),
+    )
+
+    def step(params, ids, pos, md, kv_cache):
+        return llama.forward(params, spec, ids, pos, md, kv_cache, attention_backend="pallas")
+
+    params = llama.init_params(spec, jax.random.key(0))
+    ids = jnp.zeros((4,), jnp.int32)
+    compiled = jax.jit(step, donate_argnames="kv_cache").lower(
+        params, ids, jnp.arange(4), md, cache
+    )
+    mem = compiled.compile().memory_analysis()
+    cache_bytes = cache.k.nbytes + cache.v.nbytes
+    assert mem.alias_size_in_bytes == cache_bytes
+    assert mem.temp_size_in_bytes < cache_bytes // (4 * spec.num_layers)
