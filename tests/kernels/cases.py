@@ -137,5 +137,16 @@ CASES = (
     Case("sliding_window", q_lens=(1, 12, 1), kv_lens=(50, 30, 9), sliding_window=8),
     Case("soft_cap", q_lens=(1, 5), kv_lens=(21, 37), soft_cap=5.0),
     Case("bf16_mixed", q_lens=(1, 10, 1), kv_lens=(40, 10, 17), dtype="bfloat16"),
+    Case(
+        "bf16_gqa3_d64_window_cap",
+        q_lens=(1, 17, 1),
+        kv_lens=(45, 30, 16),
+        num_q_heads=6,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype="bfloat16",
+        sliding_window=20,
+        soft_cap=30.0,
+    ),
     Case("zero_len_rows", q_lens=(1, 0, 4, 0), kv_lens=(9, 0, 4, 3), pad_rows=2),
 )
