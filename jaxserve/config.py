@@ -22,7 +22,8 @@ class ModelConfig:
     max_model_len: int | None = None
     # seed of the engine's RNG, which draws seeds for requests that give none
     seed: int = 0
-    # "auto" | "xla" | "pallas": the attention implementation inside the step
+    # "auto" | "xla" | "pallas": the attention inside the step; auto = pallas on TPU and CUDA,
+    # xla on CPU (where "pallas" runs the TPU kernel in interpret mode: tests only, slow)
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
