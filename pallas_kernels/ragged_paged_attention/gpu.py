@@ -309,10 +309,12 @@ def ragged_paged_attention_gpu(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
-    block_kv: int = 64,  # keys per pipeline step (whole pages; a multiple of 64)
+    block_kv: int | None = None,  # keys per pipeline step; None: max(64, block_size)
     num_kv_splits: int | None = None,  # split-K factor; None: from static shapes
 ) -> jax.Array:  # [T, Hq, D]; rows of padding tokens are 0
     """Causal ragged paged attention over a mixed prefill/decode batch (Mosaic GPU)."""
+    if block_kv is None:
+        block_kv = max(64, k_cache.shape[1]) if k_cache.ndim == 4 else 64
     _validate(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, block_kv)
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape

@@ -1,0 +1,252 @@
+"""The Mosaic GPU ragged paged attention kernel, run by the GPU interpreter on the CPU, against
+the pure-jnp reference.
+
+The interpreter (jax's InterpretGPUParams) simulates the kernel's TMA copies, barriers and
+shared memory per CUDA block, so the paging, pipelining, masking, split-K and combine logic
+all run here; only the two MMAs go through lax.dot_general (see gpu.py `mma`).
+
+Every case poisons the kernel's input with NaN wherever a correct kernel must not look:
+cache blocks no request uses, slots of a request's last page past its kv_len, block-table
+entries past a request's pages (they point at an all-NaN block), and padding query rows.
+The reference gets the clean arrays (its masking is by -inf scores, see reference.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu  # noqa: E402
+from pallas_kernels.ragged_paged_attention.reference import (  # noqa: E402
+    ref_ragged_paged_attention,
+)
+
+# Allowed |kernel - reference| per dtype: atol + rtol * |reference|. Measured over every case
+# below (|reference| up to 3.7): bf16 max abs error 1.56e-2 = one bf16 ulp at |out| in [2, 4)
+# (the output is rounded to bf16 and P enters the PV MMA as bf16; worst relative 2.4e-2 on a
+# 0.1-sized output); f16 max abs error 9.8e-4, half an f16 ulp at [2, 4). The bounds sit
+# above that by ~2x; a masking bug (one key too many or too few) moves outputs by >= 5e-2.
+TOLERANCE = {
+    jnp.dtype(jnp.bfloat16): dict(atol=2e-2, rtol=2e-2),
+    jnp.dtype(jnp.float16): dict(atol=2e-3, rtol=2e-3),
+}
+
+
+# Jitted once per shape: eager op-by-op dispatch of the reference costs more than compiling it.
+_jit_ref = jax.jit(
+    ref_ragged_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap")
+)
+
+
+@dataclasses.dataclass
+class Case:
+    kernel_args: tuple  # poisoned inputs for the kernel
+    ref_args: tuple  # the same inputs, clean, for the reference
+
+
+def make_case(
+    q_lens: list[int],
+    kv_lens: list[int],
+    *,
+    num_q_heads: int = 2,
+    num_kv_heads: int = 1,
+    head_dim: int = 64,
+    block_size: int = 16,
+    dtype=jnp.bfloat16,
+    num_tokens: int | None = None,
+    num_rows: int | None = None,
+    max_blocks: int | None = None,
+    num_blocks: int | None = None,
+    seed: int = 0,
+) -> Case:
+    """A ragged batch with its pages scattered over the cache and NaN everywhere unused.
+
+    num_tokens / num_rows / max_blocks / num_blocks fix the padded shapes (T, R, B and the
+    cache size) so cases of one family share one compiled kernel; by default they leave 3
+    padding tokens, 1 padding request row, 1 unused table entry per request and 4 spare
+    blocks.
+    """
+    assert all(0 <= q <= kv for q, kv in zip(q_lens, kv_lens, strict=True))
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    r = num_rows or n + 1
+    pad_requests = r - n
+    pages = [-(-kv // block_size) for kv in kv_lens]
+    b = max_blocks or max(pages) + 1
+    # Spare blocks no request uses; the last one is the poison every unused entry points at.
+    num_blocks = num_blocks or sum(pages) + 4
+    assert n <= r and max(pages) <= b and sum(pages) < num_blocks
+    poison = num_blocks - 1
+    order = rng.permutation(num_blocks - 1)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k = np.zeros(shape, np.float32)
+    v = np.zeros(shape, np.float32)
+    k_bad = np.full(shape, np.nan, np.float32)
+    v_bad = np.full(shape, np.nan, np.float32)
+    bt = np.zeros((r, b), np.int32)
+    bt_bad = np.full((r, b), poison, np.int32)
+    used = 0
+    for i, kv in enumerate(kv_lens):
+        for p in range(pages[i]):
+            blk = int(order[used])
+            used += 1
+            bt[i, p] = bt_bad[i, p] = blk
+            n_slots = min(block_size, kv - p * block_size)
+            for arr, bad in ((k, k_bad), (v, v_bad)):
+                vals = rng.standard_normal((n_slots, num_kv_heads, head_dim))
+                arr[blk, :n_slots] = bad[blk, :n_slots] = vals
+    t = num_tokens or sum(q_lens) + 3
+    assert t >= sum(q_lens)
+    q = rng.standard_normal((t, num_q_heads, head_dim)).astype(np.float32)
+    q_bad = q.copy()
+    q[sum(q_lens) :] = 0.0
+    q_bad[sum(q_lens) :] = np.nan
+    cu = np.concatenate([[0], np.cumsum(q_lens), [sum(q_lens)] * pad_requests]).astype(np.int32)
+    lens = np.array(list(kv_lens) + [0] * pad_requests, np.int32)
+    meta = (jnp.asarray(lens), None, jnp.asarray(cu), jnp.asarray([n], jnp.int32))
+
+    def pack(qq, kk, vv, tables):
+        return (
+            jnp.asarray(qq, dtype),
+            jnp.asarray(kk, dtype),
+            jnp.asarray(vv, dtype),
+            meta[0],
+            jnp.asarray(tables),
+            meta[2],
+            meta[3],
+        )
+
+    return Case(pack(q_bad, k_bad, v_bad, bt_bad), pack(q, k, v, bt))
+
+
+def check(case: Case, *, sm_scale: float = 0.125, **kwargs) -> float:
+    """Run kernel (interpret) and reference; assert closeness; return the max abs error."""
+    attn = {k: kwargs.pop(k) for k in ("sliding_window", "soft_cap") if k in kwargs}
+    out = ragged_paged_attention_gpu(
+        *case.kernel_args, sm_scale=sm_scale, interpret=True, **attn, **kwargs
+    )
+    ref = _jit_ref(*case.ref_args, sm_scale=sm_scale, **attn)
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(ref.astype(jnp.float32))
+    assert np.isfinite(out).all(), "NaN/inf in the output: the kernel read poisoned memory"
+    tol = TOLERANCE[case.kernel_args[0].dtype]
+    np.testing.assert_allclose(out, ref, **tol)
+    return float(np.abs(out - ref).max())
+
+
+# --- batch shapes (one padded shape: T=40, R=8, B=8, 64 blocks; one compile) --------------
+
+BATCH = dict(num_tokens=40, num_rows=8, max_blocks=8, num_blocks=64)
+
+
+def test_decode_only():
+    check(make_case([1, 1, 1, 1], [1, 9, 40, 77], **BATCH))
+
+
+def test_prefill_only():
+    check(make_case([13, 22], [13, 22], **BATCH))
+
+
+def test_mixed_batch_with_empty_request_and_prefix():
+    # A chunked prefill with earlier context, two decodes, a request with no query tokens this
+    # step (between two real ones) and a fresh prefill, plus padding tokens and request rows.
+    check(make_case([20, 1, 0, 1, 13], [52, 30, 17, 5, 13], **BATCH))
+
+
+def test_block_boundaries():
+    # Contexts one short of, at, and one past a page edge and a 64-key step edge.
+    check(make_case([1, 2, 1, 3, 1, 2], [15, 16, 17, 63, 64, 65], **BATCH))
+
+
+def test_block_boundaries_block_size_32():
+    check(make_case([1, 2, 1, 3, 1], [31, 32, 33, 64, 65], block_size=32))
+
+
+@pytest.mark.parametrize("num_kv_splits", [4, 1])
+def test_long_context_split_k(num_kv_splits):
+    # A long context cut into 4 kv splits merged by the combine step (and unsplit), next to a
+    # short request whose extra splits are empty and must weigh nothing.
+    case = make_case([2, 1], [1000, 3], num_q_heads=4, num_kv_heads=1)
+    check(case, num_kv_splits=num_kv_splits)
+
+
+def test_default_splits_split_a_small_batch_with_long_contexts():
+    from pallas_kernels.ragged_paged_attention.gpu import default_num_kv_splits
+
+    assert default_num_kv_splits(2, 1, 4096) == 8  # 2 blocks, 4096 keys: split
+    assert default_num_kv_splits(200, 8, 4096) == 1  # the SMs are already full
+    assert default_num_kv_splits(2, 1, 256) == 1  # too short to pay for a combine
+
+
+# --- heads, dims, dtypes, attention variants (combined: each combination is one compile) ------
+
+
+def test_gqa_1_head_dim_128_float16():
+    check(
+        make_case(
+            [5, 1, 12], [40, 19, 12], num_q_heads=2, num_kv_heads=2, head_dim=128, dtype=jnp.float16
+        )
+    )
+
+
+def test_gqa_3_head_dim_64_soft_cap():
+    case = make_case([5, 1, 12], [40, 19, 12], num_q_heads=3, num_kv_heads=1, head_dim=64)
+    check(case, soft_cap=5.0, sm_scale=0.5)
+
+
+def test_gqa_8_head_dim_128_sliding_window():
+    # The window drops whole 64-key steps for the long request and cuts inside a step too.
+    case = make_case([6, 1, 30], [150, 90, 30], num_q_heads=16, num_kv_heads=2, head_dim=128)
+    check(case, sliding_window=40)
+
+
+# --- the test can fail ------------------------------------------------------------------------
+
+
+def test_poison_is_visible_to_a_stray_read():
+    # Sanity of the harness: the poisoned cache reaches the output if a kernel reads it. A
+    # "kernel" that attends over whole pages (ignoring kv_len) must produce NaN here.
+    case = make_case([1], [5], **BATCH)
+    q, k, v, lens, bt, cu, ns = case.kernel_args
+    full_pages = jnp.full_like(lens, k.shape[1])
+    out = _jit_ref(q, k, v, full_pages, bt, cu, ns, sm_scale=0.125)
+    assert not np.isfinite(np.asarray(out[:1].astype(jnp.float32))).all()
+
+
+# --- input validation -------------------------------------------------------------------------
+
+
+def test_rejects_bad_shapes_and_dtypes_with_their_values():
+    case = make_case([1], [5])
+    q, k, v, lens, bt, cu, ns = case.kernel_args
+    with pytest.raises(ValueError, match="num_q_heads=3 must be a multiple of num_kv_heads=2"):
+        ragged_paged_attention_gpu(
+            jnp.zeros((2, 3, 64), q.dtype),
+            jnp.zeros((4, 16, 2, 64), q.dtype),
+            jnp.zeros((4, 16, 2, 64), q.dtype),
+            lens,
+            bt,
+            cu,
+            ns,
+            sm_scale=1.0,
+        )
+    with pytest.raises(ValueError, match="dtype float32 unsupported"):
+        ragged_paged_attention_gpu(
+            q.astype(jnp.float32),
+            k.astype(jnp.float32),
+            v.astype(jnp.float32),
+            lens,
+            bt,
+            cu,
+            ns,
+            sm_scale=1.0,
+        )
+    with pytest.raises(ValueError, match=r"cu_q_lens.shape=\(5,\)"):
+        ragged_paged_attention_gpu(q, k, v, lens, bt, jnp.zeros((5,), jnp.int32), ns, sm_scale=1.0)
+    with pytest.raises(ValueError, match="block_kv=48"):
+        ragged_paged_attention_gpu(q, k, v, lens, bt, cu, ns, sm_scale=1.0, block_kv=48)
