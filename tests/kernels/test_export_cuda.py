@@ -1,0 +1,125 @@
+"""The Mosaic GPU ragged paged attention lowers for CUDA on a CPU-only machine.
+
+`jax.export(..., platforms=["cuda"])` runs the whole Pallas -> Mosaic GPU lowering (layout
+inference, WGMMA operand and TMA shape checks, shared-memory transforms) in Python and embeds
+the resulting Mosaic GPU MLIR module in a `mosaic_gpu_v2` custom call; no GPU, CUDA plugin or
+ptxas is involved (those compile the module on first use on a GPU). Every configuration the
+engine can select is exported and serialized here, so a kernel that no longer lowers fails
+CI instead of the first GPU run.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+pytest.importorskip("flatbuffers")  # jax.export's serializer
+
+from pallas_kernels.ragged_paged_attention.gpu import (  # noqa: E402
+    ROWS_PER_TILE,
+    default_num_kv_splits,
+    ragged_paged_attention_gpu,
+)
+
+# Two step shapes per configuration: (T tokens, R request rows, B table entries per row).
+# A small decode batch over long contexts takes the split-K path; a big mixed step does not.
+SHAPES = {"small_long": (8, 4, 256), "big_mixed": (512, 64, 32)}
+
+# The configurations: every head_dim x block_size x dtype the engine can pair with the CUDA
+# kernel, each with a different GQA ratio and attention variant so all ratios and variants
+# are covered without exporting the full cross product (~0.5 s per export on 2 cores).
+GQA = [(8, 8), (24, 8), (32, 8), (32, 4)]  # ratios 1, 3, 4, 8
+VARIANTS = [
+    dict(),
+    dict(sliding_window=4096),
+    dict(soft_cap=30.0),
+    dict(sliding_window=512, soft_cap=50.0),
+]
+CONFIGS = [
+    dict(head_dim=d, block_size=bs, dtype=dt, heads=GQA[i % 4], variant=VARIANTS[i % 4])
+    for i, (d, bs, dt) in enumerate(
+        itertools.product((64, 128), (16, 32), (jnp.bfloat16, jnp.float16))
+    )
+]
+
+
+def _specs(t, r, b, *, head_dim, block_size, dtype, heads):
+    hq, hkv = heads
+    num_blocks = r * b + 1
+    sds = jax.ShapeDtypeStruct
+    return (
+        sds((t, hq, head_dim), dtype),
+        sds((num_blocks, block_size, hkv, head_dim), dtype),
+        sds((num_blocks, block_size, hkv, head_dim), dtype),
+        sds((r,), jnp.int32),
+        sds((r, b), jnp.int32),
+        sds((r + 1,), jnp.int32),
+        sds((1,), jnp.int32),
+    )
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize(
+    "config",
+    CONFIGS,
+    ids=[
+        f"d{c['head_dim']}-bs{c['block_size']}-{jnp.dtype(c['dtype']).name}"
+        f"-gqa{c['heads'][0] // c['heads'][1]}-{'-'.join(c['variant']) or 'plain'}"
+        for c in CONFIGS
+    ],
+)
+def test_exports_for_cuda(config, shape):
+    t, r, b = SHAPES[shape]
+    specs = _specs(
+        t,
+        r,
+        b,
+        head_dim=config["head_dim"],
+        block_size=config["block_size"],
+        dtype=config["dtype"],
+        heads=config["heads"],
+    )
+    fn = functools.partial(
+        ragged_paged_attention_gpu, sm_scale=config["head_dim"] ** -0.5, **config["variant"]
+    )
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*specs)
+    blob = exported.serialize()
+    assert len(blob) > 0
+    restored = jax.export.deserialize(blob)
+    assert restored.platforms == ("cuda",)
+    assert restored.out_avals[0].shape == specs[0].shape
+    text = exported.mlir_module()
+    assert "mosaic_gpu" in text, "the kernel did not lower to a Mosaic GPU custom call"
+
+
+def test_shapes_cover_both_split_paths():
+    # The export matrix must include a step that takes split-K and one that does not.
+    splits = {}
+    for name, (t, r, b) in SHAPES.items():
+        hq, hkv = GQA[-1]
+        max_tiles = -(-(t * hq // hkv) // ROWS_PER_TILE) + r
+        splits[name] = default_num_kv_splits(max_tiles, hkv, b * 16)
+    assert splits["small_long"] > 1
+    assert splits["big_mixed"] == 1
+
+
+@pytest.mark.parametrize("block_size", [8, 64, 128])
+def test_exports_other_page_sizes(block_size):
+    # The engine takes any power-of-two block_size; 8 means 8 TMAs per 64-key step, 128 a
+    # 128-key step (the largest shared-memory footprint, see NOTES_cuda.md).
+    specs = _specs(
+        64,
+        8,
+        4096 // block_size,
+        head_dim=128,
+        block_size=block_size,
+        dtype=jnp.bfloat16,
+        heads=(32, 8),
+    )
+    fn = functools.partial(ragged_paged_attention_gpu, sm_scale=0.1)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*specs)
+    assert len(exported.serialize()) > 0
