@@ -82,7 +82,7 @@ def _smem_transforms(dtype, head_dim: int) -> tuple:
 
 
 def _kernel(
-    qp_ref,  # [Hkv, rows_pad, D] GQA-packed queries
+    qp_ref,  # [nq, Hkv, rows_pad, D] GQA-packed queries (nq=2: bf16 hi/lo parts of f32)
     k_ref,  # [num_blocks, bs, Hkv, D]
     v_ref,  # [num_blocks, bs, Hkv, D]
     kv_lens_ref,  # i32[R]
@@ -92,15 +92,7 @@ def _kernel(
     tile_row0_ref,  # i32[max_tiles]
     o_ref,  # f32[S, max_tiles, Hkv, M, D] normalized partial outputs
     lse_ref,  # f32[S, max_tiles, Hkv, M] log2-sum-exp2 of each partial (-inf: empty)
-    q_smem,
-    k_smem,
-    v_smem,
-    o_smem,
-    lse_smem,
-    q_bar,
-    k_bar,
-    v_bar,
-    *,
+    *scratch,
     group: int,
     block_size: int,
     block_kv: int,
@@ -109,7 +101,13 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     interpret: bool,
+    split_f32: bool,
 ):
+    if split_f32:  # f32 cache: TMA lands f32 tiles, split into bf16 hi/lo operand buffers
+        q_smem, k_smem, v_smem, kx_smem, vx_smem, o_smem, lse_smem, q_bar, k_bar, v_bar = scratch
+    else:
+        q_smem, k_smem, v_smem, o_smem, lse_smem, q_bar, k_bar, v_bar = scratch
+
     # Layout hints are semantics-free register-layout choices for the Mosaic GPU compiler; the
     # GPU interpreter has no rule for them (values there have no layout), so skip them there.
     def lay(x, layout):
@@ -168,24 +166,25 @@ def _kernel(
         steps = jnp.clip(c_lo + n_chunks - c_begin, 0, per_split)
         last_page = (kv_len - 1) // block_size
 
-        def issue(chunk, slot):
+        def issue(src_ref, dst_smem, bar, chunk, slot):
             # One TMA per page, all on one barrier (it expects `pages` arrivals). Pages past
             # the request's last are clamped to it: they are masked, never out of bounds.
             for j in range(pages):
                 page = bt_ref[req, jnp.minimum(chunk * pages + j, last_page)]
-                dst = pl.ds(j * block_size, block_size)
-                plgpu.copy_gmem_to_smem(
-                    k_ref.at[page, :, head], k_smem.at[slot, dst], k_bar.at[slot]
-                )
-                plgpu.copy_gmem_to_smem(
-                    v_ref.at[page, :, head], v_smem.at[slot, dst], v_bar.at[slot]
-                )
+                dst = dst_smem.at[slot, pl.ds(j * block_size, block_size)]
+                plgpu.copy_gmem_to_smem(src_ref.at[page, :, head], dst, bar.at[slot])
 
-        plgpu.copy_gmem_to_smem(qp_ref.at[head, pl.ds(row0, m_rows)], q_smem, q_bar)
+        def issue_kv(chunk, slot):
+            issue(k_ref, k_smem, k_bar, chunk, slot)
+            issue(v_ref, v_smem, v_bar, chunk, slot)
+
+        for part in range(q_smem.shape[0]):
+            src = qp_ref.at[part, head, pl.ds(row0, m_rows)]
+            plgpu.copy_gmem_to_smem(src, q_smem.at[part], q_bar)
 
         @pl.when(steps > 0)
         def _():
-            issue(c_begin, 0)
+            issue_kv(c_begin, 0)
 
         plgpu.barrier_wait(q_bar)
 
@@ -199,15 +198,32 @@ def _kernel(
         def body(i, carry):
             acc, m_i, l_i = carry
             chunk = c_begin + i
-            slot = lax.rem(i, 2)
+            more = i + 1 < steps
+            if split_f32:
+                # One f32 landing slot per K and V: it is emptied into the bf16 hi/lo operand
+                # buffers at once, and the next step's TMA into it overlaps this step's math.
+                slot = 0
+            else:
+                slot = lax.rem(i, 2)
 
-            @pl.when(i + 1 < steps)
-            def _():
-                issue(chunk + 1, 1 - slot)
+                @pl.when(more)
+                def _():
+                    issue_kv(chunk + 1, 1 - slot)
 
             plgpu.barrier_wait(k_bar.at[slot])
 
-            s = mma(q_smem, k_smem.at[slot], transpose_b=True)
+            if split_f32:
+                k_hi, k_lo = _hi_lo(lay(k_smem.at[slot][...], wgmma))
+                kx_smem.at[0][...] = k_hi
+                kx_smem.at[1][...] = k_lo
+                plgpu.commit_smem()
+                pl.when(more)(lambda: issue(k_ref, k_smem, k_bar, chunk + 1, 0))
+                q_hi, q_lo = q_smem.at[0], q_smem.at[1]
+                s = mma(q_hi, kx_smem.at[0], transpose_b=True)
+                s = s + mma(q_hi, kx_smem.at[1], transpose_b=True)
+                s = s + mma(q_lo, kx_smem.at[0], transpose_b=True)
+            else:
+                s = mma(q_smem.at[0], k_smem.at[slot], transpose_b=True)
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -226,15 +242,31 @@ def _kernel(
 
             # The request's last page may hold unwritten slots (garbage, even NaN): P is 0
             # there, but 0 * NaN is NaN, so zero those V rows before the MMA reads them.
-            @pl.when(chunk * block_kv + block_kv > kv_len)
-            def _():
+            def clean_v():
                 v_rows = iota((block_kv, head_dim), 0)
                 v_tile = lay(v_smem.at[slot][...], wgmma)
                 keep = chunk * block_kv + v_rows < kv_len
-                v_smem.at[slot][...] = jnp.where(keep, v_tile, jnp.zeros_like(v_tile))
-                plgpu.commit_smem()
+                return jnp.where(keep, v_tile, jnp.zeros_like(v_tile))
 
-            acc = acc + mma(p.astype(v_smem.dtype), v_smem.at[slot], transpose_b=False)
+            if split_f32:  # the f32 tile passes through registers anyway: always clean it
+                v_hi, v_lo = _hi_lo(clean_v())
+                vx_smem.at[0][...] = v_hi
+                vx_smem.at[1][...] = v_lo
+                plgpu.commit_smem()
+                pl.when(more)(lambda: issue(v_ref, v_smem, v_bar, chunk + 1, 0))
+                p_hi, p_lo = _hi_lo(p)
+                pv = mma(p_hi, vx_smem.at[0], transpose_b=False)
+                pv = pv + mma(p_hi, vx_smem.at[1], transpose_b=False)
+                pv = pv + mma(p_lo, vx_smem.at[0], transpose_b=False)
+            else:
+
+                @pl.when(chunk * block_kv + block_kv > kv_len)
+                def _():
+                    v_smem.at[slot][...] = clean_v()
+                    plgpu.commit_smem()
+
+                pv = mma(p.astype(v_smem.dtype), v_smem.at[slot], transpose_b=False)
+            acc = acc + pv
             return acc, m_new, l_i
 
         acc0 = lay(jnp.zeros((m_rows, head_dim), jnp.float32), wgmma)
@@ -250,6 +282,27 @@ def _kernel(
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, tile, head])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, tile, head])
         plgpu.wait_smem_to_gmem(0)
+
+
+def _hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32 -> (hi, lo) bf16 with hi + lo == x to ~2^-16 relative (bf16x3 products)."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+# Dynamic shared memory one CUDA block may use on H100 (227 KiB).
+_SMEM_LIMIT = 227 * 1024
+
+
+def smem_bytes(dtype, head_dim: int, block_kv: int) -> int:
+    """Shared memory of one block: Q, the K/V landing slots (2 each; f32: 1 each plus bf16
+    hi/lo operand buffers), O and lse."""
+    item = jnp.dtype(dtype).itemsize
+    f32 = jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+    q = (2 if f32 else 1) * ROWS_PER_TILE * head_dim * 2
+    kv = 2 * (1 if f32 else 2) * block_kv * head_dim * item
+    kv_ops = 2 * 2 * block_kv * head_dim * 2 if f32 else 0
+    return q + kv + kv_ops + ROWS_PER_TILE * head_dim * 4 + ROWS_PER_TILE * 4
 
 
 def _validate(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, block_kv):
@@ -270,10 +323,16 @@ def _validate(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, b
         raise ValueError(f"GQA group {hq // hkv} exceeds ROWS_PER_TILE={ROWS_PER_TILE}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
-    if q.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"dtype {q.dtype} unsupported; the WGMMA path takes bfloat16/float16")
+    if q.dtype not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
+        raise ValueError(f"dtype {q.dtype} unsupported; use bfloat16, float16 or float32")
     if block_kv % bs or block_kv % 64:
+        # 64: the row count of the WGMMA register layout the V tile is cleaned in.
         raise ValueError(f"block_kv={block_kv} must be a multiple of 64 and of block_size={bs}")
+    if (need := smem_bytes(q.dtype, d, block_kv)) > _SMEM_LIMIT:
+        raise ValueError(
+            f"block_kv={block_kv} with head_dim={d} and {q.dtype} needs {need} bytes of shared "
+            f"memory > {_SMEM_LIMIT}; use a smaller block_kv (block_size={bs})"
+        )
     if bs % 8:
         raise ValueError(f"block_size={bs} must be a multiple of 8 (TMA row tiles)")
     r = kv_lens.shape[0]
@@ -330,8 +389,28 @@ def ragged_paged_attention_gpu(
     # GQA packing: [T, Hkv, G, D] -> [Hkv, T * G, D], padded so any tile's rows are in bounds.
     qp = q.reshape(t, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, t * group, d)
     qp = jnp.pad(qp, ((0, 0), (0, m_rows), (0, 0)))
+    # float32 runs as bf16x3 on the tensor cores: x = hi + lo in bf16, x.y ~ hi.hi' + hi.lo' +
+    # lo.hi' (f32 accumulation), ~1e-5 relative; WGMMA's own f32 mode is tf32 (1e-3) and cannot
+    # take V as a row-major B operand.
+    split_f32 = q.dtype == jnp.float32
+    mma_dtype = jnp.bfloat16 if split_f32 else q.dtype
+    if split_f32:
+        qp = jnp.stack(_hi_lo(qp))
+    else:
+        qp = qp[None]
 
     transforms = _smem_transforms(q.dtype, d)
+    mma_transforms = _smem_transforms(mma_dtype, d)
+    slots = 1 if split_f32 else 2
+    kv_scratch = (
+        plgpu.SMEM((slots, block_kv, d), q.dtype, transforms=transforms),
+        plgpu.SMEM((slots, block_kv, d), q.dtype, transforms=transforms),
+    )
+    if split_f32:
+        kv_scratch += (
+            plgpu.SMEM((2, block_kv, d), mma_dtype, transforms=mma_transforms),
+            plgpu.SMEM((2, block_kv, d), mma_dtype, transforms=mma_transforms),
+        )
     kernel = functools.partial(
         _kernel,
         group=group,
@@ -342,6 +421,7 @@ def ragged_paged_attention_gpu(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         interpret=interpret,
+        split_f32=split_f32,
     )
     o_part, lse_part = plgpu.kernel(
         kernel,
@@ -350,14 +430,13 @@ def ragged_paged_attention_gpu(
             jax.ShapeDtypeStruct((splits, max_tiles, hkv, m_rows), jnp.float32),
         ),
         scratch_types=(
-            plgpu.SMEM((m_rows, d), q.dtype, transforms=transforms),
-            plgpu.SMEM((2, block_kv, d), q.dtype, transforms=transforms),
-            plgpu.SMEM((2, block_kv, d), q.dtype, transforms=transforms),
+            plgpu.SMEM(qp.shape[:1] + (m_rows, d), mma_dtype, transforms=mma_transforms),
+            *kv_scratch,
             plgpu.SMEM((m_rows, d), jnp.float32),
             plgpu.SMEM((m_rows,), jnp.float32),
-            plgpu.Barrier(),
-            plgpu.Barrier(num_arrivals=block_kv // bs, num_barriers=2),
-            plgpu.Barrier(num_arrivals=block_kv // bs, num_barriers=2),
+            plgpu.Barrier(num_arrivals=qp.shape[0]),
+            plgpu.Barrier(num_arrivals=block_kv // bs, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=block_kv // bs, num_barriers=slots),
         ),
         grid=(max_tiles, hkv, splits),
         grid_names=("tile", "head", "split"),

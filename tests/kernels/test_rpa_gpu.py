@@ -34,6 +34,7 @@ from pallas_kernels.ragged_paged_attention.reference import (  # noqa: E402
 TOLERANCE = {
     jnp.dtype(jnp.bfloat16): dict(atol=2e-2, rtol=2e-2),
     jnp.dtype(jnp.float16): dict(atol=2e-3, rtol=2e-3),
+    jnp.dtype(jnp.float32): dict(atol=1e-4, rtol=1e-4),
 }
 
 
@@ -200,6 +201,19 @@ def test_gqa_3_head_dim_64_soft_cap():
     check(case, soft_cap=5.0, sm_scale=0.5)
 
 
+def test_float32_bf16x3_gqa_4_mixed_sliding_window():
+    # f32 runs as three bf16 MMAs per product (hi/lo split); it must stay near f32 accuracy.
+    case = make_case(
+        [9, 1, 0, 1, 14],
+        [80, 33, 5, 64, 14],
+        num_q_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype=jnp.float32,
+    )
+    check(case, sliding_window=50)
+
+
 def test_gqa_8_head_dim_128_sliding_window():
     # The window drops whole 64-key steps for the long request and cuts inside a step too.
     case = make_case([6, 1, 30], [150, 90, 30], num_q_heads=16, num_kv_heads=2, head_dim=128)
@@ -236,16 +250,29 @@ def test_rejects_bad_shapes_and_dtypes_with_their_values():
             ns,
             sm_scale=1.0,
         )
-    with pytest.raises(ValueError, match="dtype float32 unsupported"):
+    with pytest.raises(ValueError, match="dtype int8 unsupported"):
         ragged_paged_attention_gpu(
-            q.astype(jnp.float32),
-            k.astype(jnp.float32),
-            v.astype(jnp.float32),
+            q.astype(jnp.int8),
+            k.astype(jnp.int8),
+            v.astype(jnp.int8),
             lens,
             bt,
             cu,
             ns,
             sm_scale=1.0,
+        )
+    with pytest.raises(ValueError, match="block_kv=128 with head_dim=128 and float32 needs"):
+        f32 = jnp.zeros((4, 16, 1, 128), jnp.float32)
+        ragged_paged_attention_gpu(
+            jnp.zeros((2, 2, 128), jnp.float32),
+            f32,
+            f32,
+            lens,
+            bt,
+            cu,
+            ns,
+            sm_scale=1.0,
+            block_kv=128,
         )
     with pytest.raises(ValueError, match=r"cu_q_lens.shape=\(5,\)"):
         ragged_paged_attention_gpu(q, k, v, lens, bt, jnp.zeros((5,), jnp.int32), ns, sm_scale=1.0)
