@@ -367,7 +367,7 @@ def ragged_paged_attention_gpu(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    interpret: bool = False,
+    interpret: bool | object = False,  # True or an InterpretGPUParams: run the GPU interpreter
     block_kv: int | None = None,  # keys per pipeline step; None: max(64, block_size)
     num_kv_splits: int | None = None,  # split-K factor; None: from static shapes
 ) -> jax.Array:  # [T, Hq, D]; rows of padding tokens are 0
@@ -420,7 +420,7 @@ def ragged_paged_attention_gpu(
         sm_scale=float(sm_scale),
         sliding_window=sliding_window,
         soft_cap=soft_cap,
-        interpret=interpret,
+        interpret=bool(interpret),
         split_f32=split_f32,
     )
     o_part, lse_part = plgpu.kernel(
@@ -441,7 +441,7 @@ def ragged_paged_attention_gpu(
         grid=(max_tiles, hkv, splits),
         grid_names=("tile", "head", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=gpu_interpret_params() if interpret else False,
+        interpret=(gpu_interpret_params() if interpret is True else interpret) or False,
     )(qp, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, tile_req, tile_row0)
 
     return _combine(o_part, lse_part, cu_q_lens, num_seqs, tile_start, t, group, q.dtype)

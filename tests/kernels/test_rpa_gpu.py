@@ -220,6 +220,34 @@ def test_gqa_8_head_dim_128_sliding_window():
     check(case, sliding_window=40)
 
 
+# --- pipeline synchronization -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_pipeline_has_no_data_races(dtype):
+    # The interpreter's happens-before race detector tracks every TMA, barrier and SMEM access:
+    # a TMA refilling a slot the math still reads, or a read before its barrier, is a race.
+    # (It catches both: issuing the f32 K refill before the tile is converted, and refilling
+    # the bf16 slot in use, were tried and flagged.) bf16 runs the 2-slot ring, f32 the
+    # 1-slot landing buffers; 2 kv splits so several blocks run.
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    case = make_case([20, 1, 0, 1, 13], [152, 30, 17, 5, 13], dtype=dtype)
+    params = InterpretGPUParams(detect_races=True)
+    out = ragged_paged_attention_gpu(
+        *case.kernel_args, sm_scale=0.125, interpret=params, num_kv_splits=2
+    )
+    out.block_until_ready()
+    assert not get_races().races_found
+    ref = _jit_ref(*case.ref_args, sm_scale=0.125)
+    np.testing.assert_allclose(
+        np.asarray(out.astype(jnp.float32)),
+        np.asarray(ref.astype(jnp.float32)),
+        **TOLERANCE[jnp.dtype(dtype)],
+    )
+
+
 # --- the test can fail ------------------------------------------------------------------------
 
 
