@@ -279,7 +279,17 @@ def _kernel(
         o_smem[...] = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
         lse_smem[...] = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, tile, head])
+        # Write back only the 8-row groups that hold real rows: a decode tile of a 4:1 GQA
+        # model has 4 real rows of 64, and its full f32 tile would cost as much HBM traffic
+        # as reading 64 keys of its context.
+        real_rows = q_end * group - row0
+        for g in range(m_rows // 8):
+            rows = pl.ds(g * 8, 8)
+
+            @pl.when(g * 8 < real_rows)
+            def _():
+                plgpu.copy_smem_to_gmem(o_smem.at[rows], o_ref.at[split, tile, head, rows])
+
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, tile, head])
         plgpu.wait_smem_to_gmem(0)
 
