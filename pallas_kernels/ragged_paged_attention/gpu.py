@@ -116,27 +116,38 @@ def _kernel(
     def iota(shape, dim):
         return lay(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
-    def mma(a, b_ref, *, transpose_b: bool):
-        """a @ b (b^T if transpose_b) with f32 accumulation, into a fresh accumulator.
+    def mma(acc, pairs, *, transpose_b: bool):
+        """acc + sum(a @ b) over (a, b_ref) pairs (b^T if transpose_b), f32 accumulation.
 
-        Compiled: one WGMMA (a from SMEM or registers, b from SMEM). A fresh zero ACC per
-        call (run_scoped, not run_state): the caller adds it to its running sum, which costs
-        one register add per step. Interpreted: the GPU interpreter's WGMMA takes neither a
-        transposed B nor a register A, so the same operands go through jnp.dot.
+        acc None: a fresh zero accumulator. Compiled: one WGMMA per pair (a from SMEM or
+        registers, b from SMEM) into one accumulator: run_scoped for a fresh one, run_state
+        to keep accumulating into `acc` in place. Interpreted: the GPU interpreter's WGMMA
+        takes neither a transposed B nor a register A, nor runs run_state, so the same
+        operands go through lax.dot_general (bf16 products, f32 sums, as on the tensor core).
         """
         if interpret:
-            a_val = a if isinstance(a, jax.Array) else a[...]
-            b_val = b_ref[...]
             dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
-            return lax.dot_general(a_val, b_val, dims, preferred_element_type=jnp.float32)
-        b_op = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
-        n = b_ref.shape[0] if transpose_b else b_ref.shape[1]
+            for a, b_ref in pairs:
+                a_val = a if isinstance(a, jax.Array) else a[...]
+                ab = lax.dot_general(a_val, b_ref[...], dims, preferred_element_type=jnp.float32)
+                acc = ab if acc is None else acc + ab
+            return acc
 
-        def run(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_op)
+        def issue_mmas(acc_ref):
+            for a, b_ref in pairs:
+                b_op = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
+                plgpu.wgmma(acc_ref, a, b_op)
+
+        if acc is not None:  # run_state waits for the WGMMAs before handing acc back
+            return pl.run_state(issue_mmas)(plgpu.ACC.init(acc))
+
+        def fresh(acc_ref):
+            issue_mmas(acc_ref)
             return acc_ref[...]
 
-        return pl.run_scoped(run, plgpu.ACC((ROWS_PER_TILE, n), jnp.float32))
+        b_ref = pairs[0][1]
+        n = b_ref.shape[0] if transpose_b else b_ref.shape[1]
+        return pl.run_scoped(fresh, plgpu.ACC((ROWS_PER_TILE, n), jnp.float32))
 
     m_rows = ROWS_PER_TILE
     head_dim = q_smem.shape[-1]
@@ -218,12 +229,10 @@ def _kernel(
                 kx_smem.at[1][...] = k_lo
                 plgpu.commit_smem()
                 pl.when(more)(lambda: issue(k_ref, k_smem, k_bar, chunk + 1, 0))
-                q_hi, q_lo = q_smem.at[0], q_smem.at[1]
-                s = mma(q_hi, kx_smem.at[0], transpose_b=True)
-                s = s + mma(q_hi, kx_smem.at[1], transpose_b=True)
-                s = s + mma(q_lo, kx_smem.at[0], transpose_b=True)
+                qh, ql, kh, kl = q_smem.at[0], q_smem.at[1], kx_smem.at[0], kx_smem.at[1]
+                s = mma(None, [(qh, kh), (qh, kl), (ql, kh)], transpose_b=True)
             else:
-                s = mma(q_smem.at[0], k_smem.at[slot], transpose_b=True)
+                s = mma(None, [(q_smem.at[0], k_smem.at[slot])], transpose_b=True)
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -255,9 +264,8 @@ def _kernel(
                 plgpu.commit_smem()
                 pl.when(more)(lambda: issue(v_ref, v_smem, v_bar, chunk + 1, 0))
                 p_hi, p_lo = _hi_lo(p)
-                pv = mma(p_hi, vx_smem.at[0], transpose_b=False)
-                pv = pv + mma(p_hi, vx_smem.at[1], transpose_b=False)
-                pv = pv + mma(p_lo, vx_smem.at[0], transpose_b=False)
+                vh, vl = vx_smem.at[0], vx_smem.at[1]
+                pairs = [(p_hi, vh), (p_hi, vl), (p_lo, vh)]
             else:
 
                 @pl.when(chunk * block_kv + block_kv > kv_len)
@@ -265,8 +273,8 @@ def _kernel(
                     v_smem.at[slot][...] = clean_v()
                     plgpu.commit_smem()
 
-                pv = mma(p.astype(v_smem.dtype), v_smem.at[slot], transpose_b=False)
-            acc = acc + pv
+                pairs = [(p.astype(v_smem.dtype), v_smem.at[slot])]
+            acc = mma(acc, pairs, transpose_b=False)
             return acc, m_new, l_i
 
         acc0 = lay(jnp.zeros((m_rows, head_dim), jnp.float32), wgmma)
@@ -287,7 +295,7 @@ def _kernel(
             rows = pl.ds(g * 8, 8)
 
             @pl.when(g * 8 < real_rows)
-            def _():
+            def _(rows=rows):  # pl.when traces the body now; the default only quiets B023
                 plgpu.copy_smem_to_gmem(o_smem.at[rows], o_ref.at[split, tile, head, rows])
 
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, tile, head])
