@@ -323,6 +323,44 @@ def smem_bytes(dtype, head_dim: int, block_kv: int) -> int:
     return q + kv + kv_ops + ROWS_PER_TILE * head_dim * 4 + ROWS_PER_TILE * 4
 
 
+def config_error(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype,
+    *,
+    block_kv: int | None = None,
+) -> str | None:
+    """Why this kernel cannot serve a model/cache configuration, or None if it can.
+
+    For the engine's backend choice: a configuration this rejects must stay on `xla`.
+    """
+    if block_kv is None:
+        block_kv = max(64, block_size)
+    if num_q_heads % num_kv_heads:
+        return f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+    if num_q_heads // num_kv_heads > ROWS_PER_TILE:
+        return f"GQA group {num_q_heads // num_kv_heads} exceeds ROWS_PER_TILE={ROWS_PER_TILE}"
+    if jnp.dtype(dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
+        return f"dtype {jnp.dtype(dtype)} unsupported; use bfloat16, float16 or float32"
+    if head_dim % 64:
+        # 64 bf16 = one 128-byte swizzle row, the unit of TMA boxes and WGMMA operands.
+        return f"head_dim={head_dim} must be a multiple of 64"
+    if block_size % 8:
+        return f"block_size={block_size} must be a multiple of 8 (TMA row tiles)"
+    if block_kv % block_size or block_kv % 64:
+        # 64: the row count of the WGMMA register layout the V tile is cleaned in.
+        return f"block_kv={block_kv} must be a multiple of 64 and of block_size={block_size}"
+    if (need := smem_bytes(dtype, head_dim, block_kv)) > _SMEM_LIMIT:
+        return (
+            f"block_kv={block_kv} with head_dim={head_dim} and {jnp.dtype(dtype)} needs {need} "
+            f"bytes of shared memory > {_SMEM_LIMIT}; use a smaller block_kv "
+            f"(block_size={block_size})"
+        )
+    return None
+
+
 def _validate(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, block_kv):
     if q.ndim != 3 or k_cache.ndim != 4:
         raise ValueError(
@@ -335,24 +373,10 @@ def _validate(q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, b
     _, bs, hkv, dk = k_cache.shape
     if dk != d:
         raise ValueError(f"head_dim mismatch: q {d} vs k_cache {dk}")
-    if hq % hkv:
-        raise ValueError(f"num_q_heads={hq} must be a multiple of num_kv_heads={hkv}")
-    if hq // hkv > ROWS_PER_TILE:
-        raise ValueError(f"GQA group {hq // hkv} exceeds ROWS_PER_TILE={ROWS_PER_TILE}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
-    if q.dtype not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
-        raise ValueError(f"dtype {q.dtype} unsupported; use bfloat16, float16 or float32")
-    if block_kv % bs or block_kv % 64:
-        # 64: the row count of the WGMMA register layout the V tile is cleaned in.
-        raise ValueError(f"block_kv={block_kv} must be a multiple of 64 and of block_size={bs}")
-    if (need := smem_bytes(q.dtype, d, block_kv)) > _SMEM_LIMIT:
-        raise ValueError(
-            f"block_kv={block_kv} with head_dim={d} and {q.dtype} needs {need} bytes of shared "
-            f"memory > {_SMEM_LIMIT}; use a smaller block_kv (block_size={bs})"
-        )
-    if bs % 8:
-        raise ValueError(f"block_size={bs} must be a multiple of 8 (TMA row tiles)")
+    if error := config_error(hq, hkv, d, bs, q.dtype, block_kv=block_kv):
+        raise ValueError(error)
     r = kv_lens.shape[0]
     if block_tables.ndim != 2 or block_tables.shape[0] != r:
         raise ValueError(f"block_tables.shape={block_tables.shape} must be [R={r}, B]")

@@ -306,3 +306,13 @@ def test_rejects_bad_shapes_and_dtypes_with_their_values():
         ragged_paged_attention_gpu(q, k, v, lens, bt, jnp.zeros((5,), jnp.int32), ns, sm_scale=1.0)
     with pytest.raises(ValueError, match="block_kv=48"):
         ragged_paged_attention_gpu(q, k, v, lens, bt, cu, ns, sm_scale=1.0, block_kv=48)
+
+
+def test_config_error_names_what_the_engine_must_keep_on_xla():
+    from pallas_kernels.ragged_paged_attention.gpu import config_error
+
+    assert config_error(32, 8, 128, 16, jnp.bfloat16) is None
+    assert config_error(32, 8, 64, 32, jnp.float32) is None
+    assert "head_dim=16 must be a multiple of 64" in config_error(4, 2, 16, 16, jnp.float32)
+    assert "needs" in config_error(32, 8, 128, 128, jnp.float32)  # f32 with 128-slot pages
+    assert "block_size=4" in config_error(32, 8, 128, 4, jnp.bfloat16)
