@@ -200,8 +200,10 @@ def _kernel(
         plgpu.barrier_wait(q_bar)
 
         wgmma = plgpu.Layout.WGMMA
-        row_ids = iota((m_rows, block_kv), 0)
-        col_ids = iota((m_rows, block_kv), 1)
+        # Positions as one vector per row and per column (2 + 1 registers a thread), broadcast
+        # at the compare, instead of three live [64, block_kv] int tiles (96 registers).
+        row_ids = lay(lax.broadcasted_iota(jnp.int32, (m_rows,), 0), wgmma.reduce(1))
+        col_ids = lay(lax.broadcasted_iota(jnp.int32, (block_kv,), 0), wgmma.reduce(0))
         # Rows past the tile's last token (other requests' or padding rows) reuse the last
         # token's position, so every row stays finite; the epilogue never reads them.
         row_pos = jnp.minimum(pos_base + (row0 + row_ids) // group, pos_last)
@@ -236,10 +238,12 @@ def _kernel(
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
-            key_pos = chunk * block_kv + col_ids
-            mask = key_pos <= row_pos
+            tile_shape = (m_rows, block_kv)
+            key_pos = lax.broadcast_in_dim(chunk * block_kv + col_ids, tile_shape, [1])
+            q_pos = lax.broadcast_in_dim(row_pos, tile_shape, [0])
+            mask = key_pos <= q_pos
             if sliding_window is not None:
-                mask = mask & (key_pos > row_pos - sliding_window)
+                mask = mask & (key_pos > q_pos - sliding_window)
             s = jnp.where(mask, s * _LOG2E, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
