@@ -427,9 +427,13 @@ def ragged_paged_attention_gpu(
     group = hq // hkv
     m_rows = ROWS_PER_TILE
     max_tiles = -(-(t * group) // m_rows) + r
-    splits = num_kv_splits or default_num_kv_splits(max_tiles, hkv, b * bs)
-    if splits < 1:
+    if num_kv_splits is not None and num_kv_splits < 1:
         raise ValueError(f"num_kv_splits={num_kv_splits} must be >= 1")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None)")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap={soft_cap} must be > 0 (or None)")
+    splits = num_kv_splits or default_num_kv_splits(max_tiles, hkv, b * bs)
 
     tile_req, tile_row0, tile_start = _work_list(kv_lens, cu_q_lens, num_seqs, group, max_tiles)
     # GQA packing: [T, Hkv, G, D] -> [Hkv, T * G, D], padded so any tile's rows are in bounds.

@@ -168,13 +168,14 @@ def test_block_boundaries_block_size_32():
     check(make_case([1, 2, 1, 3, 1], [31, 32, 33, 64, 65], block_size=32))
 
 
-@pytest.mark.parametrize("num_kv_splits", [4, 1])
-def test_long_context_split_k(num_kv_splits):
-    # A long context cut into 4 kv splits merged by the combine step (and unsplit), next to a
-    # short request whose extra splits are empty and must weigh nothing. sm_scale=1 makes the
+@pytest.mark.parametrize(("num_kv_splits", "sliding_window"), [(4, None), (3, 300)])
+def test_long_context_split_k(num_kv_splits, sliding_window):
+    # A long context cut into kv splits merged by the combine step, next to a short request
+    # whose extra splits are empty and must weigh nothing; with a window, the splits divide
+    # only the window's steps (keys 699..999 here, not 0..999). sm_scale=1 makes the
     # softmax peaky, so the splits' log-sum-exps differ by far and a wrong merge weight shows.
     case = make_case([2, 1], [1000, 3], num_q_heads=4, num_kv_heads=1)
-    check(case, num_kv_splits=num_kv_splits, sm_scale=1.0)
+    check(case, num_kv_splits=num_kv_splits, sm_scale=1.0, sliding_window=sliding_window)
 
 
 def test_default_splits_split_a_small_batch_with_long_contexts():
@@ -316,3 +317,14 @@ def test_config_error_names_what_the_engine_must_keep_on_xla():
     assert "head_dim=16 must be a multiple of 64" in config_error(4, 2, 16, 16, jnp.float32)
     assert "needs" in config_error(32, 8, 128, 128, jnp.float32)  # f32 with 128-slot pages
     assert "block_size=4" in config_error(32, 8, 128, 4, jnp.bfloat16)
+
+
+def test_rejects_bad_knobs_with_their_values():
+    q, k, v, lens, bt, cu, ns = make_case([1], [5]).kernel_args
+    for kwargs, message in [
+        (dict(num_kv_splits=0), "num_kv_splits=0"),
+        (dict(sliding_window=0), "sliding_window=0"),
+        (dict(soft_cap=-1.0), "soft_cap=-1.0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ragged_paged_attention_gpu(q, k, v, lens, bt, cu, ns, sm_scale=1.0, **kwargs)
