@@ -13,13 +13,11 @@ from __future__ import annotations
 import functools
 import itertools
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-jax = pytest.importorskip("jax")
-jnp = jax.numpy
-pytest.importorskip("flatbuffers")  # jax.export's serializer
-
-from pallas_kernels.ragged_paged_attention.gpu import (  # noqa: E402
+from pallas_kernels.ragged_paged_attention.gpu import (
     ROWS_PER_TILE,
     default_num_kv_splits,
     ragged_paged_attention_gpu,

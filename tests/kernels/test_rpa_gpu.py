@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-jnp = jax.numpy
-
-from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu  # noqa: E402
-from pallas_kernels.ragged_paged_attention.reference import (  # noqa: E402
+from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
+from pallas_kernels.ragged_paged_attention.reference import (
     ref_ragged_paged_attention,
 )
 
