@@ -163,8 +163,11 @@ def test_block_boundaries():
     check(make_case([1, 2, 1, 3, 1, 2], [15, 16, 17, 63, 64, 65], **BATCH))
 
 
-def test_block_boundaries_block_size_32():
-    check(make_case([1, 2, 1, 3, 1], [31, 32, 33, 64, 65], block_size=32))
+@pytest.mark.parametrize("block_size", [32, 8])
+def test_block_boundaries_other_block_sizes(block_size):
+    # 32: two pages per 64-key step; 8: eight TMAs arriving on one barrier per step.
+    kv = [block_size - 1, block_size, block_size + 1, 63, 64, 65]
+    check(make_case([1, 2, 1, 3, 1, 1], kv, block_size=block_size))
 
 
 @pytest.mark.parametrize(("num_kv_splits", "sliding_window"), [(4, None), (3, 300)])
