@@ -102,8 +102,13 @@ class LLM:
         return request_id
 
     def _step(self) -> None:
-        """One engine step; its outputs go to their requests' sinks."""
+        """One engine step; its outputs go to their requests' sinks.
+
+        Called only by a caller waiting for output, so a core with nothing to run means a
+        request was lost: that raises instead of spinning forever (a hung notebook cell).
+        """
         engine = self._engine()
+        steps_before = engine.core.num_steps
         self._stepping = True
         try:
             outputs = engine.step()
@@ -112,6 +117,11 @@ class LLM:
             for request_id in self._deferred_aborts:
                 engine.abort_request(request_id)
             self._deferred_aborts.clear()
+        if engine.core.num_steps == steps_before:
+            raise RuntimeError(
+                f"the engine core has no request to run, yet {sorted(self._tracked)} wait "
+                "for output"
+            )
         used = engine.core.last_stats.num_used_blocks
         for recorder in self._recorders:
             recorder.on_step(used)

@@ -194,6 +194,16 @@ def test_stream_bad_input_raises_at_the_call_and_queues_nothing(llm):
     assert_idle(llm)
 
 
+def test_a_lost_request_raises_instead_of_hanging_the_cell(llm):
+    stream = llm.stream(PROMPTS[0], GREEDY)
+    # Simulate a bug: the core forgets the request behind the API's back.
+    llm.engine.core.abort_requests(list(llm.engine.core.scheduler.requests))
+    with pytest.raises(RuntimeError, match="no request to run"):
+        asyncio.run(stream.__anext__())
+    stream.abort()
+    assert_idle(llm)
+
+
 def test_run_stats_count_what_the_run_did(llm):
     prefix = list(range(1000, 1064))  # 4 full blocks shared by every prompt
     prompts = [{"prompt_token_ids": prefix + [2000 + i] * 5} for i in range(3)]
