@@ -9,7 +9,6 @@ request that owns them, whoever drove the step.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import itertools
@@ -27,6 +26,7 @@ from jaxserve.engine.processor import ProcessedPrompt, PromptType
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.stats import Counters, RunRecorder, RunStats
+from jaxserve.stream import RequestStream
 from jaxserve.tokenizer import apply_chat_template
 
 
@@ -249,7 +249,13 @@ class LLM:
             cumulative=not delta,
             sink=queue.append,
         )
-        return RequestStream(self, request_id, queue)
+        return RequestStream(
+            request_id,
+            queue,
+            step=self._step,
+            abort=self._abort,
+            is_live=lambda: request_id in self._tracked,
+        )
 
     def chat(
         self,
@@ -349,68 +355,6 @@ class LLM:
         if self.engine is None:
             return f"LLM(model={self.args.model!r}, closed)"
         return describe(self)
-
-
-class RequestStream:
-    """One request's RequestOutputs as its tokens arrive: `async for out in llm.stream(...)`.
-
-    Waiting for the next output runs one engine step (and yields to the event loop after
-    it), so whichever stream awaits drives the engine and every stream's request advances in
-    that step. aclose(), abort(), `async with` exiting, or dropping the stream before its last
-    output abort the request.
-    """
-
-    def __init__(self, llm: LLM, request_id: str, outputs: deque[RequestOutput]) -> None:
-        self.request_id = request_id
-        self._llm = llm
-        # filled by LLM._step (a separate object, so the LLM holds no reference to the stream
-        # and dropping the stream after `break` aborts the request at once)
-        self._outputs = outputs
-        # True once the final output was read or the request was aborted
-        self._done = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        while not self._outputs:
-            if self._done:
-                raise StopAsyncIteration
-            if self.request_id not in self._llm._tracked:
-                self._done = True
-                raise RuntimeError(f"request {self.request_id!r} was aborted or its LLM closed")
-            self._llm._step()
-            # Let other tasks (other streams' consumers) run between steps.
-            await asyncio.sleep(0)
-        out = self._outputs.popleft()
-        if out.finished:
-            self._done = True
-        return out
-
-    def abort(self) -> None:
-        """Ends the request now and frees its KV blocks (no-op once it finished)."""
-        if not self._done:
-            self._done = True
-            self._outputs.clear()
-            self._llm._abort(self.request_id)
-
-    async def aclose(self) -> None:
-        self.abort()
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.abort()
-
-    def __del__(self) -> None:
-        # `break` out of `async for` drops the stream: abort so no KV block stays held.
-        if not getattr(self, "_done", True):
-            self.abort()
-
-    def __repr__(self) -> str:
-        state = "done" if self._done else "running"
-        return f"RequestStream({self.request_id!r}, {state})"
 
 
 def describe(llm: LLM) -> str:
