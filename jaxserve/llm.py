@@ -1,20 +1,45 @@
-"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...)), as in vLLM."""
+"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...)), as in vLLM.
+
+Everything runs in the caller's thread: generate() steps the engine until its prompts finish;
+`async for out in llm.stream(...)` steps it from the awaiting coroutine, one step per wait, and
+yields to the event loop between steps, so it works inside Jupyter's running loop and several
+streams (and a generate() call) share the same steps. Every step's outputs are routed to the
+request that owns them, whoever drove the step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import jax
 from tqdm.auto import tqdm
 
 from jaxserve.config import DEFAULT_MODEL, EngineArgs
 from jaxserve.engine.llm_engine import LLMEngine
-from jaxserve.engine.processor import PromptType
+from jaxserve.engine.processor import ProcessedPrompt, PromptType
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.stats import Counters, RunRecorder, RunStats
+from jaxserve.stream import RequestStream
 from jaxserve.tokenizer import apply_chat_template
+
+
+@dataclass
+class _Tracked:
+    """The API-side record of one request in flight."""
+
+    # receives every RequestOutput of the request (a stream's queue, generate's results)
+    sink: Callable[[RequestOutput], None]
+    # True: its outputs are cumulative (token counts are diffed); False: deltas
+    cumulative: bool
+    # generated tokens already counted (cumulative outputs only)
+    num_counted: int = 0
 
 
 class LLM:
@@ -29,6 +54,20 @@ class LLM:
         self.args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.engine: LLMEngine | None = LLMEngine(self.args, show_progress=show_progress)
         self._counter = itertools.count()
+        # request id -> its record, for every request in flight (generate's and streams')
+        self._tracked: dict[str, _Tracked] = {}
+        # API-side cumulative counters (the core counts steps, hits, preemptions, compiles)
+        self._num_requests = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        # runs being recorded (a generate() call, `with llm.measure()` bodies)
+        self._recorders: list[RunRecorder] = []
+        # True while engine.step() runs: an abort then (a stream dropped by the garbage
+        # collector mid-step) waits for the step to end instead of editing the scheduler
+        self._stepping = False
+        self._deferred_aborts: list[str] = []
+        # what the last generate() call did (tokens, steps, hits, KV usage per step)
+        self.last_run: RunStats | None = None
 
     def _engine(self) -> LLMEngine:
         if self.engine is None:
@@ -38,6 +77,79 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self._engine().tokenizer
 
+    # ---- requests in, steps, outputs routed ------------------------------------------------
+
+    def _add(
+        self,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        *,
+        prefix: str,
+        priority: int,
+        cumulative: bool,
+        sink: Callable[[RequestOutput], None],
+    ) -> str:
+        engine = self._engine()
+        request_id = f"{prefix}-{next(self._counter)}"
+        try:
+            engine.add_request(request_id, prompt, params, priority=priority, stream=not cumulative)
+        except BaseException:
+            engine.abort_request(request_id)  # a failed add leaves nothing half-queued
+            raise
+        self._tracked[request_id] = _Tracked(sink, cumulative)
+        self._num_requests += 1
+        self._prompt_tokens += len(prompt.prompt_token_ids)
+        return request_id
+
+    def _step(self) -> None:
+        """One engine step; its outputs go to their requests' sinks.
+
+        Called only by a caller waiting for output, so a core with nothing to run means a
+        request was lost: that raises instead of spinning forever (a hung notebook cell).
+        """
+        engine = self._engine()
+        steps_before = engine.core.num_steps
+        self._stepping = True
+        try:
+            outputs = engine.step()
+        finally:
+            self._stepping = False
+            for request_id in self._deferred_aborts:
+                engine.abort_request(request_id)
+            self._deferred_aborts.clear()
+        if engine.core.num_steps == steps_before:
+            raise RuntimeError(
+                f"the engine core has no request to run, yet {sorted(self._tracked)} wait "
+                "for output"
+            )
+        used = engine.core.last_stats.num_used_blocks
+        for recorder in self._recorders:
+            recorder.on_step(used)
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue  # aborted while the step ran
+            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            if tracked.cumulative:
+                self._generation_tokens += num_tokens - tracked.num_counted
+                tracked.num_counted = num_tokens
+            else:
+                self._generation_tokens += num_tokens
+            if out.finished:
+                del self._tracked[out.request_id]
+            tracked.sink(out)
+
+    def _abort(self, request_id: str) -> None:
+        """Ends a request in flight and frees its KV blocks (now, or right after this step)."""
+        if self._tracked.pop(request_id, None) is None or self.engine is None:
+            return  # finished, already aborted, or the engine is gone
+        if self._stepping:
+            self._deferred_aborts.append(request_id)
+        else:
+            self.engine.abort_request(request_id)
+
+    # ---- the offline API ---------------------------------------------------------------------
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -46,7 +158,10 @@ class LLM:
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Runs the prompts to completion; outputs come back in input order."""
+        """Runs the prompts to completion; outputs come back in input order.
+
+        What the call did (tokens, steps, prefix hits, KV usage per step) is in `last_run`.
+        """
         engine = self._engine()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
@@ -68,30 +183,79 @@ class LLM:
         processed = [engine.process_prompt(p) for p in prompts]
         for p in params:
             engine.input_processor.check_params(p)
-        ids = [f"gen-{next(self._counter)}" for _ in prompts]
-        for i, (rid, prompt, p) in enumerate(zip(ids, processed, params, strict=True)):
-            engine.add_request(rid, prompt, p, priority=0 if priority is None else priority[i])
-        return self._run(ids, use_tqdm)
-
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self._engine()
         results: dict[str, RequestOutput] = {}
+
+        def keep_final(out: RequestOutput) -> None:
+            if out.finished:
+                results[out.request_id] = out
+
+        with self.measure() as recorder:
+            ids: list[str] = []
+            try:
+                for i, (prompt, p) in enumerate(zip(processed, params, strict=True)):
+                    prio = 0 if priority is None else priority[i]
+                    ids.append(
+                        self._add(
+                            prompt, p, prefix="gen", priority=prio, cumulative=True, sink=keep_final
+                        )
+                    )
+                self._run(ids, results, use_tqdm)
+            except BaseException:
+                # A bad request mid-batch or an interrupted generate (KeyboardInterrupt in a
+                # notebook) leaves nothing queued.
+                for rid in ids:
+                    self._abort(rid)
+                raise
+        self.last_run = recorder.result
+        return [results[rid] for rid in ids]
+
+    def _run(self, ids: list[str], results: dict[str, RequestOutput], use_tqdm: bool) -> None:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while len(results) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
-        except BaseException:
-            # An interrupted generate (KeyboardInterrupt in a notebook) leaves nothing queued.
-            for rid in ids:
-                if rid not in results:
-                    engine.abort_request(rid)
-            raise
+                done = len(results)
+                self._step()
+                bar.update(len(results) - done)
         finally:
             bar.close()
-        return [results[rid] for rid in ids]
+
+    def stream(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        *,
+        delta: bool = False,
+        priority: int = 0,
+    ) -> RequestStream:
+        """`async for out in llm.stream(prompt, params)`: RequestOutputs as tokens arrive.
+
+        Each output is cumulative, like vLLM's AsyncLLM.generate (the last one equals what
+        generate() returns); delta=True yields only what is new since the previous one
+        (vLLM's RequestOutputKind.DELTA). The request is validated and queued now; iterating
+        drives the engine. Streams running concurrently (asyncio tasks) share every step.
+        Leaving the loop early (`break`, aclose(), an exception) aborts the request and frees
+        its KV blocks.
+        """
+        engine = self._engine()
+        params = SamplingParams() if sampling_params is None else sampling_params
+        processed = engine.process_prompt(prompt)
+        engine.input_processor.check_params(params)
+        queue: deque[RequestOutput] = deque()
+        request_id = self._add(
+            processed,
+            params,
+            prefix="stream",
+            priority=priority,
+            cumulative=not delta,
+            sink=queue.append,
+        )
+        return RequestStream(
+            request_id,
+            queue,
+            step=self._step,
+            abort=self._abort,
+            is_live=lambda: request_id in self._tracked,
+        )
 
     def chat(
         self,
@@ -117,24 +281,66 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    # ---- what the engine did -----------------------------------------------------------------
+
+    def _counters(self) -> Counters:
+        return Counters.from_engine(
+            self._engine().core.make_stats(),
+            self._num_requests,
+            self._prompt_tokens,
+            self._generation_tokens,
+        )
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[RunRecorder]:
+        """`with llm.measure() as run:` records what the body did; `run.result` after it.
+
+        For streams and multi-call workloads (generate() records itself in `last_run`).
+        """
+        recorder = RunRecorder(self._counters(), self._engine().core.make_stats().num_total_blocks)
+        self._recorders.append(recorder)
+        try:
+            yield recorder
+        finally:
+            self._recorders.remove(recorder)
+            if self.engine is not None:
+                recorder.finish(self._counters())
+
     @property
     def stats(self) -> dict[str, Any]:
+        """Cumulative counters since this LLM was made, and the KV cache now (JSON-ready)."""
         core = self._engine().core
-        s = core.last_stats
+        now = core.make_stats()
+        counters = self._counters()
         return {
-            "num_steps": core.runner.num_steps,
-            "num_compiles_after_warmup": core.num_compiles_after_warmup,
-            "kv_cache_usage": s.kv_cache_usage,
+            "num_requests": counters.num_requests,
+            "prompt_tokens": counters.prompt_tokens,
+            "generation_tokens": counters.generation_tokens,
+            "num_steps": counters.num_steps,
+            "step_seconds": counters.step_seconds,
+            "num_compiles_after_warmup": counters.num_compiles_after_warmup,
+            "prefix_cache_queries": counters.prefix_cache_queries,
+            "prefix_cache_hits": counters.prefix_cache_hits,
+            "prefix_cache_hit_rate": counters.prefix_cache_hit_rate,
+            "num_preemptions": counters.num_preemptions,
+            "num_running_reqs": now.num_running_reqs,
+            "num_waiting_reqs": now.num_waiting_reqs,
+            "kv_cache_usage": now.kv_cache_usage,
             "peak_kv_cache_usage": core.peak_kv_cache_usage,
-            "prefix_cache_queries": s.prefix_cache_queries,
-            "prefix_cache_hits": s.prefix_cache_hits,
-            "num_preemptions": s.num_preemptions,
+            "num_used_blocks": now.num_used_blocks,
             "num_blocks": core.runner.num_blocks,
         }
 
+    # ---- lifecycle ---------------------------------------------------------------------------
+
     def close(self) -> None:
-        """Frees every device buffer this LLM holds; a new LLM can be made after."""
+        """Frees every device buffer this LLM holds; a new LLM can be made after.
+
+        Requests in flight end with it (a stream still open raises RuntimeError when read).
+        """
         if self.engine is not None:
+            self._tracked.clear()
+            self._deferred_aborts.clear()
             self.engine.close()
             self.engine = None
             gc.collect()
@@ -148,9 +354,29 @@ class LLM:
     def __repr__(self) -> str:
         if self.engine is None:
             return f"LLM(model={self.args.model!r}, closed)"
-        core = self.engine.core
-        return (
-            f"LLM(model={self.args.model!r}, dtype={core.dtype.name}, "
-            f"max_model_len={core.max_model_len}, kv_blocks={core.runner.num_blocks}, "
-            f"block_size={core.runner.block_size})"
-        )
+        return describe(self)
+
+
+def describe(llm: LLM) -> str:
+    """The repr of an open LLM: model, dtype, devices, KV cache, buckets, backend."""
+    assert llm.engine is not None
+    core = llm.engine.core
+    runner = core.runner
+    args = llm.args
+    num_params = sum(x.size for x in jax.tree.leaves(runner.params))
+    devices = ", ".join(
+        f"{d.platform}:{d.id}" for d in sorted(runner.kv_cache.k.devices(), key=lambda d: d.id)
+    )
+    buckets = runner.buckets
+    num_programs = len(buckets.token_sizes) * len(buckets.block_sizes)
+    return (
+        f"LLM(model={args.model!r}, dtype={core.dtype.name}, params={num_params / 1e6:.1f}M, "
+        f"devices=[{devices}],\n"
+        f"    max_model_len={core.max_model_len}, max_num_seqs={args.max_num_seqs}, "
+        f"max_num_batched_tokens={args.max_num_batched_tokens},\n"
+        f"    kv_cache={runner.num_blocks - 1} blocks x {runner.block_size} tokens "
+        f"({runner.kv_cache_bytes / 2**20:.1f} MiB), "
+        f"prefix_caching={args.enable_prefix_caching},\n"
+        f"    buckets=tokens {buckets.token_sizes} x block-table widths {buckets.block_sizes} "
+        f"({num_programs} programs), attention_backend={runner.attention_backend!r})"
+    )
