@@ -8,7 +8,7 @@ once, then streams its share of the request's KV pages into double-buffered shar
 (one TMA per page, gathered through the block table), runs S = Q K^T and O += P V on the
 tensor cores (WGMMA) with an online softmax, and writes an f32 partial output plus its
 log-sum-exp. A small XLA epilogue merges the kv splits (split-K) and scatters tile rows back
-to the [T, Hq, D] layout. See pallas_kernels/NOTES.md (CUDA section) for the grid, bounds and roofline.
+to the [T, Hq, D] layout. pallas_kernels/NOTES.md (CUDA section): grid, bounds, roofline.
 """
 
 from __future__ import annotations

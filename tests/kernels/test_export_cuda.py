@@ -111,7 +111,7 @@ def test_shapes_cover_both_split_paths():
 )
 def test_exports_other_page_sizes(block_size, dtype):
     # The engine takes any power-of-two block_size; 8 means 8 TMAs per 64-key step, 128 a
-    # 128-key step (the largest shared-memory footprint, see pallas_kernels/NOTES.md; f32 stops at 64).
+    # 128-key step (the largest shared-memory footprint, see NOTES.md; f32 stops at 64).
     specs = _specs(
         64,
         8,
