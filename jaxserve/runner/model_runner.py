@@ -11,14 +11,17 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from jaxserve.model import sharding
 from jaxserve.model.attention import KVCache
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
@@ -54,6 +57,7 @@ def _step(
     *,
     spec: ModelSpec,
     attention_backend: str,
+    mesh: Mesh | None,
 ) -> tuple[KVCache, SamplerOutput]:
     hidden, kv_cache = forward(
         params,
@@ -63,9 +67,14 @@ def _step(
         inputs.attn,
         kv_cache,
         attention_backend=attention_backend,
+        mesh=mesh,
     )
     # Logits only for each request's last token: [R, V] instead of [T, V].
     logits = compute_logits(params, spec, hidden[inputs.logits_indices])
+    if mesh is not None:
+        # Vocab-parallel logits are gathered once here; the sampler then runs replicated on
+        # the full [R, V] rows, so seeded sampling draws exactly what one device draws.
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     return kv_cache, sample(logits.astype(jnp.float32), inputs.sampling)
 
 
@@ -81,19 +90,26 @@ def determine_num_blocks(
     scheduler_config: SchedulerConfig,
     dtype: jnp.dtype,
     params_bytes: int,
+    devices: Sequence[jax.Device] | None = None,
 ) -> int:
-    """How many KV blocks to allocate (block 0, the null block, included)."""
+    """How many KV blocks to allocate (block 0, the null block, included).
+
+    `spec` is the execution spec (kv heads as the cache stores them); `devices` the engine's
+    devices: on accelerators each contributes its free memory (the cache splits evenly).
+    """
     if cache_config.num_gpu_blocks_override is not None:
         return cache_config.num_gpu_blocks_override
     per_block = kv_block_bytes(spec, cache_config.block_size, dtype)
     if cache_config.kv_cache_memory is not None:
         budget = cache_config.kv_cache_memory
     elif jax.default_backend() != "cpu":
-        stats = jax.devices()[0].memory_stats() or {}
+        devices = list(devices) if devices is not None else jax.devices()[:1]
+        stats = devices[0].memory_stats() or {}
         limit = stats.get("bytes_limit", 0)
         # The weights are already resident (bytes_in_use); keep 10% of the rest for activations.
-        in_use = stats.get("bytes_in_use", params_bytes)
-        budget = int((limit * cache_config.gpu_memory_utilization - in_use) * 0.9)
+        in_use = stats.get("bytes_in_use", params_bytes // len(devices))
+        per_device = int((limit * cache_config.gpu_memory_utilization - in_use) * 0.9)
+        budget = per_device * len(devices)
     else:
         blocks_per_seq = -(-scheduler_config.max_model_len // cache_config.block_size)
         wanted = scheduler_config.max_num_seqs * blocks_per_seq + 1
@@ -121,7 +137,27 @@ class ModelRunner:
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
         attention_backend: str = "xla",
+        tensor_parallel_size: int = 1,
+        devices: Sequence[jax.Device] | None = None,
     ) -> None:
+        """`spec`/`params`: the model as loaded (params may already be placed on the mesh).
+
+        `devices`: the devices this engine replica owns (default jax.devices()[:TP]); with
+        tensor_parallel_size > 1 the params and the KV cache are sharded over them.
+        """
+        self.model_spec = spec
+        self.tensor_parallel_size = tensor_parallel_size
+        if devices is None:
+            devices = jax.devices()[:tensor_parallel_size]
+        self.devices = list(devices)
+        if tensor_parallel_size > 1:
+            self.mesh: Mesh | None = sharding.make_mesh(tensor_parallel_size, self.devices)
+            spec = sharding.tp_spec(spec, tensor_parallel_size)
+        else:
+            if len(self.devices) != 1:
+                raise ValueError(f"tensor_parallel_size=1 needs 1 device, got {self.devices}")
+            self.mesh = None
+        # the execution spec: kv heads as the cache stores them (repeated when TP > kv heads)
         self.spec = spec
         self.dtype = dtype
         self.block_size = cache_config.block_size
@@ -135,18 +171,38 @@ class ModelRunner:
             scheduler_config.max_model_len,
             cache_config.block_size,
         )
-        # Commit params and cache to the device: jit keys its cache on committed-ness, and the
-        # step returns a committed cache, so an uncommitted first cache would compile twice.
-        device = jax.devices()[0]
-        self.params = jax.device_put(params, device)
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
-        kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-        self.kv_cache = jax.device_put(kv_cache, device)
-        self._step_fn = jax.jit(
-            functools.partial(_step, spec=spec, attention_backend=attention_backend),
-            donate_argnames=("kv_cache",),
+        step = functools.partial(
+            _step, spec=spec, attention_backend=attention_backend, mesh=self.mesh
         )
+        if self.mesh is None:
+            # Commit params and cache to the device: jit keys its cache on committed-ness, and
+            # the step returns a committed cache, so an uncommitted first cache would compile
+            # twice.
+            device = self.devices[0]
+            self.params = jax.device_put(params, device)
+            kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            self.kv_cache = jax.device_put(kv_cache, device)
+            self._step_fn = jax.jit(step, donate_argnames=("kv_cache",))
+        else:
+            self.params = sharding.place_params(self.model_spec, params, self.mesh)
+            param_sh = sharding.param_shardings(self.params, self.mesh)
+            kv_sh = sharding.kv_cache_sharding(self.mesh)
+            # zeros created sharded: no device ever holds the whole cache
+            self.kv_cache = jax.jit(
+                lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+                out_shardings=kv_sh,
+            )()
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            # Pinned in/out shardings: the donated cache comes back in its own layout (so the
+            # update stays in place) and the step inputs/outputs are replicated on every device.
+            self._step_fn = jax.jit(
+                step,
+                in_shardings=(param_sh, kv_sh, replicated),
+                out_shardings=(kv_sh, replicated),
+                donate_argnames=("kv_cache",),
+            )
         self.is_warmed_up = False
         # XLA lowerings seen during execute() after warmup; must stay 0
         self.num_compiles_after_warmup = 0
@@ -154,7 +210,17 @@ class ModelRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
+        """Bytes of the whole KV cache, summed over its devices."""
         return self.kv_cache.k.nbytes + self.kv_cache.v.nbytes
+
+    @property
+    def kv_cache_bytes_per_device(self) -> dict[jax.Device, int]:
+        """KV cache bytes each device holds, read from the arrays' addressable shards."""
+        out: dict[jax.Device, int] = {}
+        for arr in (self.kv_cache.k, self.kv_cache.v):
+            for shard in arr.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+        return out
 
     def warmup(self, *, show_progress: bool = True) -> float:
         """Compiles every declared bucket once; returns the seconds it took."""
