@@ -78,7 +78,8 @@ def load_checkpoint(
         for name, shape in param_shapes(spec).items():
             saved_dtype = tree[name].dtype
             if mesh is None:
-                shard = None
+                # explicit: else orbax restores onto the devices the checkpoint was saved from
+                shard = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             elif repeat > 1 and name in ("wk", "wv", "bk", "bv"):
                 shard = NamedSharding(mesh, PartitionSpec())
             else:

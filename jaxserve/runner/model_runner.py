@@ -72,8 +72,10 @@ def _step(
     # Logits only for each request's last token: [R, V] instead of [T, V].
     logits = compute_logits(params, spec, hidden[inputs.logits_indices])
     if mesh is not None:
-        # Vocab-parallel logits are gathered once here; the sampler then runs replicated on
-        # the full [R, V] rows, so seeded sampling draws exactly what one device draws.
+        # Vocab-parallel logits [R, V/tp] per device (without this constraint XLA gathers the
+        # whole [E, V] lm_head instead), then gathered once; the sampler runs replicated on the
+        # full [R, V] rows, so seeded sampling draws exactly what one device draws.
+        logits = sharding.constrain(logits, mesh, "logits")
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     return kv_cache, sample(logits.astype(jnp.float32), inputs.sampling)
 
@@ -221,6 +223,14 @@ class ModelRunner:
             for shard in arr.addressable_shards:
                 out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
         return out
+
+    def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
+        """Optimized HLO of the step for one bucket (T, R, B); default: the largest decode-ish
+        bucket (max requests, widest block table). For hlo_stats.collective_stats."""
+        if shape is None:
+            shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
+        inputs = dummy_step_inputs(shape, self.penalty_len)
+        return self._step_fn.lower(self.params, self.kv_cache, inputs).compile().as_text()
 
     def warmup(self, *, show_progress: bool = True) -> float:
         """Compiles every declared bucket once; returns the seconds it took."""
