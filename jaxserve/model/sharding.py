@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.model.attention import KVCache
-from jaxserve.model.llama import LayerParams, Params
+from jaxserve.model.llama import LayerParams, Params, param_shapes
 from jaxserve.model.spec import ModelSpec
 
 # Mesh axes: `data` splits independent replicas (size 1 inside one engine), `model` is TP.
@@ -133,20 +133,19 @@ def named(mesh: Mesh, logical: str, shape: Sequence[int] | None = None) -> Named
     return NamedSharding(mesh, spec)
 
 
-def param_shardings(params: Params, mesh: Mesh) -> Params:
-    """A Params-shaped pytree of NamedShardings (None where the field is None)."""
+def param_shardings(exec_spec: ModelSpec, mesh: Mesh) -> Params:
+    """A Params-shaped pytree of NamedShardings for the execution spec (see `tp_spec`);
+    fields the model does not have (biases, qk norms, an untied lm_head) are None."""
+    shapes = param_shapes(exec_spec)
 
-    def of(name: str, x: jax.Array | None) -> NamedSharding | None:
-        return None if x is None else named(mesh, name, x.shape)
+    def of(name: str) -> NamedSharding | None:
+        return named(mesh, name, shapes[name]) if name in shapes else None
 
-    layer = {
-        f.name: of(f.name, getattr(params.layers, f.name)) for f in dataclasses.fields(LayerParams)
-    }
     return Params(
-        embed=of("embed", params.embed),
-        layers=LayerParams(**layer),
-        final_norm=of("final_norm", params.final_norm),
-        lm_head=of("lm_head", params.lm_head),
+        embed=of("embed"),
+        layers=LayerParams(**{f.name: of(f.name) for f in dataclasses.fields(LayerParams)}),
+        final_norm=of("final_norm"),
+        lm_head=of("lm_head"),
     )
 
 
@@ -193,7 +192,7 @@ def place_params(spec: ModelSpec, params: Params, mesh: Mesh) -> Params:
             if getattr(layers, name) is not None
         }
         params = dataclasses.replace(params, layers=dataclasses.replace(layers, **repeated))
-    shardings = param_shardings(params, mesh)
+    shardings = param_shardings(tp_spec(spec, tp), mesh)
     return jax.tree.map(_place, params, shardings)
 
 

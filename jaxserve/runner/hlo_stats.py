@@ -10,8 +10,11 @@ Ops inside the loop whose trip count is the model's depth are the per-layer coll
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from jaxserve.model.spec import ModelSpec
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -148,4 +151,53 @@ def collective_stats(hlo: str, num_layers: int | None = None) -> CollectiveStats
     return stats
 
 
-__all__ = ["COLLECTIVES", "CollectiveOp", "CollectiveStats", "collective_stats"]
+def abstract_step_collectives(
+    spec: ModelSpec,
+    tp: int,
+    *,
+    shape: tuple[int, int, int],
+    dtype: Any = "bfloat16",
+    num_blocks: int = 1024,
+    block_size: int = 16,
+    max_model_len: int = 2048,
+    devices: Sequence[Any] | None = None,
+) -> CollectiveStats:
+    """Collectives of the TP step for any model shape, compiled from shapes alone.
+
+    Nothing is allocated: params and cache are ShapeDtypeStructs with their shardings, so a
+    70B-shaped step can be lowered on 8 virtual CPU devices to predict its GPU traffic.
+    `shape` is the step bucket (tokens T, requests R, block-table width B).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.model import llama, sharding
+    from jaxserve.model.attention import KVCache
+    from jaxserve.runner.model_runner import make_step_fn
+    from jaxserve.runner.step_inputs import dummy_step_inputs
+
+    dt = jnp.dtype(dtype)
+    mesh = sharding.make_mesh(tp, devices)
+    exec_spec = sharding.tp_spec(spec, tp)
+    shards = sharding.param_shardings(exec_spec, mesh)
+    params = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        llama.abstract_params(exec_spec, dt),
+        shards,
+    )
+    kv_shape = (exec_spec.num_layers, num_blocks, block_size)
+    kv_shape = (*kv_shape, exec_spec.num_kv_heads, exec_spec.head_dim)
+    kv = jax.ShapeDtypeStruct(kv_shape, dt, sharding=sharding.named(mesh, "kv_cache"))
+    step = make_step_fn(exec_spec, "xla", mesh)
+    inputs = dummy_step_inputs(shape, max_model_len)
+    text = step.lower(params, KVCache(k=kv, v=kv), inputs).compile().as_text()
+    return collective_stats(text, exec_spec.num_layers)
+
+
+__all__ = [
+    "COLLECTIVES",
+    "CollectiveOp",
+    "CollectiveStats",
+    "abstract_step_collectives",
+    "collective_stats",
+]

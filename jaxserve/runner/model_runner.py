@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,23 @@ def _step(
         logits = sharding.constrain(logits, mesh, "logits")
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     return kv_cache, sample(logits.astype(jnp.float32), inputs.sampling)
+
+
+def make_step_fn(spec: ModelSpec, attention_backend: str, mesh: Mesh | None) -> Any:
+    """The one jitted step; `spec` is the execution spec (sharding.tp_spec) under a mesh."""
+    step = functools.partial(_step, spec=spec, attention_backend=attention_backend, mesh=mesh)
+    if mesh is None:
+        return jax.jit(step, donate_argnames=("kv_cache",))
+    kv_sh = sharding.kv_cache_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Pinned in/out shardings: the donated cache comes back in its own layout (so the update
+    # stays in place) and the step inputs/outputs are replicated on every device.
+    return jax.jit(
+        step,
+        in_shardings=(sharding.param_shardings(spec, mesh), kv_sh, replicated),
+        out_shardings=(kv_sh, replicated),
+        donate_argnames=("kv_cache",),
+    )
 
 
 def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: jnp.dtype) -> int:
@@ -175,9 +193,7 @@ class ModelRunner:
         )
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
-        step = functools.partial(
-            _step, spec=spec, attention_backend=attention_backend, mesh=self.mesh
-        )
+        self._step_fn = make_step_fn(spec, attention_backend, self.mesh)
         if self.mesh is None:
             # Commit params and cache to the device: jit keys its cache on committed-ness, and
             # the step returns a committed cache, so an uncommitted first cache would compile
@@ -186,25 +202,13 @@ class ModelRunner:
             self.params = jax.device_put(params, device)
             kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
             self.kv_cache = jax.device_put(kv_cache, device)
-            self._step_fn = jax.jit(step, donate_argnames=("kv_cache",))
         else:
             self.params = sharding.place_params(self.model_spec, params, self.mesh)
-            param_sh = sharding.param_shardings(self.params, self.mesh)
-            kv_sh = sharding.kv_cache_sharding(self.mesh)
             # zeros created sharded: no device ever holds the whole cache
             self.kv_cache = jax.jit(
                 lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
-                out_shardings=kv_sh,
+                out_shardings=sharding.kv_cache_sharding(self.mesh),
             )()
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            # Pinned in/out shardings: the donated cache comes back in its own layout (so the
-            # update stays in place) and the step inputs/outputs are replicated on every device.
-            self._step_fn = jax.jit(
-                step,
-                in_shardings=(param_sh, kv_sh, replicated),
-                out_shardings=(kv_sh, replicated),
-                donate_argnames=("kv_cache",),
-            )
         self.is_warmed_up = False
         # XLA lowerings seen during execute() after warmup; must stay 0
         self.num_compiles_after_warmup = 0
