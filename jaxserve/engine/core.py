@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import jax
 
+from jaxserve import distributed
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
@@ -77,8 +78,11 @@ class EngineCore:
             scheduler_config,
             self.dtype,
             params_bytes,
-            devices=mesh.devices.flat if mesh is not None else devices,
+            devices=list(mesh.devices.flat) if mesh is not None else devices,
         )
+        if mesh is not None and distributed.spans_processes(list(mesh.devices.flat)):
+            # every process must allocate the same cache: process 0's count wins
+            num_blocks = distributed.broadcast_int(num_blocks)
         self.runner = ModelRunner(
             spec,
             self.model.params,

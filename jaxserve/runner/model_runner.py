@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxserve import distributed
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sharding
@@ -98,6 +99,11 @@ def make_step_fn(spec: ModelSpec, attention_backend: str, mesh: Mesh | None) -> 
     )
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated step output as numpy (multi-host: this process's copy)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: jnp.dtype) -> int:
     """Bytes of one KV block over all layers (K and V)."""
     itemsize = jnp.dtype(dtype).itemsize
@@ -124,7 +130,9 @@ def determine_num_blocks(
         budget = cache_config.kv_cache_memory
     elif jax.default_backend() != "cpu":
         devices = list(devices) if devices is not None else jax.devices()[:1]
-        stats = devices[0].memory_stats() or {}
+        # multi-host: only this process's devices can be asked (all are alike)
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        stats = local[0].memory_stats() or {}
         limit = stats.get("bytes_limit", 0)
         # The weights are already resident (bytes_in_use); keep 10% of the rest for activations.
         in_use = stats.get("bytes_in_use", params_bytes // len(devices))
@@ -209,6 +217,10 @@ class ModelRunner:
                 lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
                 out_shardings=sharding.kv_cache_sharding(self.mesh),
             )()
+        # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
+        # that own the rest of the mesh (jaxserve.distributed); they run the same step.
+        self.multihost = self.mesh is not None and distributed.spans_processes(self.devices)
+        self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
         # XLA lowerings seen during execute() after warmup; must stay 0
         self.num_compiles_after_warmup = 0
@@ -228,6 +240,23 @@ class ModelRunner:
                 out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
         return out
 
+    def _run_step(self, inputs: StepInputs) -> SamplerOutput:
+        if self.multihost:
+            if self.is_leader:
+                distributed.send_step(inputs)
+            inputs = distributed.to_global(inputs, self.mesh)
+        self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
+        return out
+
+    def follow(self) -> None:
+        """A follower process's loop: runs process 0's steps until it closes its engine."""
+        if not self.multihost or self.is_leader:
+            raise RuntimeError("follow() is for processes other than 0 of a multi-host mesh")
+        while (inputs := distributed.receive_step(self.penalty_len)) is not None:
+            inputs = distributed.to_global(inputs, self.mesh)
+            self.kv_cache, _ = self._step_fn(self.params, self.kv_cache, inputs)
+            self.num_steps += 1
+
     def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
         """Optimized HLO of the step for one bucket (T, R, B); default: the largest decode-ish
         bucket (max requests, widest block table). For hlo_stats.collective_stats."""
@@ -242,7 +271,7 @@ class ModelRunner:
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
             inputs = dummy_step_inputs(shape, self.penalty_len)
-            self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
+            out = self._run_step(inputs)
         jax.block_until_ready(out.token_ids)
         self.is_warmed_up = True
         elapsed = time.perf_counter() - start
@@ -256,8 +285,8 @@ class ModelRunner:
             scheduler_output, self.buckets, self.block_size, self.penalty_len
         )
         before = _lowerings
-        self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
-        token_ids = np.asarray(out.token_ids)
+        out = self._run_step(inputs)
+        token_ids = _host(out.token_ids)
         if self.is_warmed_up and _lowerings != before:
             self.num_compiles_after_warmup += _lowerings - before
             logger.warning(
@@ -275,8 +304,8 @@ class ModelRunner:
             if sr.is_sampling and sr.request.sampling_params.logprobs is not None
         ]
         if want_logprobs:
-            lp, ranks = np.asarray(out.logprobs), np.asarray(out.ranks)
-            top_ids, top_lps = np.asarray(out.top_token_ids), np.asarray(out.top_logprobs)
+            lp, ranks = _host(out.logprobs), _host(out.ranks)
+            top_ids, top_lps = _host(out.top_token_ids), _host(out.top_logprobs)
         for i, sr in enumerate(scheduler_output.scheduled):
             if not sr.is_sampling:
                 continue
@@ -297,6 +326,8 @@ class ModelRunner:
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""
+        if self.multihost and self.is_leader and self._step_fn is not None:
+            distributed.send_stop()  # the followers leave their loop and free theirs
         for leaf in jax.tree.leaves((self.params, self.kv_cache)):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
