@@ -35,6 +35,7 @@ import traceback
 import msgspec
 import zmq
 
+from jaxserve import distributed
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs
 from jaxserve.engine import ipc
@@ -64,6 +65,8 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
     out.connect(paths.from_core)
     codec = ipc.core_codec()
     try:
+        # multi-host: the API process exported JAX_* variables; start jax.distributed first
+        distributed.initialize()
         core = EngineCore(args, show_progress=False)
     except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
         msg = f"engine core failed to start: {type(e).__name__}: {e}\n{traceback.format_exc()}"

@@ -37,6 +37,7 @@ def results(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> dic
     assert proc.returncode == 0 and out.is_file(), proc.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["num_devices"] == 8
+    data["tmp"] = str(tmp)
     return data
 
 
@@ -143,3 +144,56 @@ def test_valid_tp_sizes() -> None:
     assert valid_tp_sizes(_spec(32, 8)) == [1, 2, 4, 8, 16, 32]
     # 12 q / 4 kv: TP=6 would give a device q heads of two kv groups
     assert valid_tp_sizes(_spec(12, 4)) == [1, 2, 4, 12]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_form_one_mesh_and_match_one_process(results: dict, tmp_path: Path) -> None:
+    """Process 0: LLM(tensor_parallel_size=8) over 2 processes x 4 CPU devices; process 1:
+    the CLI's follower (`jaxserve generate ... --process-id 1`)."""
+    reference = _group(results, "tiny")["kv8"]["tp1"]["greedy"]  # one process, one device
+    model = str(Path(results["tmp"]) / "kv8")
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    dist = ["--distributed-coordinator", coordinator, "--num-processes", "2"]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "generate", "unused prompt", "--model", model]
+        + ["--tensor-parallel-size", "8", "--max-model-len", "64", "--max-num-seqs", "4"]
+        + ["--max-num-batched-tokens", "32", "--no-warmup", *dist, "--process-id", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = tmp_path / "leader.json"
+    try:
+        leader = subprocess.run(
+            [sys.executable, str(WORKER.with_name("mh_leader.py")), str(out), coordinator, model],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        follower_log, _ = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert leader.returncode == 0, leader.stderr[-4000:]
+    assert follower.returncode == 0, follower_log[-4000:]  # left its loop when 0 closed
+    got = json.loads(out.read_text())
+    assert got["process_count"] == 2 and got["multihost"]
+    assert got["mesh_devices"] == 8 and got["mesh_processes"] == [0, 1]
+    assert got["local_kv_shards"] == 4  # this process holds half the cache, 1 kv head each
+    assert got["greedy"] == reference

@@ -24,17 +24,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-ENGINE = dict(
-    enable_warmup=False,
-    max_model_len=64,
-    max_num_seqs=4,
-    max_num_batched_tokens=32,
-    show_progress=False,
-)
-TINY_PROMPTS = [
-    {"prompt_token_ids": [5, 17, 301, 2048, 77]},
-    {"prompt_token_ids": [1000, 42, 9, 9, 4000, 12, 31]},
-]
+from tests.parallel.configs import ENGINE, TINY_PROMPTS  # noqa: E402
+
 TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 # Tiny random models: 8 query heads of 16 dims. kv8: every TP in {2, 4, 8} shards kv heads;
