@@ -74,6 +74,8 @@ def test_tiny_model_tp_matches_one_device(results: dict, model: str, tp: int) ->
     assert sharded["greedy"] == one["greedy"]
     assert sharded["seeded"] == one["seeded"]
     assert sharded["kv_devices"] == tp
+    diff = max(abs(a - b) for a, b in zip(sharded["embedding"], one["embedding"], strict=True))
+    assert diff < 1e-5  # embeddings (unit norm) over the sharded params: same up to rounding
     assert sharded["wq_shard_shape"][-1] * tp == sharded["wq_global_shape"][-1]
     hkv = int(model[2:])
     # every device holds exactly one share of the cache (kv heads sharded or replicated)

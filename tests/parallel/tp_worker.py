@@ -97,7 +97,9 @@ def write_tiny_hf(path: Path, arch: str, kv_heads: int, tie: bool) -> Path:
 def run_llm(model: str, tp: int, prompts: list) -> dict:
     """Greedy and seeded-sampled tokens, plus where the KV cache and weights live."""
     from jaxserve import LLM, SamplingParams
+    from jaxserve.runner.embedder import Embedder
 
+    tokens_prompts = isinstance(prompts[0], dict)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
     with LLM(model, tensor_parallel_size=tp, **ENGINE) as llm:
@@ -105,6 +107,15 @@ def run_llm(model: str, tp: int, prompts: list) -> dict:
         sampled = llm.generate(prompts[:1], seeded, use_tqdm=False)
         runner = llm.engine.core.runner
         per_device = runner.kv_cache_bytes_per_device
+        # the server's /v1/embeddings path over the same (sharded, kv-repeated) params
+        embedder = Embedder(
+            runner.spec,
+            runner.params,
+            dtype=runner.dtype,
+            block_size=runner.block_size,
+            max_model_len=llm.engine.core.max_model_len,
+        )
+        embedding = embedder.embed(prompts[0]["prompt_token_ids"]) if tokens_prompts else None
         wq = runner.params.layers.wq
         return {
             "greedy": [o.outputs[0].token_ids for o in outs],
@@ -118,6 +129,7 @@ def run_llm(model: str, tp: int, prompts: list) -> dict:
             "wq_global_shape": list(wq.shape),
             "num_blocks": runner.num_blocks,
             "compiles_after_warmup": runner.num_compiles_after_warmup,
+            "embedding": embedding,
         }
 
 
