@@ -51,9 +51,7 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "q_norm": ("layers", "head_dim"),
     "k_norm": ("layers", "head_dim"),
     "kv_cache": ("layers", "blocks", "block_size", "kv_heads", "head_dim"),
-    # per-step activations inside a layer
-    "act_q": ("tokens", "q_heads", "head_dim"),
-    "act_kv": ("tokens", "kv_heads", "head_dim"),
+    # the step's logits before they are gathered for sampling
     "logits": ("reqs", "vocab"),
 }
 
@@ -68,7 +66,6 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "blocks": None,
     "block_size": None,
-    "tokens": None,
     "reqs": None,
 }
 
