@@ -41,3 +41,42 @@ def test_distributed_config_reads_env_and_validates(monkeypatch: pytest.MonkeyPa
         DistributedConfig("h:1", 2, 2)
     with pytest.raises(ValueError, match="coordinator"):
         DistributedConfig(None, 2, 0)
+
+
+def test_accelerator_kv_budget_counts_every_tp_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On accelerators the cache takes each device's free memory; TP devices add up."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.config import CacheConfig, SchedulerConfig
+    from jaxserve.model.spec import ModelSpec
+    from jaxserve.runner.model_runner import determine_num_blocks, kv_block_bytes
+
+    class FakeGpu:
+        process_index = 0
+
+        def memory_stats(self) -> dict[str, int]:
+            return {"bytes_limit": 1000 << 20, "bytes_in_use": 100 << 20}
+
+    spec = ModelSpec(
+        architecture="llama",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_q_heads=8,
+        num_kv_heads=8,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cache, sched = CacheConfig(gpu_memory_utilization=0.5), SchedulerConfig(max_model_len=64)
+    per_block = kv_block_bytes(spec, cache.block_size, jnp.float32)
+    one = determine_num_blocks(spec, cache, sched, jnp.float32, 0, devices=[FakeGpu()])
+    four = determine_num_blocks(spec, cache, sched, jnp.float32, 0, devices=[FakeGpu()] * 4)
+    assert one == int(((1000 << 20) * 0.5 - (100 << 20)) * 0.9) // per_block
+    assert four == int(((1000 << 20) * 0.5 - (100 << 20)) * 0.9) * 4 // per_block
