@@ -203,9 +203,8 @@ def shard_map_attention(
     (metadata replicated); GQA groups stay intact because TP divides both head counts. The
     attention itself then needs no collective, whatever kernel runs inside.
     """
-    heads = RULES["q_heads"]
-    q_spec = PartitionSpec(None, heads, None)
-    cache_spec = PartitionSpec(None, None, heads, None)
+    q_spec = PartitionSpec(None, RULES["q_heads"], None)
+    cache_spec = PartitionSpec(None, None, RULES["kv_heads"], None)
 
     def wrapped(q, k_cache, v_cache, positions, md, **kw):
         def local(q, k, v, positions, md):
