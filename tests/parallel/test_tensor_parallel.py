@@ -120,6 +120,12 @@ def test_hlo_collectives_of_tp2_step(results: dict) -> None:
     (gather,) = [op for op in stats["ops"] if op["op"] == "all-gather"]
     assert gather["operand_shapes"][0].endswith(f",{r['vocab'] // 2}]")
     assert stats["bytes_per_step"]["all-reduce"] > 0
+    # compiled from shapes alone (bench/throughput.py's COMM report), TP=8, decode T=R=4
+    abstract = r["abstract_tp8"]
+    assert abstract["per_layer"] == {"all-reduce": 2}
+    assert abstract["count_per_step"]["all-gather"] == 1
+    per_layer_bytes = 4 * r["hidden"] * 4  # [T=4, E] float32 per all-reduce
+    assert all(op["operand_bytes"] == per_layer_bytes for op in abstract["ops"] if op["per_layer"])
 
 
 def _spec(hq: int, hkv: int) -> ModelSpec:

@@ -249,15 +249,22 @@ def group_shard_map(tmp: Path) -> dict:
 def group_hlo(tmp: Path) -> dict:
     """Collective stats of the TP=2 step of the tiny kv8 model."""
     from jaxserve import LLM
-    from jaxserve.runner.hlo_stats import collective_stats
+    from jaxserve.runner.hlo_stats import abstract_step_collectives, collective_stats
 
     path = write_tiny_hf(tmp / "kv8_hlo", **TINY["kv8"])
     with LLM(str(path), tensor_parallel_size=2, **ENGINE) as llm:
         runner = llm.engine.core.runner
         text = runner.compiled_step_text()
         stats = collective_stats(text, runner.spec.num_layers)
+        # the bench's path: the same step compiled from shapes alone, TP=8 with kv heads
+        # repeated (a 2-kv-head model), a decode bucket of 4 requests
+        import dataclasses
+
+        spec = dataclasses.replace(llm.engine.core.spec, num_kv_heads=2)
+        abstract = abstract_step_collectives(spec, 8, shape=(4, 4, 4), dtype="float32")
         return {
             "stats": stats.to_dict(),
+            "abstract_tp8": abstract.to_dict(),
             "num_layers": runner.spec.num_layers,
             "vocab": runner.spec.vocab_size,
             "hidden": runner.spec.hidden_size,
