@@ -5,6 +5,10 @@ Workload A: N requests x P prompt tokens x O output tokens, greedy, ignore_eos: 
 Workload B: N requests sharing a long prefix with distinct suffixes: prefix caching on vs off.
 Workload C: caching on vs off at 0% hits (the cost of caching), interleaved reps, median.
 KV usage: peak KV blocks in use vs allocated under a KV-bound load.
+COMM: per-step collectives (count and bytes, all-reduces per layer) of the TP step, read from
+  the compiled HLO: for --comm-tp (default 8) on a Llama-3-shaped model compiled from shapes
+  alone (nothing allocated), and for the benchmarked model at --tensor-parallel-size > 1.
+  On CPU the virtual devices come from XLA_FLAGS, set here before jax starts.
 
 Prints a table and writes one JSON record to bench/results/. Ratios, not absolute times, are
 what to compare: this machine is noisy.
@@ -14,13 +18,92 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from jaxserve import LLM, SamplingParams
+
+def _set_virtual_cpu_devices(argv: list[str]) -> None:
+    """XLA reads the host device count once, at start-up: enough for TP x DP and COMM."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--tensor-parallel-size", type=int, default=1)
+    pre.add_argument("--data-parallel-size", type=int, default=1)
+    pre.add_argument("--comm-tp", type=int, default=8)
+    pre.add_argument("--skip", default="")
+    ns, _ = pre.parse_known_args(argv)
+    comm = 0 if "COMM" in ns.skip.upper().split(",") else ns.comm_tp
+    n = max(ns.tensor_parallel_size * ns.data_parallel_size, comm)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+if __name__ == "__main__":
+    _set_virtual_cpu_devices(sys.argv[1:])
+
+from jaxserve import LLM, SamplingParams  # noqa: E402
+
+# Public Llama 3 shapes for the COMM report (bf16, as they would be served on GPUs).
+COMM_MODELS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_q_heads=32),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_q_heads=64),
+}
+
+
+def run_comm(name: str, tp: int, decode_reqs: int, prefill_tokens: int) -> dict[str, Any]:
+    """Collectives of one decode step and one prefill step of a Llama-3-shaped model."""
+    from jaxserve.model.spec import ModelSpec
+    from jaxserve.runner.hlo_stats import abstract_step_collectives
+
+    spec = ModelSpec(
+        architecture="llama",
+        vocab_size=128256,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=None,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        **COMM_MODELS[name],
+    )
+    out: dict[str, Any] = {
+        "model": name,
+        "tp": tp,
+        "note": "bytes as XLA:CPU compiled them: it computes bf16 dots in f32, so its "
+        "all-reduces carry f32; a bf16 GPU/TPU step moves half the all-reduce bytes",
+    }
+    for label, shape in (
+        ("decode", (decode_reqs, decode_reqs, 128)),
+        ("prefill", (prefill_tokens, 1, 128)),
+    ):
+        stats = abstract_step_collectives(spec, tp, shape=shape, dtype="bfloat16")
+        out[label] = {"bucket_T_R_B": shape, **stats.to_dict()}
+    return out
+
+
+def comm_rows(label: str, comm: dict[str, Any]) -> list[tuple[str, float, str]]:
+    rows = []
+    for phase in ("decode", "prefill"):
+        if phase not in comm:
+            continue
+        st = comm[phase]
+        per_step = ", ".join(
+            f"{op} x{n} {st['bytes_per_step'][op] / 2**20:.2f} MiB"
+            for op, n in st["count_per_step"].items()
+        )
+        rows.append(
+            (
+                f"COMM {label} {phase} T={st['bucket_T_R_B'][0]}",
+                float("nan"),
+                f"all-reduces/layer {st['per_layer'].get('all-reduce', 0)}; per step: {per_step}",
+            )
+        )
+    return rows
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -149,7 +232,11 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--c-reps", type=int, default=5)
     ap.add_argument("--c-output-len", type=int, default=32)
-    ap.add_argument("--skip", default="", help="comma list of A,B,C,KV,HF to skip")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--data-parallel-size", type=int, default=1)
+    ap.add_argument("--comm-tp", type=int, default=8, help="TP size of the COMM report")
+    ap.add_argument("--comm-model", default="llama3-8b", choices=sorted(COMM_MODELS))
+    ap.add_argument("--skip", default="", help="comma list of A,B,C,KV,HF,COMM to skip")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.upper().split(",")))
@@ -158,7 +245,10 @@ def main() -> None:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "show_progress": False,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
+    if args.data_parallel_size != 1:  # only engines with data parallel know this argument
+        engine["data_parallel_size"] = args.data_parallel_size
     record: dict[str, Any] = {
         "bench": "throughput",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -257,6 +347,28 @@ def main() -> None:
                 f"(target >= 90%), preemptions {kv['stats']['num_preemptions']}",
             )
         )
+    if "COMM" not in skip:
+        comm = run_comm(
+            args.comm_model, args.comm_tp, args.max_num_seqs, args.max_num_batched_tokens
+        )
+        record["COMM"] = comm
+        rows += comm_rows(f"{args.comm_model} TP={args.comm_tp}", comm)
+        if args.tensor_parallel_size > 1:
+            from jaxserve.runner.hlo_stats import collective_stats
+
+            with LLM(**{**engine, "max_model_len": a_len, "enable_warmup": False}) as llm:
+                runner = llm.engine.core.runner
+                own = {"model": "default", "tp": args.tensor_parallel_size}
+                for phase, shape in (
+                    ("decode", runner.buckets.select(args.max_num_seqs, 1)),
+                    ("prefill", runner.buckets.select(args.max_num_batched_tokens, 1)),
+                ):
+                    stats = collective_stats(
+                        runner.compiled_step_text(shape), runner.spec.num_layers
+                    )
+                    own[phase] = {"bucket_T_R_B": shape, **stats.to_dict()}
+            record["COMM_own_model"] = own
+            rows += comm_rows(f"default TP={args.tensor_parallel_size}", own)
     print(f"\n{'workload':<34} {'output tok/s':>12}  note")
     for name, tps, note in rows:
         print(f"{name:<34} {tps:>12.1f}  {note}")

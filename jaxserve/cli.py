@@ -62,6 +62,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
     g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="devices to shard weights and KV cache over (must suit the model's heads)",
+    )
+    g.add_argument(
         "--no-warmup",
         dest="enable_warmup",
         action="store_false",
@@ -83,7 +89,48 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         attention_backend=ns.attention_backend,
         seed=ns.seed,
         enable_warmup=ns.enable_warmup,
+        tensor_parallel_size=ns.tensor_parallel_size,
     )
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "multi-host (jax.distributed; defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+        "JAX_PROCESS_ID)"
+    )
+    g.add_argument(
+        "--distributed-coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address for jax.distributed (same on every process)",
+    )
+    g.add_argument("--num-processes", type=int, default=None, help="processes (hosts) in all")
+    g.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="this process's rank: 0 serves, the others follow its steps",
+    )
+
+
+def _distributed(ns: argparse.Namespace) -> int | None:
+    """Starts jax.distributed; on a follower runs the follower loop and returns its code."""
+    from jaxserve import distributed
+
+    cfg = distributed.DistributedConfig.resolve(
+        ns.distributed_coordinator, ns.num_processes, ns.process_id
+    )
+    if not cfg.enabled:
+        return None
+    if cfg.process_id != 0:
+        distributed.run_follower(engine_args_from(ns), cfg)
+        return 0
+    if ns.command == "serve":
+        # the engine core runs in its own process: it initialises from these variables
+        cfg.export_env()
+    else:
+        distributed.initialize(cfg)
+    return None
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_server_args(srv)
     add_engine_args(srv)
+    add_distributed_args(srv)
     srv.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate text for prompts offline")
     gen.add_argument("prompts", nargs="+", help="prompt texts")
@@ -190,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
     gen.add_argument("--json", action="store_true", help="print one JSON line per prompt")
     add_engine_args(gen)
+    add_distributed_args(gen)
     gen.set_defaults(func=_generate)
     conv = sub.add_parser("convert", help="write a model as an orbax checkpoint + tokenizer")
     conv.add_argument("src", help="built-in name, HF dir or .gguf file")
@@ -198,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.set_defaults(func=_convert)
     ns = parser.parse_args(argv)
     try:
+        if ns.command in ("serve", "generate") and (rc := _distributed(ns)) is not None:
+            return rc
         return ns.func(ns)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -91,6 +91,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    # devices one engine replica shards its weights and KV cache over (Megatron-style TP);
+    # must divide the model's query heads (checked at model load, naming the valid sizes)
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
 class EngineArgs:
     """Every engine argument under its vLLM name; `LLM(**kwargs)` and the CLI fill this."""
 
@@ -110,6 +121,8 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     # compile every shape bucket up front (the compile count after warmup must stay 0)
     enable_warmup: bool = True
+    # shard weights and KV cache over this many devices (tensor parallel); see ParallelConfig
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineArgs:
@@ -136,6 +149,9 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching,
         )
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return SchedulerConfig(

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import jax
 
+from jaxserve import distributed
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
+from jaxserve.model import sharding
 from jaxserve.model.loader import LoadedModel, load_model, resolve_dtype
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
@@ -46,13 +48,21 @@ class EngineCore:
         *,
         loaded: LoadedModel | None = None,
         show_progress: bool = True,
+        devices: Sequence[jax.Device] | None = None,
     ) -> None:
+        """`devices`: the devices this engine replica owns (default jax.devices()[:TP])."""
         start = time.perf_counter()
         enable_persistent_compilation_cache()
         model_config = args.model_config()
+        tp = args.parallel_config().tensor_parallel_size
         self.dtype = resolve_dtype(model_config.dtype)
-        self.model = loaded if loaded is not None else load_model(model_config.model, self.dtype)
+        mesh = sharding.make_mesh(tp, devices) if tp > 1 else None
+        if loaded is None:
+            loaded = load_model(model_config.model, self.dtype, mesh=mesh)
+        self.model = loaded
         spec = self.model.spec
+        if tp > 1:
+            sharding.check_tp_size(spec, tp)
         if model_config.max_model_len is None:
             max_model_len = min(spec.max_position_embeddings, _DEFAULT_MAX_MODEL_LEN)
         else:
@@ -67,8 +77,16 @@ class EngineCore:
         scheduler_config = args.scheduler_config(max_model_len)
         params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model.params))
         num_blocks = determine_num_blocks(
-            spec, cache_config, scheduler_config, self.dtype, params_bytes
+            sharding.tp_spec(spec, tp),
+            cache_config,
+            scheduler_config,
+            self.dtype,
+            params_bytes,
+            devices=list(mesh.devices.flat) if mesh is not None else devices,
         )
+        if mesh is not None and distributed.spans_processes(list(mesh.devices.flat)):
+            # every process must allocate the same cache: process 0's count wins
+            num_blocks = distributed.broadcast_int(num_blocks)
         self.runner = ModelRunner(
             spec,
             self.model.params,
@@ -77,6 +95,8 @@ class EngineCore:
             cache_config=cache_config,
             scheduler_config=scheduler_config,
             attention_backend=resolve_attention_backend(model_config.attention_backend),
+            tensor_parallel_size=tp,
+            devices=devices,
         )
         self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
         self.warmup_seconds = 0.0

@@ -35,6 +35,7 @@ import traceback
 import msgspec
 import zmq
 
+from jaxserve import distributed
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs
 from jaxserve.engine import ipc
@@ -64,6 +65,8 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
     out.connect(paths.from_core)
     codec = ipc.core_codec()
     try:
+        # multi-host: the API process exported JAX_* variables; start jax.distributed first
+        distributed.initialize()
         core = EngineCore(args, show_progress=False)
     except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
         msg = f"engine core failed to start: {type(e).__name__}: {e}\n{traceback.format_exc()}"
@@ -72,6 +75,9 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
         sys.exit(1)
     proc = EngineCoreProc(core, inp, out, codec, parent_pid)
     rc = proc.run()
+    # frees the device memory now; multi-host: releases the followers from their loop (and
+    # lets jax.distributed's shutdown barrier at exit complete)
+    core.close()
     _close(ctx, inp, out)
     if proc.is_orphaned:
         paths.cleanup()  # the parent died without its shutdown(); nobody else will
@@ -214,8 +220,11 @@ class EngineCoreProc:
     def _embed(self, message: ipc.Embed) -> None:
         if self._embedder is None:
             runner = self.core.runner
+            if runner.multihost:
+                # its jit would run on process 0 alone over a mesh the followers share
+                raise ValueError("embeddings are not supported on a multi-host deployment yet")
             self._embedder = Embedder(
-                self.core.spec,
+                runner.spec,  # the execution spec: kv heads as the (TP) params hold them
                 runner.params,
                 dtype=runner.dtype,
                 block_size=runner.block_size,

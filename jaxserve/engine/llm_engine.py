@@ -6,7 +6,10 @@ behaves the same in a script and inside Jupyter's running asyncio loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import jax
 
 from jaxserve.config import EngineArgs
 from jaxserve.engine.core import EngineCore
@@ -17,9 +20,16 @@ from jaxserve.sampling_params import SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, *, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        args: EngineArgs,
+        *,
+        show_progress: bool = True,
+        devices: Sequence[jax.Device] | None = None,
+    ) -> None:
+        """`devices`: the devices this engine replica owns (default jax.devices()[:TP])."""
         self.args = args
-        self.core = EngineCore(args, show_progress=show_progress)
+        self.core = EngineCore(args, show_progress=show_progress, devices=devices)
         self.tokenizer: Any = self.core.model.tokenizer
         spec = self.core.spec
         self.input_processor = InputProcessor(

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.model.llama import Params, param_shapes, params_from_arrays
 from jaxserve.model.spec import ModelSpec
@@ -54,18 +55,35 @@ def save_checkpoint(
         tokenizer.save_pretrained(str(dst / "tokenizer"))
 
 
-def load_checkpoint(src: str | Path, dtype: jnp.dtype | None = None) -> tuple[ModelSpec, Params]:
-    """Restores (spec, params); `dtype` None keeps the saved dtype, else casts on restore."""
+def load_checkpoint(
+    src: str | Path, dtype: jnp.dtype | None = None, *, mesh: Mesh | None = None
+) -> tuple[ModelSpec, Params]:
+    """Restores (spec, params); `dtype` None keeps the saved dtype, else casts on restore.
+
+    `mesh`: restore every array straight into its tensor-parallel NamedSharding (each device
+    reads only its shard). The params keep the model's layout; kv columns that TP will repeat
+    (TP > kv heads) are restored replicated, they are small.
+    """
     import orbax.checkpoint as ocp
+
+    from jaxserve.model import sharding
 
     src = Path(src).absolute()
     spec = ModelSpec.from_dict(json.loads((src / _SPEC_FILE).read_text()))
+    repeat = sharding.kv_repeat(spec, mesh.shape["model"]) if mesh is not None else 1
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(src / _PARAMS_DIR)
         tree = getattr(meta, "item_metadata", meta)
         target = {}
         for name, shape in param_shapes(spec).items():
             saved_dtype = tree[name].dtype
-            target[name] = jax.ShapeDtypeStruct(shape, dtype or saved_dtype)
+            if mesh is None:
+                # explicit: else orbax restores onto the devices the checkpoint was saved from
+                shard = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            elif repeat > 1 and name in ("wk", "wv", "bk", "bv"):
+                shard = NamedSharding(mesh, PartitionSpec())
+            else:
+                shard = sharding.named(mesh, name, shape)
+            target[name] = jax.ShapeDtypeStruct(shape, dtype or saved_dtype, sharding=shard)
         arrays = ckptr.restore(src / _PARAMS_DIR, target)
     return spec, params_from_arrays(spec, dict(arrays))

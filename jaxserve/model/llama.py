@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxserve.model import layers
 from jaxserve.model.attention import AttentionMetadata, KVCache, write_kv
@@ -128,8 +129,13 @@ def forward(
     kv_cache: KVCache,
     *,
     attention_backend: str = "xla",
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:  # ([T, E] after the final norm, updated cache)
-    """Runs every layer over one flat ragged token batch; returns hidden states and the cache."""
+    """Runs every layer over one flat ragged token batch; returns hidden states and the cache.
+
+    `mesh`: the tensor-parallel mesh the params and cache are sharded over (None: one device);
+    the attention then runs per device on its kv heads (sharding.shard_map_attention).
+    """
     x = params.embed[input_ids]  # [T, E]
     cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(spec))  # f32[T, head_dim]
     body = functools.partial(
@@ -140,6 +146,7 @@ def forward(
         cos=cos,
         sin=sin,
         backend=attention_backend,
+        mesh=mesh,
     )
     idx = jnp.arange(spec.num_layers, dtype=jnp.int32)
     (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), (params.layers, idx))
@@ -148,7 +155,7 @@ def forward(
     return x, KVCache(k=k, v=v)
 
 
-def _layer(carry, xs, *, spec, positions, md, cos, sin, backend):
+def _layer(carry, xs, *, spec, positions, md, cos, sin, backend, mesh):
     x, k_all, v_all = carry  # [T, E], [L, num_blocks, block_size, num_kv_heads, head_dim] x2
     lp, i = xs  # LayerParams of this layer (leading axis removed), i32[]
     t = x.shape[0]
@@ -177,7 +184,12 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, backend):
         k_flat = write_kv(k_flat, k, slots)
         v_flat = write_kv(v_flat, v, slots)
         layer_md = dataclasses.replace(md, block_tables=md.block_tables + i * nb)
-        o = layers.paged_attention(
+        attention = layers.paged_attention
+        if mesh is not None:
+            from jaxserve.model import sharding  # deferred: sharding imports this module
+
+            attention = sharding.shard_map_attention(attention, mesh)
+        o = attention(
             q,
             k_flat,
             v_flat,

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh
 
-from jaxserve.model import builtin, checkpoint
+from jaxserve.model import builtin, checkpoint, sharding
 from jaxserve.model.llama import Params, param_shapes, params_from_arrays
 from jaxserve.model.spec import ModelSpec
 
@@ -67,30 +68,46 @@ def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def load_model(model: str, dtype: str | jnp.dtype = "auto") -> LoadedModel:
-    """Loads any supported `model` source; see the module docstring for what `model` may be."""
+def load_model(
+    model: str, dtype: str | jnp.dtype = "auto", *, mesh: Mesh | None = None
+) -> LoadedModel:
+    """Loads any supported `model` source; see the module docstring for what `model` may be.
+
+    `mesh`: a tensor-parallel mesh to load onto. The params then come back already sharded in
+    the execution layout (sharding.place_params): orbax restores each device's shard directly,
+    safetensors/GGUF tensors are assembled on the host and placed shard by shard, so no device
+    ever holds the whole model.
+    """
     dt = resolve_dtype(dtype)
     kind, path = _resolve(model)
+    host = mesh is not None
     if kind == "orbax":
-        spec, params = checkpoint.load_checkpoint(path, dt)
-        return LoadedModel(spec=spec, params=params, tokenizer=_tokenizer(kind, path))
-    if kind == "gguf":
+        spec, params = checkpoint.load_checkpoint(path, dt, mesh=mesh)
+    elif kind == "gguf":
         from jaxserve.model.gguf_loader import load_gguf
 
         spec, meta, tensors = load_gguf(path)
         # a built-in is converted once, in float32, so that every later load in any dtype
         # skips GGUF parsing and dequantization (about 10 s each for smollm2-135m)
         convert = model in builtin.BUILTIN_MODELS
-        params = assemble_params(spec, tensors, jnp.float32 if convert else dt, source=str(path))
+        params = assemble_params(
+            spec, tensors, jnp.float32 if convert else dt, source=str(path), host=host
+        )
         # a GGUF without a vocabulary (e.g. written by tests) simply has no tokenizer
         tokenizer = _tokenizer(kind, path) if "tokenizer.ggml.model" in meta else None
         if convert:
             _save_converted(builtin.converted_dir(model), params, spec, tokenizer)
-            params = jax.tree.map(lambda x: x.astype(dt), params)
+            np_dt = _np_dtype(dt)
+            params = jax.tree.map(lambda x: x.astype(np_dt) if host else x.astype(dt), params)
+        if mesh is not None:
+            params = sharding.place_params(spec, params, mesh)
         return LoadedModel(spec=spec, params=params, tokenizer=tokenizer)
-    config = json.loads((path / "config.json").read_text())
-    spec = ModelSpec.from_hf_config(config)
-    params = assemble_params(spec, iter_safetensors(path), dt, source=str(path))
+    else:
+        config = json.loads((path / "config.json").read_text())
+        spec = ModelSpec.from_hf_config(config)
+        params = assemble_params(spec, iter_safetensors(path), dt, source=str(path), host=host)
+    if mesh is not None:
+        params = sharding.place_params(spec, params, mesh)
     return LoadedModel(spec=spec, params=params, tokenizer=_tokenizer(kind, path))
 
 
@@ -152,10 +169,16 @@ def assemble_params(
     dtype: jnp.dtype,
     *,
     source: str,
+    host: bool = False,
 ) -> Params:
-    """Maps HF-named tensors onto the stacked Params pytree ([in, out], cast to dtype)."""
+    """Maps HF-named tensors onto the stacked Params pytree ([in, out], cast to dtype).
+
+    host=True keeps the arrays as host numpy (for sharded placement); else on the default
+    device.
+    """
     shapes = param_shapes(spec)
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
+    np_dtype = _np_dtype(dtype)
+    to_array = np.asarray if host else jnp.asarray
     per_layer: dict[str, list[np.ndarray | None]] = {}
     arrays: dict[str, jax.Array] = {}
     for name, w in tensors:
@@ -168,7 +191,7 @@ def assemble_params(
             field, transpose = _GLOBAL_FIELDS[name]
             if field == "lm_head" and spec.tie_word_embeddings:
                 continue  # some tied checkpoints still store a copy
-            arrays[field] = jnp.asarray(_convert(w, transpose, np_dtype))
+            arrays[field] = to_array(_convert(w, transpose, np_dtype))
         elif name.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints store this buffer; we recompute it from the spec
         else:
@@ -177,12 +200,16 @@ def assemble_params(
         missing = [i for i, s in enumerate(slots) if s is None]
         if missing:
             raise ValueError(f"{source}: {field} missing for layers {missing}")
-        arrays[field] = jnp.asarray(np.stack(slots))
+        arrays[field] = to_array(np.stack(slots))
         slots.clear()  # free host copies as we go
     missing = set(shapes) - set(arrays)
     if missing:
         raise ValueError(f"{source}: checkpoint has no tensors for {sorted(missing)}")
     return params_from_arrays(spec, arrays)
+
+
+def _np_dtype(dtype: jnp.dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if dtype == jnp.bfloat16 else np.dtype(dtype)
 
 
 def _lookup(table: dict, key: str, name: str, source: str) -> tuple[str, bool]:

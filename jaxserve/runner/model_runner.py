@@ -11,14 +11,19 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxserve import distributed
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from jaxserve.model import sharding
 from jaxserve.model.attention import KVCache
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
@@ -54,6 +59,7 @@ def _step(
     *,
     spec: ModelSpec,
     attention_backend: str,
+    mesh: Mesh | None,
 ) -> tuple[KVCache, SamplerOutput]:
     hidden, kv_cache = forward(
         params,
@@ -63,10 +69,39 @@ def _step(
         inputs.attn,
         kv_cache,
         attention_backend=attention_backend,
+        mesh=mesh,
     )
     # Logits only for each request's last token: [R, V] instead of [T, V].
     logits = compute_logits(params, spec, hidden[inputs.logits_indices])
+    if mesh is not None:
+        # Vocab-parallel logits [R, V/tp] per device (without this constraint XLA gathers the
+        # whole [E, V] lm_head instead), then gathered once; the sampler runs replicated on the
+        # full [R, V] rows, so seeded sampling draws exactly what one device draws.
+        logits = sharding.constrain(logits, mesh, "logits")
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
     return kv_cache, sample(logits.astype(jnp.float32), inputs.sampling)
+
+
+def make_step_fn(spec: ModelSpec, attention_backend: str, mesh: Mesh | None) -> Any:
+    """The one jitted step; `spec` is the execution spec (sharding.tp_spec) under a mesh."""
+    step = functools.partial(_step, spec=spec, attention_backend=attention_backend, mesh=mesh)
+    if mesh is None:
+        return jax.jit(step, donate_argnames=("kv_cache",))
+    kv_sh = sharding.kv_cache_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Pinned in/out shardings: the donated cache comes back in its own layout (so the update
+    # stays in place) and the step inputs/outputs are replicated on every device.
+    return jax.jit(
+        step,
+        in_shardings=(sharding.param_shardings(spec, mesh), kv_sh, replicated),
+        out_shardings=(kv_sh, replicated),
+        donate_argnames=("kv_cache",),
+    )
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated step output as numpy (multi-host: this process's copy)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
 def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: jnp.dtype) -> int:
@@ -81,19 +116,28 @@ def determine_num_blocks(
     scheduler_config: SchedulerConfig,
     dtype: jnp.dtype,
     params_bytes: int,
+    devices: Sequence[jax.Device] | None = None,
 ) -> int:
-    """How many KV blocks to allocate (block 0, the null block, included)."""
+    """How many KV blocks to allocate (block 0, the null block, included).
+
+    `spec` is the execution spec (kv heads as the cache stores them); `devices` the engine's
+    devices: on accelerators each contributes its free memory (the cache splits evenly).
+    """
     if cache_config.num_gpu_blocks_override is not None:
         return cache_config.num_gpu_blocks_override
     per_block = kv_block_bytes(spec, cache_config.block_size, dtype)
     if cache_config.kv_cache_memory is not None:
         budget = cache_config.kv_cache_memory
     elif jax.default_backend() != "cpu":
-        stats = jax.devices()[0].memory_stats() or {}
+        devices = list(devices) if devices is not None else jax.devices()[:1]
+        # multi-host: only this process's devices can be asked (all are alike)
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        stats = local[0].memory_stats() or {}
         limit = stats.get("bytes_limit", 0)
         # The weights are already resident (bytes_in_use); keep 10% of the rest for activations.
-        in_use = stats.get("bytes_in_use", params_bytes)
-        budget = int((limit * cache_config.gpu_memory_utilization - in_use) * 0.9)
+        in_use = stats.get("bytes_in_use", params_bytes // len(devices))
+        per_device = int((limit * cache_config.gpu_memory_utilization - in_use) * 0.9)
+        budget = per_device * len(devices)
     else:
         blocks_per_seq = -(-scheduler_config.max_model_len // cache_config.block_size)
         wanted = scheduler_config.max_num_seqs * blocks_per_seq + 1
@@ -121,7 +165,27 @@ class ModelRunner:
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
         attention_backend: str = "xla",
+        tensor_parallel_size: int = 1,
+        devices: Sequence[jax.Device] | None = None,
     ) -> None:
+        """`spec`/`params`: the model as loaded (params may already be placed on the mesh).
+
+        `devices`: the devices this engine replica owns (default jax.devices()[:TP]); with
+        tensor_parallel_size > 1 the params and the KV cache are sharded over them.
+        """
+        self.model_spec = spec
+        self.tensor_parallel_size = tensor_parallel_size
+        if devices is None:
+            devices = jax.devices()[:tensor_parallel_size]
+        self.devices = list(devices)
+        if tensor_parallel_size > 1:
+            self.mesh: Mesh | None = sharding.make_mesh(tensor_parallel_size, self.devices)
+            spec = sharding.tp_spec(spec, tensor_parallel_size)
+        else:
+            if len(self.devices) != 1:
+                raise ValueError(f"tensor_parallel_size=1 needs 1 device, got {self.devices}")
+            self.mesh = None
+        # the execution spec: kv heads as the cache stores them (repeated when TP > kv heads)
         self.spec = spec
         self.dtype = dtype
         self.block_size = cache_config.block_size
@@ -135,18 +199,28 @@ class ModelRunner:
             scheduler_config.max_model_len,
             cache_config.block_size,
         )
-        # Commit params and cache to the device: jit keys its cache on committed-ness, and the
-        # step returns a committed cache, so an uncommitted first cache would compile twice.
-        device = jax.devices()[0]
-        self.params = jax.device_put(params, device)
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
-        kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-        self.kv_cache = jax.device_put(kv_cache, device)
-        self._step_fn = jax.jit(
-            functools.partial(_step, spec=spec, attention_backend=attention_backend),
-            donate_argnames=("kv_cache",),
-        )
+        self._step_fn = make_step_fn(spec, attention_backend, self.mesh)
+        if self.mesh is None:
+            # Commit params and cache to the device: jit keys its cache on committed-ness, and
+            # the step returns a committed cache, so an uncommitted first cache would compile
+            # twice.
+            device = self.devices[0]
+            self.params = jax.device_put(params, device)
+            kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            self.kv_cache = jax.device_put(kv_cache, device)
+        else:
+            self.params = sharding.place_params(self.model_spec, params, self.mesh)
+            # zeros created sharded: no device ever holds the whole cache
+            self.kv_cache = jax.jit(
+                lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+                out_shardings=sharding.kv_cache_sharding(self.mesh),
+            )()
+        # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
+        # that own the rest of the mesh (jaxserve.distributed); they run the same step.
+        self.multihost = self.mesh is not None and distributed.spans_processes(self.devices)
+        self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
         # XLA lowerings seen during execute() after warmup; must stay 0
         self.num_compiles_after_warmup = 0
@@ -154,7 +228,42 @@ class ModelRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
+        """Bytes of the whole KV cache, summed over its devices."""
         return self.kv_cache.k.nbytes + self.kv_cache.v.nbytes
+
+    @property
+    def kv_cache_bytes_per_device(self) -> dict[jax.Device, int]:
+        """KV cache bytes each device holds, read from the arrays' addressable shards."""
+        out: dict[jax.Device, int] = {}
+        for arr in (self.kv_cache.k, self.kv_cache.v):
+            for shard in arr.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+        return out
+
+    def _run_step(self, inputs: StepInputs) -> SamplerOutput:
+        if self.multihost:
+            if self.is_leader:
+                distributed.send_step(inputs)
+            inputs = distributed.to_global(inputs, self.mesh)
+        self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
+        return out
+
+    def follow(self) -> None:
+        """A follower process's loop: runs process 0's steps until it closes its engine."""
+        if not self.multihost or self.is_leader:
+            raise RuntimeError("follow() is for processes other than 0 of a multi-host mesh")
+        while (inputs := distributed.receive_step(self.penalty_len)) is not None:
+            inputs = distributed.to_global(inputs, self.mesh)
+            self.kv_cache, _ = self._step_fn(self.params, self.kv_cache, inputs)
+            self.num_steps += 1
+
+    def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
+        """Optimized HLO of the step for one bucket (T, R, B); default: the largest decode-ish
+        bucket (max requests, widest block table). For hlo_stats.collective_stats."""
+        if shape is None:
+            shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
+        inputs = dummy_step_inputs(shape, self.penalty_len)
+        return self._step_fn.lower(self.params, self.kv_cache, inputs).compile().as_text()
 
     def warmup(self, *, show_progress: bool = True) -> float:
         """Compiles every declared bucket once; returns the seconds it took."""
@@ -162,7 +271,7 @@ class ModelRunner:
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
             inputs = dummy_step_inputs(shape, self.penalty_len)
-            self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
+            out = self._run_step(inputs)
         jax.block_until_ready(out.token_ids)
         self.is_warmed_up = True
         elapsed = time.perf_counter() - start
@@ -176,8 +285,8 @@ class ModelRunner:
             scheduler_output, self.buckets, self.block_size, self.penalty_len
         )
         before = _lowerings
-        self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
-        token_ids = np.asarray(out.token_ids)
+        out = self._run_step(inputs)
+        token_ids = _host(out.token_ids)
         if self.is_warmed_up and _lowerings != before:
             self.num_compiles_after_warmup += _lowerings - before
             logger.warning(
@@ -195,8 +304,8 @@ class ModelRunner:
             if sr.is_sampling and sr.request.sampling_params.logprobs is not None
         ]
         if want_logprobs:
-            lp, ranks = np.asarray(out.logprobs), np.asarray(out.ranks)
-            top_ids, top_lps = np.asarray(out.top_token_ids), np.asarray(out.top_logprobs)
+            lp, ranks = _host(out.logprobs), _host(out.ranks)
+            top_ids, top_lps = _host(out.top_token_ids), _host(out.top_logprobs)
         for i, sr in enumerate(scheduler_output.scheduled):
             if not sr.is_sampling:
                 continue
@@ -217,6 +326,8 @@ class ModelRunner:
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""
+        if self.multihost and self.is_leader and self._step_fn is not None:
+            distributed.send_stop()  # the followers leave their loop and free theirs
         for leaf in jax.tree.leaves((self.params, self.kv_cache)):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()

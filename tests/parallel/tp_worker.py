@@ -1,0 +1,297 @@
+"""Runs the tensor-parallel checks on 8 virtual CPU devices and writes their results as JSON.
+
+XLA_FLAGS must be set before jax initialises, and the pytest process has jax running already,
+so the tests start this script once (one start-up for every check) and assert on its JSON.
+A check that raises records its traceback instead of a result, so the others still report.
+
+usage: tp_worker.py OUT.json TMP_DIR GROUP [GROUP ...]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tests.parallel.configs import ENGINE, TINY_PROMPTS  # noqa: E402
+
+TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+# Tiny random models: 8 query heads of 16 dims. kv8: every TP in {2, 4, 8} shards kv heads;
+# kv2: TP 4 and 8 replicate them (and it has qkv biases and an untied lm_head, so bk/bv
+# repetition and a separate vocab-parallel lm_head are exercised too).
+TINY = {
+    "kv8": dict(arch="LlamaForCausalLM", kv_heads=8, tie=True),
+    "kv2": dict(arch="Qwen2ForCausalLM", kv_heads=2, tie=False),
+}
+
+
+def write_tiny_hf(path: Path, arch: str, kv_heads: int, tie: bool) -> Path:
+    """A 2-layer random HF dir (config.json + safetensors) with SmolLM2's tokenizer."""
+    from safetensors.numpy import save_file
+
+    from jaxserve.model.loader import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    vocab, hidden, heads, hd, ffn, layers = len(tok), 128, 8, 16, 256, 2
+    rng = np.random.default_rng(kv_heads)
+
+    def w(*shape: int) -> np.ndarray:  # HF layout [out, in]; 0.2 keeps greedy argmaxes apart
+        return (0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": norm(hidden)}
+    if not tie:
+        t["lm_head.weight"] = w(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = norm(hidden)
+        t[p + "post_attention_layernorm.weight"] = norm(hidden)
+        t[p + "self_attn.q_proj.weight"] = w(heads * hd, hidden)
+        t[p + "self_attn.k_proj.weight"] = w(kv_heads * hd, hidden)
+        t[p + "self_attn.v_proj.weight"] = w(kv_heads * hd, hidden)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, heads * hd)
+        t[p + "mlp.gate_proj.weight"] = w(ffn, hidden)
+        t[p + "mlp.up_proj.weight"] = w(ffn, hidden)
+        t[p + "mlp.down_proj.weight"] = w(hidden, ffn)
+        if arch == "Qwen2ForCausalLM":
+            t[p + "self_attn.q_proj.bias"] = w(heads * hd)
+            t[p + "self_attn.k_proj.bias"] = w(kv_heads * hd)
+            t[p + "self_attn.v_proj.bias"] = w(kv_heads * hd)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path / "model.safetensors"))
+    config = dict(
+        architectures=[arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hd,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def run_llm(model: str, tp: int, prompts: list) -> dict:
+    """Greedy and seeded-sampled tokens, plus where the KV cache and weights live."""
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.runner.embedder import Embedder
+
+    tokens_prompts = isinstance(prompts[0], dict)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    with LLM(model, tensor_parallel_size=tp, **ENGINE) as llm:
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        sampled = llm.generate(prompts[:1], seeded, use_tqdm=False)
+        runner = llm.engine.core.runner
+        per_device = runner.kv_cache_bytes_per_device
+        # the server's /v1/embeddings path over the same (sharded, kv-repeated) params
+        embedder = Embedder(
+            runner.spec,
+            runner.params,
+            dtype=runner.dtype,
+            block_size=runner.block_size,
+            max_model_len=llm.engine.core.max_model_len,
+        )
+        embedding = embedder.embed(prompts[0]["prompt_token_ids"]) if tokens_prompts else None
+        wq = runner.params.layers.wq
+        return {
+            "greedy": [o.outputs[0].token_ids for o in outs],
+            "seeded": sampled[0].outputs[0].token_ids,
+            "kv_total_bytes": runner.kv_cache_bytes,
+            "kv_bytes_per_device": sorted(per_device.values()),
+            "kv_devices": len(per_device),
+            "kv_shard_shape": list(runner.kv_cache.k.addressable_shards[0].data.shape),
+            "kv_global_shape": list(runner.kv_cache.k.shape),
+            "wq_shard_shape": list(wq.addressable_shards[0].data.shape),
+            "wq_global_shape": list(wq.shape),
+            "num_blocks": runner.num_blocks,
+            "compiles_after_warmup": runner.num_compiles_after_warmup,
+            "embedding": embedding,
+        }
+
+
+def group_smollm2(tmp: Path) -> dict:
+    out = {f"tp{tp}": run_llm("smollm2-135m", tp, TEXT_PROMPTS) for tp in (1, 3)}
+    try:
+        run_llm("smollm2-135m", 2, TEXT_PROMPTS)
+        out["tp2_error"] = None
+    except ValueError as e:
+        out["tp2_error"] = str(e)
+    return out
+
+
+def group_tiny(tmp: Path) -> dict:
+    out = {}
+    for name, cfg in TINY.items():
+        path = write_tiny_hf(tmp / name, **cfg)
+        out[name] = {f"tp{tp}": run_llm(str(path), tp, TINY_PROMPTS) for tp in (1, 2, 4, 8)}
+    return out
+
+
+def group_orbax(tmp: Path) -> dict:
+    """Sharded save -> restore into shardings (same and other TP, and unsharded): bit-exact."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.model import checkpoint, llama, sharding
+    from jaxserve.model.spec import ModelSpec
+
+    spec = ModelSpec(
+        architecture="llama",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_q_heads=8,
+        num_kv_heads=4,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        qkv_bias=True,
+    )
+    params = llama.init_params(spec, jax.random.key(0), jnp.float32)
+    want = checkpoint._flat(params)
+    mesh4 = sharding.make_mesh(4)
+    placed = sharding.place_params(spec, params, mesh4)
+    dst = tmp / "ckpt"
+    shutil.rmtree(dst, ignore_errors=True)
+    checkpoint.save_checkpoint(dst, placed, spec)
+    result = {}
+    for tp in (None, 4, 8):
+        mesh = sharding.make_mesh(tp) if tp else None
+        got_spec, got = checkpoint.load_checkpoint(dst, mesh=mesh)
+        flat = checkpoint._flat(got)
+        exact = all(
+            np.array_equal(np.asarray(want[k]), np.asarray(flat[k]))
+            and flat[k].dtype == want[k].dtype
+            for k in want
+        )
+        placement_ok = True
+        if mesh is not None:
+            repeat = sharding.kv_repeat(spec, tp)
+            for k, arr in flat.items():
+                target = sharding.named(mesh, k, arr.shape)
+                if repeat > 1 and k in ("wk", "wv", "bk", "bv"):
+                    continue  # restored replicated, repeated at placement
+                placement_ok &= arr.sharding.is_equivalent_to(target, arr.ndim)
+        result[f"tp{tp}"] = {
+            "exact": exact,
+            "spec_same": got_spec == spec,
+            "placement_ok": bool(placement_ok),
+            "wq_shard_shape": list(flat["wq"].addressable_shards[0].data.shape),
+        }
+    return result
+
+
+def group_shard_map(tmp: Path) -> dict:
+    """The shard_map attention wrapper (xla backend inside) == the plain call, on 4 devices."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.model import layers, sharding
+    from jaxserve.model.attention import AttentionMetadata
+
+    out = {}
+    for hq, hkv in ((8, 4), (8, 8), (16, 4)):
+        mesh = sharding.make_mesh(4)
+        k = jax.random.split(jax.random.key(hq + hkv), 3)
+        t, nb, bs, d = 8, 8, 4, 16
+        q = jax.random.normal(k[0], (t, hq, d), jnp.float32)
+        kc = jax.random.normal(k[1], (nb, bs, hkv, d), jnp.float32)
+        vc = jax.random.normal(k[2], (nb, bs, hkv, d), jnp.float32)
+        # request 0: kv_len 10, its last 3 tokens in this step; request 1: kv_len 6, last 5
+        positions = jnp.array([7, 8, 9, 1, 2, 3, 4, 5], jnp.int32)
+        md = AttentionMetadata(
+            slot_mapping=jnp.zeros((t,), jnp.int32),
+            token_req_idx=jnp.array([0, 0, 0, 1, 1, 1, 1, 1], jnp.int32),
+            block_tables=jnp.array([[1, 2, 3], [4, 5, 0]], jnp.int32),
+            kv_lens=jnp.array([10, 6], jnp.int32),
+            cu_q_lens=jnp.array([0, 3, 8], jnp.int32),
+        )
+        kw = dict(sm_scale=d**-0.5, sliding_window=None, backend="xla")
+        wrapped = sharding.shard_map_attention(layers.paged_attention, mesh)
+        args = (q, kc, vc, positions, md)
+        plain = jax.jit(functools.partial(layers.paged_attention, **kw))(*args)
+        sharded = jax.jit(functools.partial(wrapped, **kw))(*args)
+        out[f"hq{hq}_hkv{hkv}"] = {
+            "max_abs_diff": float(jnp.max(jnp.abs(plain - sharded))),
+            "max_abs": float(jnp.max(jnp.abs(plain))),
+        }
+    return out
+
+
+def group_hlo(tmp: Path) -> dict:
+    """Collective stats of the TP=2 step of the tiny kv8 model."""
+    from jaxserve import LLM
+    from jaxserve.runner.hlo_stats import abstract_step_collectives, collective_stats
+
+    path = write_tiny_hf(tmp / "kv8_hlo", **TINY["kv8"])
+    with LLM(str(path), tensor_parallel_size=2, **ENGINE) as llm:
+        runner = llm.engine.core.runner
+        text = runner.compiled_step_text()
+        stats = collective_stats(text, runner.spec.num_layers)
+        # the bench's path: the same step compiled from shapes alone, TP=8 with kv heads
+        # repeated (a 2-kv-head model), a decode bucket of 4 requests
+        import dataclasses
+
+        spec = dataclasses.replace(llm.engine.core.spec, num_kv_heads=2)
+        abstract = abstract_step_collectives(spec, 8, shape=(4, 4, 4), dtype="float32")
+        return {
+            "stats": stats.to_dict(),
+            "abstract_tp8": abstract.to_dict(),
+            "num_layers": runner.spec.num_layers,
+            "vocab": runner.spec.vocab_size,
+            "hidden": runner.spec.hidden_size,
+        }
+
+
+GROUPS = {
+    "smollm2": group_smollm2,
+    "tiny": group_tiny,
+    "orbax": group_orbax,
+    "shard_map": group_shard_map,
+    "hlo": group_hlo,
+}
+
+
+def main() -> None:
+    out_path, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+    import jax
+
+    results: dict = {"num_devices": len(jax.devices())}
+    for name in sys.argv[3:]:
+        try:
+            results[name] = GROUPS[name](tmp)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    out_path.write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
