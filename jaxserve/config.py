@@ -107,6 +107,10 @@ class EngineArgs:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     scheduling_policy: str = "fcfs"
+    # devices one replica's weights and KV heads are split over (tensor parallel)
+    tensor_parallel_size: int = 1
+    # independent engine replicas, each on its own tensor_parallel_size devices (data parallel)
+    data_parallel_size: int = 1
     # compile every shape bucket up front (the compile count after warmup must stay 0)
     enable_warmup: bool = True
 
@@ -117,6 +121,11 @@ class EngineArgs:
         if unknown:
             raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(names)}")
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 
@@ -42,7 +43,9 @@ class EngineCore:
         *,
         loaded: LoadedModel | None = None,
         show_progress: bool = True,
+        devices: Sequence[Any] | None = None,
     ) -> None:
+        """devices: the slice of jax devices this engine owns (default: the first ones)."""
         start = time.perf_counter()
         enable_persistent_compilation_cache()
         model_config = args.model_config()
@@ -73,6 +76,7 @@ class EngineCore:
             cache_config=cache_config,
             scheduler_config=scheduler_config,
             attention_backend=resolve_attention_backend(model_config.attention_backend),
+            devices=devices,
         )
         self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
         self.warmup_seconds = 0.0
@@ -96,8 +100,22 @@ class EngineCore:
     def spec(self) -> ModelSpec:
         return self.model.spec
 
-    def add_request(self, request: Request, *, urgent: bool = False) -> None:
-        """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes)."""
+    @property
+    def num_replicas(self) -> int:
+        """1; DPEngineCore has the same interface with several (see engine/dp.py)."""
+        return 1
+
+    @property
+    def schedulers(self) -> list[Scheduler]:
+        return [self.scheduler]
+
+    def add_request(
+        self, request: Request, *, urgent: bool = False, replica: int | None = None
+    ) -> None:
+        """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes).
+
+        replica: ignored here (one replica); DPEngineCore uses it to pin a request.
+        """
         self.scheduler.add_request(request, urgent=urgent)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

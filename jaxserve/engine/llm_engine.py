@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxserve.config import EngineArgs
-from jaxserve.engine.core import EngineCore
+from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.outputs import RequestOutput
@@ -19,7 +19,7 @@ from jaxserve.sampling_params import SamplingParams
 class LLMEngine:
     def __init__(self, args: EngineArgs, *, show_progress: bool = True) -> None:
         self.args = args
-        self.core = EngineCore(args, show_progress=show_progress)
+        self.core = make_engine_core(args, show_progress=show_progress)
         self.tokenizer: Any = self.core.model.tokenizer
         spec = self.core.spec
         self.input_processor = InputProcessor(

@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,7 @@ class ModelRunner:
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
         attention_backend: str = "xla",
+        devices: Sequence[jax.Device] | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -137,7 +139,7 @@ class ModelRunner:
         )
         # Commit params and cache to the device: jit keys its cache on committed-ness, and the
         # step returns a committed cache, so an uncommitted first cache would compile twice.
-        device = jax.devices()[0]
+        device = devices[0] if devices else jax.devices()[0]
         self.params = jax.device_put(params, device)
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
