@@ -60,6 +60,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "xla", "pallas"],
         help="attention implementation (auto: by platform)",
     )
+    g.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas, each on its own tensor-parallel-size devices",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
     g.add_argument(
         "--tensor-parallel-size",
@@ -90,6 +96,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         seed=ns.seed,
         enable_warmup=ns.enable_warmup,
         tensor_parallel_size=ns.tensor_parallel_size,
+        data_parallel_size=ns.data_parallel_size,
     )
 
 

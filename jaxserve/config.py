@@ -95,10 +95,14 @@ class ParallelConfig:
     # devices one engine replica shards its weights and KV cache over (Megatron-style TP);
     # must divide the model's query heads (checked at model load, naming the valid sizes)
     tensor_parallel_size: int = 1
+    # independent engine replicas on disjoint device slices, one router (engine/dp.py)
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class EngineArgs:
     enable_warmup: bool = True
     # shard weights and KV cache over this many devices (tensor parallel); see ParallelConfig
     tensor_parallel_size: int = 1
+    # independent engine replicas, each on its own tensor_parallel_size devices (data parallel)
+    data_parallel_size: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineArgs:
@@ -131,6 +137,9 @@ class EngineArgs:
         if unknown:
             raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(names)}")
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        self.parallel_config()  # bad sizes fail here, naming the field
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
@@ -151,7 +160,10 @@ class EngineArgs:
         )
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size)
+        return ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+        )
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return SchedulerConfig(

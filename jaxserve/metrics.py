@@ -91,6 +91,15 @@ class _EngineStatsCollector(Collector):
             "XLA compilations after warmup (should stay 0: every shape is precompiled).",
             stats.num_compiles_after_warmup,
         )
+        if stats.requests_per_replica:
+            routed = CounterMetricFamily(
+                "jaxserve_dp_requests_routed",
+                "Requests routed to each data-parallel replica.",
+                labels=["model_name", "replica"],
+            )
+            for i, n in enumerate(stats.requests_per_replica):
+                routed.add_metric([self._model_name, str(i)], n)
+            yield routed
 
 
 class ServerMetrics:

@@ -82,6 +82,8 @@ class SchedulerStats:
     num_steps: int = 0
     step_seconds_total: float = 0.0
     num_compiles_after_warmup: int = 0
+    # data parallel only (else empty): requests routed to each replica so far, by index
+    requests_per_replica: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -7,6 +7,7 @@ scheduler.schedule() -> SchedulerOutput -> runner.execute() -> ModelRunnerOutput
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -98,6 +99,9 @@ class EngineCore:
             tensor_parallel_size=tp,
             devices=devices,
         )
+        # The runner placed its own copy (on its devices, sharded); keeping the loaded one
+        # would hold the weights twice (vllm#21073-like "memory never comes back").
+        self.model = dataclasses.replace(self.model, params=None)
         self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
         self.warmup_seconds = 0.0
         if args.enable_warmup:
@@ -120,8 +124,22 @@ class EngineCore:
     def spec(self) -> ModelSpec:
         return self.model.spec
 
-    def add_request(self, request: Request, *, urgent: bool = False) -> None:
-        """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes)."""
+    @property
+    def num_replicas(self) -> int:
+        """1; DPEngineCore has the same interface with several (see engine/dp.py)."""
+        return 1
+
+    @property
+    def schedulers(self) -> list[Scheduler]:
+        return [self.scheduler]
+
+    def add_request(
+        self, request: Request, *, urgent: bool = False, replica: int | None = None
+    ) -> None:
+        """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes).
+
+        replica: ignored here (one replica); DPEngineCore uses it to pin a request.
+        """
         self.scheduler.add_request(request, urgent=urgent)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

@@ -40,6 +40,7 @@ from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs
 from jaxserve.engine import ipc
 from jaxserve.engine.core import EngineCore
+from jaxserve.engine.dp import DPEngineCore, make_engine_core
 from jaxserve.request import Request
 from jaxserve.runner.embedder import Embedder
 from jaxserve.sampling_params import SamplingParams
@@ -67,7 +68,7 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
     try:
         # multi-host: the API process exported JAX_* variables; start jax.distributed first
         distributed.initialize()
-        core = EngineCore(args, show_progress=False)
+        core = make_engine_core(args, show_progress=False)
     except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
         msg = f"engine core failed to start: {type(e).__name__}: {e}\n{traceback.format_exc()}"
         out.send(codec.encode(ipc.Error(message=msg, fatal=True)))
@@ -95,7 +96,7 @@ class EngineCoreProc:
 
     def __init__(
         self,
-        core: EngineCore,
+        core: EngineCore | DPEngineCore,
         inp: zmq.Socket,
         out: zmq.Socket,
         codec: ipc.Codec,
@@ -107,10 +108,13 @@ class EngineCoreProc:
         self.codec = codec
         self.parent_pid = parent_pid
         spec = core.spec
-        if core.scheduler.scheduler_config.max_num_seqs > 1:
-            core.scheduler.num_reserved_seqs = 1  # the probe seat (see the module NOTE)
-        # probe request id -> (probe_id, arrival time)
+        for scheduler in core.schedulers:
+            if scheduler.scheduler_config.max_num_seqs > 1:
+                scheduler.num_reserved_seqs = 1  # the probe seat (see the module NOTE)
+        # probe request id -> (probe_id, arrival time); one per replica and probe
         self._probes: dict[str, tuple[str, float]] = {}
+        # probe_id -> replicas that have not answered yet (a probe passes when all have)
+        self._probe_waiting: dict[str, int] = {}
         self._embedder: Embedder | None = None
         self._last_heartbeat = 0.0
         # set when the loop ended because the parent process died
@@ -122,7 +126,7 @@ class EngineCoreProc:
             hidden_size=spec.hidden_size,
             num_blocks=core.runner.num_blocks,
             block_size=core.runner.block_size,
-            max_num_seqs=core.scheduler.scheduler_config.max_num_seqs,
+            max_num_seqs=core.schedulers[0].scheduler_config.max_num_seqs,
             startup_seconds=core.startup_seconds,
             warmup_seconds=core.warmup_seconds,
         )
@@ -202,20 +206,23 @@ class EngineCoreProc:
             self.send(ipc.Error(message=f"{type(e).__name__}: {e}", request_id=request_id))
 
     def _add_probe(self, probe_id: str) -> None:
-        core_id = PROBE_ID_PREFIX + probe_id
+        """One probe request per replica: healthy means every replica generates a token."""
         # Any in-vocabulary token will do; the eos token (or 0) is always one.
         token = self.core.spec.eos_token_id or 0
-        request = Request(
-            core_id,
-            [token],
-            _PROBE_PARAMS,
-            None,
-            sampling_seed=0,
-            priority=-(1 << 62),  # first under the "priority" policy too
-            max_tokens=1,
-        )
-        self.core.add_request(request, urgent=True)
-        self._probes[core_id] = (probe_id, time.monotonic())
+        for replica in range(self.core.num_replicas):
+            core_id = f"{PROBE_ID_PREFIX}{probe_id}#{replica}"
+            request = Request(
+                core_id,
+                [token],
+                _PROBE_PARAMS,
+                None,
+                sampling_seed=0,
+                priority=-(1 << 62),  # first under the "priority" policy too
+                max_tokens=1,
+            )
+            self.core.add_request(request, urgent=True, replica=replica)
+            self._probes[core_id] = (probe_id, time.monotonic())
+        self._probe_waiting[probe_id] = self.core.num_replicas
 
     def _embed(self, message: ipc.Embed) -> None:
         if self._embedder is None:
@@ -242,19 +249,23 @@ class EngineCoreProc:
                 user_outputs.append(o)
                 continue
             probe_id, arrival = probe
-            latency = time.monotonic() - arrival
+            self._probe_waiting[probe_id] -= 1
+            if self._probe_waiting[probe_id] > 0:
+                continue
+            del self._probe_waiting[probe_id]
+            latency = time.monotonic() - arrival  # of the last replica to answer
             token = o.new_token_ids[0] if o.new_token_ids else -1
             self.send(ipc.ProbeResult(probe_id=probe_id, token_id=token, latency_s=latency))
         if user_outputs or outputs.scheduler_stats is not None:
             self.send(ipc.Outputs(outputs=user_outputs, scheduler_stats=outputs.scheduler_stats))
 
     def _send_heartbeat(self, now: float) -> None:
-        scheduler = self.core.scheduler
+        schedulers = self.core.schedulers
         self.send(
             ipc.Heartbeat(
                 time=time.time(),
-                num_running=len(scheduler.running),
-                num_waiting=len(scheduler.waiting),
+                num_running=sum(len(s.running) for s in schedulers),
+                num_waiting=sum(len(s.waiting) for s in schedulers),
                 stats=self.core.make_stats(),
             )
         )

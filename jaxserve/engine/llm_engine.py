@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from jaxserve.config import EngineArgs
-from jaxserve.engine.core import EngineCore
+from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.outputs import RequestOutput
@@ -29,7 +29,7 @@ class LLMEngine:
     ) -> None:
         """`devices`: the devices this engine replica owns (default jax.devices()[:TP])."""
         self.args = args
-        self.core = EngineCore(args, show_progress=show_progress, devices=devices)
+        self.core = make_engine_core(args, show_progress=show_progress, devices=devices)
         self.tokenizer: Any = self.core.model.tokenizer
         spec = self.core.spec
         self.input_processor = InputProcessor(

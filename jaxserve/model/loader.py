@@ -31,7 +31,9 @@ from jaxserve.model.spec import ModelSpec
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    params: Params
+    # None once an engine's runner holds its own placed copy (EngineCore drops this one, so
+    # the weights are never on the device twice)
+    params: Params | None
     tokenizer: Any | None  # a transformers tokenizer; None when the source has none
 
 
