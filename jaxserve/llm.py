@@ -357,6 +357,10 @@ class LLM:
         return describe(self)
 
 
+def id_(device: jax.Device) -> int:
+    return device.id
+
+
 def describe(llm: LLM) -> str:
     """The repr of an open LLM: model, dtype, devices, KV cache, buckets, backend."""
     assert llm.engine is not None
@@ -364,14 +368,18 @@ def describe(llm: LLM) -> str:
     runner = core.runner
     args = llm.args
     num_params = sum(x.size for x in jax.tree.leaves(runner.params))
-    devices = ", ".join(
-        f"{d.platform}:{d.id}" for d in sorted(runner.kv_cache.k.devices(), key=lambda d: d.id)
+    replicas = getattr(core, "replicas", [core])  # several under data parallel
+    devices = " | ".join(
+        ", ".join(f"{d.platform}:{d.id}" for d in sorted(r.runner.kv_cache.k.devices(), key=id_))
+        for r in replicas
     )
     buckets = runner.buckets
     num_programs = len(buckets.token_sizes) * len(buckets.block_sizes)
     return (
         f"LLM(model={args.model!r}, dtype={core.dtype.name}, params={num_params / 1e6:.1f}M, "
         f"devices=[{devices}],\n"
+        f"    tensor_parallel_size={args.tensor_parallel_size}, "
+        f"data_parallel_size={args.data_parallel_size} (KV cache below is per replica),\n"
         f"    max_model_len={core.max_model_len}, max_num_seqs={args.max_num_seqs}, "
         f"max_num_batched_tokens={args.max_num_batched_tokens},\n"
         f"    kv_cache={runner.num_blocks - 1} blocks x {runner.block_size} tokens "

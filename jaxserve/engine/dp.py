@@ -136,6 +136,11 @@ class DPEngineCore:
         return max(c.peak_kv_cache_usage for c in self.replicas)
 
     @property
+    def num_steps(self) -> int:
+        """Steps of all replicas together (each replica's step counts once)."""
+        return sum(c.num_steps for c in self.replicas)
+
+    @property
     def num_compiles_after_warmup(self) -> int:
         return sum(c.num_compiles_after_warmup for c in self.replicas)
 

@@ -48,8 +48,8 @@ def check(result: dict, tp: int) -> None:
     assert result["leaked_blocks"] == [0, 0]
 
 
-def test_dp2_tp1_tiny_model(tiny_model_dir: Path) -> None:
-    check(run_dp_check(str(tiny_model_dir), 1), 1)
+def test_dp2_tp4_tiny_model(tiny_model_dir: Path) -> None:
+    check(run_dp_check(str(tiny_model_dir), 4), 4)
 
 
 @pytest.mark.slow
