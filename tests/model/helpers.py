@@ -10,9 +10,32 @@ import numpy as np
 
 from jaxserve.model import llama
 from jaxserve.model.attention import AttentionMetadata
+from jaxserve.model.spec import ModelSpec
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16  # block 0 is the null block; a request uses blocks 1..12
+
+
+def tiny_spec(**overrides: object) -> ModelSpec:
+    """A small random-weights Llama ModelSpec (4 layers, 4 q / 2 kv heads of 16); tests
+    override only the fields they are about."""
+    fields: dict[str, object] = dict(
+        architecture="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    fields.update(overrides)
+    return ModelSpec(**fields)  # type: ignore[arg-type]
 
 
 def tiny_hf_model(arch: str):

@@ -9,25 +9,10 @@ import pytest
 
 from jaxserve.model import llama
 from jaxserve.model.attention import AttentionMetadata
-from jaxserve.model.spec import ModelSpec
 
-from .helpers import single_request_md
+from .helpers import single_request_md, tiny_spec
 
-SPEC = ModelSpec(
-    architecture="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=4,
-    num_q_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    rope_scaling=None,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
+SPEC = tiny_spec()
 
 
 def _step(params, ids, pos, md, kv_cache):

@@ -49,8 +49,8 @@ def test_accelerator_kv_budget_counts_every_tp_device(monkeypatch: pytest.Monkey
     import jax.numpy as jnp
 
     from jaxserve.config import CacheConfig, SchedulerConfig
-    from jaxserve.model.spec import ModelSpec
     from jaxserve.runner.model_runner import determine_num_blocks, kv_block_bytes
+    from tests.model.helpers import tiny_spec
 
     class FakeGpu:
         process_index = 0
@@ -58,20 +58,14 @@ def test_accelerator_kv_budget_counts_every_tp_device(monkeypatch: pytest.Monkey
         def memory_stats(self) -> dict[str, int]:
             return {"bytes_limit": 1000 << 20, "bytes_in_use": 100 << 20}
 
-    spec = ModelSpec(
-        architecture="llama",
-        vocab_size=64,
+    spec = tiny_spec(
         hidden_size=64,
         intermediate_size=128,
         num_layers=2,
         num_q_heads=8,
         num_kv_heads=8,
         head_dim=8,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
         max_position_embeddings=64,
-        tie_word_embeddings=True,
     )
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     cache, sched = CacheConfig(gpu_memory_utilization=0.5), SchedulerConfig(max_model_len=64)

@@ -157,20 +157,15 @@ def group_orbax(tmp: Path) -> dict:
     import jax.numpy as jnp
 
     from jaxserve.model import checkpoint, llama, sharding
-    from jaxserve.model.spec import ModelSpec
+    from tests.model.helpers import tiny_spec
 
-    spec = ModelSpec(
-        architecture="llama",
+    spec = tiny_spec(
         vocab_size=512,
         hidden_size=128,
         intermediate_size=256,
         num_layers=2,
         num_q_heads=8,
         num_kv_heads=4,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         qkv_bias=True,
