@@ -178,7 +178,6 @@ def ragged_paged_attention(
     **knobs: Any,  # static tuning knobs of the platform's kernel
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; rows of padding tokens are 0
     """Causal ragged paged attention over a flat batch of decode tokens and prefill chunks."""
-    platform = resolve_platform(platform, interpret)
     validate(
         q,
         k_cache,
@@ -190,8 +189,10 @@ def ragged_paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
-        platform=platform,
+        # The kernel interpret=True would pick: input errors come before "no kernel on cpu".
+        platform=resolve_platform(platform, interpret=True),
     )
+    platform = resolve_platform(platform, interpret)
     args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
     kwargs = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap)
     if platform == "tpu":

@@ -43,15 +43,7 @@ def _run(case: Case, **knobs) -> None:
     check(case, GPU_KERNEL, "cuda", **knobs)
 
 
-# The standard battery: the five cases with the default heads and options are padded to one
-# shape (one interpreted compile instead of five); the rest differ in static options anyway.
-_PLAIN = ("decode_only", "prefill_only", "mixed", "block_boundaries", "zero_len_rows")
-STANDARD = pad_alike([c for c in CASES if c.name in _PLAIN]) + [
-    c for c in CASES if c.name not in _PLAIN
-]
-
-
-@pytest.mark.parametrize("case", STANDARD, ids=[c.name for c in STANDARD])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_standard_cases(case):
     assert supports(case, "cuda")  # every standard case has head_dim % 64 == 0
     _run(case)

@@ -77,7 +77,7 @@ def test_poison_reaches_readers():
 def test_no_dma_races():
     # The interpreter's race detector: the prefetch of chunk j+1 never touches the buffer that
     # chunk j's compute reads.
-    case = dataclasses.replace(BY_NAME["mixed"], pad_tokens=0)
+    case = dataclasses.replace(BY_NAME["mixed"], pad_tokens=0, shape=None)
     poisoned, clean = make_inputs(case)
     kw = attention_kwargs(case)
     pltpu.reset_tpu_interpret_mode_state()
