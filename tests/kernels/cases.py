@@ -111,6 +111,34 @@ def make_inputs(case: Case) -> tuple[dict, dict]:  # (poisoned, clean) kernel ke
     return poisoned, clean
 
 
+def input_specs(
+    t: int,
+    r: int,
+    b: int,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    block_size: int,
+    num_blocks: int,
+) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract kernel inputs (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
+    of a step with T tokens, R request rows and B table entries, for jax.export."""
+    sds = jax.ShapeDtypeStruct
+    cache = sds((num_blocks, block_size, num_kv_heads, head_dim), dtype)
+    i32 = jnp.int32
+    return (
+        sds((t, num_q_heads, head_dim), dtype),
+        cache,
+        cache,
+        sds((r,), i32),
+        sds((r, b), i32),
+        sds((r + 1,), i32),
+        sds((1,), i32),
+    )
+
+
 def _pack(case: Case, q, k, v, kv_lens, tables, cu, n) -> dict:
     dt = jnp.dtype(case.dtype)
     return dict(
