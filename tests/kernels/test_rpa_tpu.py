@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ref_ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from tests.kernels.cases import (
     CASES,
     Case,
@@ -24,6 +24,7 @@ from tests.kernels.cases import (
     attention_kwargs,
     check,
     make_inputs,
+    reference,
     supports,
 )
 
@@ -70,8 +71,8 @@ def test_poison_reaches_readers():
     poisoned, clean = make_inputs(case)
     kw = attention_kwargs(case)
     assert bool(jnp.isnan(poisoned["k_cache"][0]).all())  # the null block
-    assert bool(jnp.isnan(ref_ragged_paged_attention(**poisoned, **kw)).any())
-    assert bool(jnp.isfinite(ref_ragged_paged_attention(**clean, **kw)).all())
+    assert bool(jnp.isnan(reference(**poisoned, **kw)).any())
+    assert bool(jnp.isfinite(reference(**clean, **kw)).all())
 
 
 def test_no_dma_races():
@@ -92,7 +93,7 @@ def test_no_dma_races():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
 
     assert ipc.races is not None and ipc.races.races_found is False
-    assert_close(out, ref_ragged_paged_attention(**clean, **kw), case, out.shape[0])
+    assert_close(out, reference(**clean, **kw), case, out.shape[0])
 
 
 def _inputs(**over):
@@ -152,7 +153,7 @@ def test_jittable_with_static_knobs():
         lambda *a: ragged_paged_attention(*a, **kw, platform="tpu", interpret=True, q_block=8)
     )
     out = f(*poisoned.values())
-    ref = ref_ragged_paged_attention(**clean, **kw)
+    ref = reference(**clean, **kw)
     assert_close(out, ref, case, out.shape[0])
     np.testing.assert_array_equal(out, f(*poisoned.values()))  # deterministic
 
