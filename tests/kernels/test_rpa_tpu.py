@@ -29,6 +29,11 @@ from tests.kernels.cases import (
 )
 
 TPU_KERNEL = functools.partial(ragged_paged_attention, platform="tpu", interpret=True)
+# The public entry under jit with its options and knobs static (what the engine's step does).
+JIT_TPU_KERNEL = jax.jit(
+    TPU_KERNEL,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_block", "kv_pages_per_chunk"),
+)
 
 
 def _run(case: Case, **knobs):
@@ -57,7 +62,7 @@ BY_NAME = {c.name: c for c in CASES}
     ],
 )
 def test_kernel_knobs(name, knobs):
-    _run(BY_NAME[name], **knobs)
+    check(BY_NAME[name], JIT_TPU_KERNEL, "tpu", **knobs)
 
 
 def test_block_size_32_and_many_tiles():
@@ -146,16 +151,14 @@ def test_bad_options_named(kw, match):
 
 
 def test_jittable_with_static_knobs():
+    # decode_only has mixed's padded shape: this reuses test_kernel_knobs[mixed]'s compile.
     case = BY_NAME["decode_only"]
     poisoned, clean = make_inputs(case)
     kw = attention_kwargs(case)
-    f = jax.jit(
-        lambda *a: ragged_paged_attention(*a, **kw, platform="tpu", interpret=True, q_block=8)
-    )
-    out = f(*poisoned.values())
-    ref = reference(**clean, **kw)
-    assert_close(out, ref, case, out.shape[0])
-    np.testing.assert_array_equal(out, f(*poisoned.values()))  # deterministic
+    knobs = dict(q_block=8, kv_pages_per_chunk=1)
+    out = JIT_TPU_KERNEL(**poisoned, **kw, **knobs)
+    assert_close(out, reference(**clean, **kw), case, out.shape[0])
+    np.testing.assert_array_equal(out, JIT_TPU_KERNEL(**poisoned, **kw, **knobs))  # deterministic
 
 
 @pytest.mark.parametrize(
