@@ -39,8 +39,22 @@ from tests.kernels.cases import (
 GPU_KERNEL = functools.partial(ragged_paged_attention_gpu, interpret=True)
 
 
-def _run(case: Case, **knobs) -> None:
-    check(case, GPU_KERNEL, "cuda", **knobs)
+def _run(case: Case, *, detect_races: bool = False, **knobs) -> None:
+    if not detect_races:
+        check(case, GPU_KERNEL, "cuda", **knobs)
+        return
+    # The interpreter's happens-before race detector tracks every TMA, barrier and SMEM access:
+    # a TMA refilling a slot the math still reads, or a read before its barrier, is a race.
+    # (It catches both: issuing the f32 K refill before the tile is converted, and refilling
+    # the bf16 slot in use, were tried and flagged.) It runs on two cases below, one per
+    # pipeline: bf16's 2-slot ring (split-K, so several blocks run) and f32's 1-slot landing
+    # buffers; it costs no extra compile there.
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    params = InterpretGPUParams(detect_races=True)
+    check(case, functools.partial(ragged_paged_attention_gpu, interpret=params), "cuda", **knobs)
+    assert not get_races().races_found
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -78,15 +92,17 @@ def test_block_boundaries_other_block_sizes(block_size):
     _run(Case(f"bs{block_size}", (1, 2, 1, 3, 1, 1), kv, block_size=block_size, **_SMALL))
 
 
-@pytest.mark.parametrize(("num_kv_splits", "sliding_window"), [(4, None), (3, 300)])
-def test_long_context_split_k(num_kv_splits, sliding_window):
+@pytest.mark.parametrize(
+    ("num_kv_splits", "sliding_window", "detect_races"), [(4, None, True), (3, 300, False)]
+)
+def test_long_context_split_k(num_kv_splits, sliding_window, detect_races):
     # A long context cut into kv splits merged by the combine step, next to a short request
     # whose extra splits are empty and must weigh nothing; with a window, the splits divide
     # only the window's steps (keys 699..999 here, not 0..999). sm_scale=1 makes the
     # softmax peaky, so the splits' log-sum-exps differ by far and a wrong merge weight shows.
     small = dict(_SMALL, num_q_heads=4)
     case = Case("split_k", (2, 1), (1000, 3), sm_scale=1.0, sliding_window=sliding_window, **small)
-    _run(case, num_kv_splits=num_kv_splits)
+    _run(case, num_kv_splits=num_kv_splits, detect_races=detect_races)
 
 
 def test_default_splits_split_a_small_batch_with_long_contexts():
@@ -129,29 +145,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("case", VARIANTS, ids=[c.name for c in VARIANTS])
 def test_variants(case):
-    _run(case)
-
-
-# --- pipeline synchronization -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_pipeline_has_no_data_races(dtype):
-    # The interpreter's happens-before race detector tracks every TMA, barrier and SMEM access:
-    # a TMA refilling a slot the math still reads, or a read before its barrier, is a race.
-    # (It catches both: issuing the f32 K refill before the tile is converted, and refilling
-    # the bf16 slot in use, were tried and flagged.) bf16 runs the 2-slot ring, f32 the
-    # 1-slot landing buffers; 2 kv splits so several blocks run.
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    small = dict(_SMALL, dtype=dtype)
-    case = Case("races", (20, 1, 0, 1, 13), (152, 30, 17, 5, 13), **small)
-    kernel = functools.partial(
-        ragged_paged_attention_gpu, interpret=InterpretGPUParams(detect_races=True)
-    )
-    check(case, kernel, "cuda", num_kv_splits=2)
-    assert not get_races().races_found
+    _run(case, detect_races=case.dtype == "float32")  # f32's landing-buffer pipeline
 
 
 # --- the test can fail ------------------------------------------------------------------------
