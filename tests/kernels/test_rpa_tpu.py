@@ -7,7 +7,6 @@ an unused block, a slot past a request's length, or a buffer row no DMA filled f
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -32,8 +31,25 @@ TPU_KERNEL = functools.partial(ragged_paged_attention, platform="tpu", interpret
 # The public entry under jit with its options and knobs static (what the engine's step does).
 JIT_TPU_KERNEL = jax.jit(
     TPU_KERNEL,
-    static_argnames=("sm_scale", "sliding_window", "soft_cap", "q_block", "kv_pages_per_chunk"),
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "q_block",
+        "kv_pages_per_chunk",
+        "interpret",
+    ),
 )
+# The interpreter's race detector: the prefetch of chunk j+1 never touches the buffer that
+# chunk j's compute reads. It runs where the double buffer flips most (one page per chunk).
+RACES = pltpu.InterpretParams(detect_races=True)
+
+
+def _assert_no_races() -> None:
+    # The detector's verdict is module state (no public accessor in jax 0.10.2).
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
+    assert ipc.races is not None and ipc.races.races_found is False
 
 
 def _run(case: Case, **knobs):
@@ -54,7 +70,7 @@ BY_NAME = {c.name: c for c in CASES}
     [
         # One page per chunk: many chunks per request, the double buffer flips on every one
         # and prefetches across request boundaries inside a tile.
-        ("mixed", dict(q_block=8, kv_pages_per_chunk=1)),
+        ("mixed", dict(q_block=8, kv_pages_per_chunk=1, interpret=RACES)),
         # A chunk width that does not divide the table (tables padded) and a sliding window
         # that starts mid-chunk.
         ("sliding_window", dict(q_block=16, kv_pages_per_chunk=3)),
@@ -62,32 +78,14 @@ BY_NAME = {c.name: c for c in CASES}
     ],
 )
 def test_kernel_knobs(name, knobs):
+    pltpu.reset_tpu_interpret_mode_state()
     check(BY_NAME[name], JIT_TPU_KERNEL, "tpu", **knobs)
+    if knobs.get("interpret") is RACES:
+        _assert_no_races()
 
 
 def test_block_size_32_and_many_tiles():
     _run(Case("bs32", q_lens=(1, 9, 1, 1), kv_lens=(70, 9, 33, 31), block_size=32), q_block=8)
-
-
-def test_no_dma_races():
-    # The interpreter's race detector: the prefetch of chunk j+1 never touches the buffer that
-    # chunk j's compute reads.
-    case = dataclasses.replace(BY_NAME["mixed"], pad_tokens=0, shape=None)
-    poisoned, clean = make_inputs(case)
-    kw = attention_kwargs(case)
-    pltpu.reset_tpu_interpret_mode_state()
-    params = pltpu.InterpretParams(detect_races=True)
-    from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
-
-    out = ragged_paged_attention_tpu(
-        **poisoned, **kw, q_block=8, kv_pages_per_chunk=1, interpret=params
-    )
-    jax.block_until_ready(out)
-    # The detector's verdict is module state (no public accessor in jax 0.10.2).
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-
-    assert ipc.races is not None and ipc.races.races_found is False
-    assert_close(out, reference(**clean, **kw), case, out.shape[0])
 
 
 def _inputs(**over):
@@ -144,10 +142,11 @@ def test_jittable_with_static_knobs():
     case = BY_NAME["decode_only"]
     poisoned, clean = make_inputs(case)
     kw = attention_kwargs(case)
-    knobs = dict(q_block=8, kv_pages_per_chunk=1)
+    knobs = dict(q_block=8, kv_pages_per_chunk=1, interpret=RACES)
     out = JIT_TPU_KERNEL(**poisoned, **kw, **knobs)
     assert_close(out, reference(**clean, **kw), case, out.shape[0])
     np.testing.assert_array_equal(out, JIT_TPU_KERNEL(**poisoned, **kw, **knobs))  # deterministic
+    _assert_no_races()
 
 
 @pytest.mark.parametrize(
