@@ -13,7 +13,45 @@ import jax
 import jax.numpy as jnp
 
 PLATFORMS = ("tpu", "cuda")
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# Input dtypes per kernel; the CUDA kernel's tensor cores also take float16.
+_DTYPES = {
+    "tpu": (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)),
+    "cuda": (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+}
+
+
+def kernel_platform(backend: str) -> str:
+    """The kernel a jax backend runs: CUDA's on GPUs, else TPU's (interpreted off a TPU)."""
+    return "cuda" if backend in ("gpu", "cuda") else "tpu"
+
+
+def config_error(
+    platform: str, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype
+) -> str | None:
+    """Why `platform`'s kernel cannot serve a model/cache configuration, or None if it can.
+
+    Static facts only (the engine asks once at start, to choose its attention backend).
+    """
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        return (
+            f"num_q_heads={num_q_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
+        )
+    dtype = jnp.dtype(dtype)
+    if dtype not in _DTYPES[platform]:
+        names = ", ".join(d.name for d in _DTYPES[platform])
+        return f"dtype must be one of {names} on {platform}, got {dtype}"
+    if platform == "cuda":
+        from pallas_kernels.ragged_paged_attention import gpu  # lazy: CUDA-only dependencies
+
+        return gpu.config_error(num_q_heads, num_kv_heads, head_dim, block_size, dtype)
+    from pallas_kernels.ragged_paged_attention.tpu import sublane_multiple
+
+    if block_size % (sub := sublane_multiple(dtype)):
+        return (
+            f"block_size={block_size} must be a multiple of {sub} for {dtype} on TPU "
+            "(each page lands in VMEM as whole (sublane x lane) tiles)"
+        )
+    return None
 
 
 def resolve_platform(platform: str | None, interpret: Any) -> str:
@@ -23,10 +61,8 @@ def resolve_platform(platform: str | None, interpret: Any) -> str:
             raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
         return platform
     backend = jax.default_backend()
-    if backend == "tpu":
-        return "tpu"
-    if backend in ("gpu", "cuda"):
-        return "cuda"
+    if backend in ("tpu", "gpu", "cuda"):
+        return kernel_platform(backend)
     if interpret:
         # The TPU interpreter models DMAs and semaphores on CPU, so it is the CPU stand-in.
         return "tpu"
@@ -48,8 +84,10 @@ def validate(
     sm_scale: float,
     sliding_window: int | None,
     soft_cap: float | None,
+    platform: str,
 ) -> None:
-    """Raises ValueError naming the field and its value for any input the kernels cannot take."""
+    """Raises ValueError naming the field and its value for any input `platform`'s kernel
+    cannot take."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, num_q_heads, head_dim], got shape {q.shape}")
     if k_cache.ndim != 4:
@@ -68,8 +106,9 @@ def validate(
             f"num_q_heads={hq} must be a positive multiple of num_kv_heads={hkv} (GQA)"
         )
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if jnp.dtype(x.dtype) not in _DTYPES:
-            raise ValueError(f"{name}.dtype must be float32 or bfloat16, got {x.dtype}")
+        if jnp.dtype(x.dtype) not in _DTYPES[platform]:
+            names = ", ".join(d.name for d in _DTYPES[platform])
+            raise ValueError(f"{name}.dtype must be one of {names} on {platform}, got {x.dtype}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(
             f"q, k_cache, v_cache dtypes must match, got {q.dtype}, {k_cache.dtype}, "
@@ -106,13 +145,9 @@ def validate_tpu(
     unknown = set(knobs) - {"q_block", "kv_pages_per_chunk", "vmem_limit_bytes"}
     if unknown:
         raise ValueError(f"unknown TPU kernel knobs {sorted(unknown)}")
-    sub = sublane_multiple(k_cache.dtype)
-    bs = k_cache.shape[1]
-    if bs % sub:
-        raise ValueError(
-            f"block_size={bs} must be a multiple of {sub} for {k_cache.dtype} on TPU "
-            "(each page lands in VMEM as whole (sublane x lane) tiles)"
-        )
+    _, bs, hkv, d = k_cache.shape
+    if error := config_error("tpu", q.shape[1], hkv, d, bs, k_cache.dtype):
+        raise ValueError(error)
     qb = knobs.get("q_block")
     if qb is not None and (qb <= 0 or qb % sublane_multiple(q.dtype)):
         raise ValueError(
@@ -154,6 +189,8 @@ def ragged_paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        # The kernel interpret=True would pick: input errors come before "no kernel on cpu".
+        platform=resolve_platform(platform, interpret=True),
     )
     platform = resolve_platform(platform, interpret)
     args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)

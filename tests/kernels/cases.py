@@ -9,9 +9,14 @@ finite values there, for the reference (whose masked 0 * NaN would otherwise poi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.ragged_paged_attention.api import config_error
+from pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,17 +31,44 @@ class Case:
     dtype: str = "float32"
     sliding_window: int | None = None
     soft_cap: float | None = None
+    sm_scale: float | None = None  # None: head_dim ** -0.5 (1.0 makes the softmax peaky)
     pad_tokens: int = 3  # padding tokens after the last real one (their rows must come out 0)
     pad_rows: int = 1  # request rows past num_seqs (q_len 0, kv_len 0, null block table)
     extra_pages: int = 1  # unused block-table columns beyond the longest request
     spare_blocks: int = 3  # blocks no request owns (poisoned)
     seed: int = 0
+    # Padded (T, R, B, num_blocks) to use instead of the pad_* fields' (see `pad_alike`).
+    shape: tuple[int, int, int, int] | None = None
+
+    def natural_shape(self) -> tuple[int, int, int, int]:  # (T, R, B, num_blocks) from pad_*
+        pages = [-(-k // self.block_size) for k in self.kv_lens]
+        return (
+            sum(self.q_lens) + self.pad_tokens,
+            len(self.q_lens) + self.pad_rows,
+            max(pages, default=0) + self.extra_pages,
+            1 + sum(pages) + self.spare_blocks,  # block 0 is the null block
+        )
 
 
-# (atol, rtol) of kernel vs the float32-math reference, per input dtype. float32: both sum the
-# same terms in another order (measured max error ~1e-6 at these sizes). bfloat16: the output
-# is rounded to bf16 (2^-8 relative) and kernels feed P to the PV matmul in bf16.
-TOLERANCES = {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)}
+def pad_alike(cases: Sequence[Case]) -> list[Case]:
+    """The cases padded to one common shape (the largest of each dim), so that cases with the
+    same heads, dtype and options share one compiled kernel (interpret mode compiles are the
+    tests' main cost). More padding only adds poisoned rows, blocks and table entries."""
+    shape = tuple(max(dims) for dims in zip(*(c.natural_shape() for c in cases), strict=True))
+    return [dataclasses.replace(c, shape=shape) for c in cases]
+
+
+# (atol, rtol) of each kernel vs the float32-math reference, per input dtype (measured).
+# TPU float32: both sum the same terms in another order (max error ~1e-6 at these sizes).
+# bfloat16 (both): the output is rounded to bf16 (2^-8 relative) and P enters the PV matmul in
+# bf16; the CUDA kernel's max abs error is 1.56e-2 = one bf16 ulp at |out| in [2, 4) (worst
+# relative 2.4e-2 on a 0.1-sized output). CUDA float16: max abs error 9.8e-4, half an f16 ulp
+# at [2, 4). CUDA float32 runs as bf16x3 on the tensor cores (WGMMA has no f32 mode): max abs
+# error 3.0e-5. A masking bug (one key too many or too few) moves outputs by >= 5e-2.
+TOLERANCES = {
+    "tpu": {"float32": (2e-5, 2e-5), "bfloat16": (2e-2, 2e-2)},
+    "cuda": {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 2e-2), "float16": (2e-3, 2e-3)},
+}
 
 
 def make_inputs(case: Case) -> tuple[dict, dict]:  # (poisoned, clean) kernel keyword inputs
@@ -45,10 +77,10 @@ def make_inputs(case: Case) -> tuple[dict, dict]:  # (poisoned, clean) kernel ke
     rng = np.random.default_rng(case.seed)
     bs, hkv, d = case.block_size, case.num_kv_heads, case.head_dim
     n = len(case.q_lens)
-    r = n + case.pad_rows
     pages = [-(-k // bs) for k in case.kv_lens]
-    b = max(pages, default=0) + case.extra_pages
-    num_blocks = 1 + sum(pages) + case.spare_blocks  # block 0 is the null block
+    t, r, b, num_blocks = case.shape or case.natural_shape()
+    total = sum(case.q_lens)
+    assert t >= total and r >= n and b >= max(pages, default=0) and num_blocks > sum(pages)
     # Owned blocks are scattered over the pool in random order (not contiguous per request).
     ids = rng.permutation(np.arange(1, num_blocks))
     tables = np.zeros((r, b), np.int32)
@@ -59,8 +91,6 @@ def make_inputs(case: Case) -> tuple[dict, dict]:  # (poisoned, clean) kernel ke
         start += np_
         for j in range(k):
             owned[tables[i, j // bs], j % bs] = True
-    total = sum(case.q_lens)
-    t = total + case.pad_tokens
     cu = np.zeros(r + 1, np.int32)
     cu[1 : n + 1] = np.cumsum(case.q_lens)
     cu[n + 1 :] = total
@@ -81,6 +111,34 @@ def make_inputs(case: Case) -> tuple[dict, dict]:  # (poisoned, clean) kernel ke
     return poisoned, clean
 
 
+def input_specs(
+    t: int,
+    r: int,
+    b: int,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    block_size: int,
+    num_blocks: int,
+) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract kernel inputs (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
+    of a step with T tokens, R request rows and B table entries, for jax.export."""
+    sds = jax.ShapeDtypeStruct
+    cache = sds((num_blocks, block_size, num_kv_heads, head_dim), dtype)
+    i32 = jnp.int32
+    return (
+        sds((t, num_q_heads, head_dim), dtype),
+        cache,
+        cache,
+        sds((r,), i32),
+        sds((r, b), i32),
+        sds((r + 1,), i32),
+        sds((1,), i32),
+    )
+
+
 def _pack(case: Case, q, k, v, kv_lens, tables, cu, n) -> dict:
     dt = jnp.dtype(case.dtype)
     return dict(
@@ -97,14 +155,15 @@ def _pack(case: Case, q, k, v, kv_lens, tables, cu, n) -> dict:
 def attention_kwargs(case: Case) -> dict:
     """The non-array arguments every kernel and the reference take for this case."""
     return dict(
-        sm_scale=case.head_dim**-0.5,
+        sm_scale=case.head_dim**-0.5 if case.sm_scale is None else case.sm_scale,
         sliding_window=case.sliding_window,
         soft_cap=case.soft_cap,
     )
 
 
-def assert_close(out, ref, case: Case, num_tokens: int) -> None:
-    """Kernel output vs reference within the dtype's tolerance; padding rows exactly 0."""
+def assert_close(out, ref, case: Case, num_tokens: int, platform: str = "tpu") -> None:
+    """`platform`'s kernel output vs reference within the dtype's tolerance (TOLERANCES);
+    finite everywhere (a stray read of poison is NaN); padding rows exactly 0."""
     out = np.asarray(jnp.asarray(out, jnp.float32))
     ref = np.asarray(jnp.asarray(ref, jnp.float32))
     assert out.shape == ref.shape, (out.shape, ref.shape)
@@ -113,15 +172,35 @@ def assert_close(out, ref, case: Case, num_tokens: int) -> None:
         sorted(set(np.nonzero(~np.isfinite(out))[0].tolist()))[:10]
     )
     np.testing.assert_array_equal(out[total:num_tokens], 0.0, err_msg=f"{case.name}: padding")
-    atol, rtol = TOLERANCES[case.dtype]
+    atol, rtol = TOLERANCES[platform][case.dtype]
     np.testing.assert_allclose(out, ref, atol=atol, rtol=rtol, err_msg=case.name)
+
+
+# Jitted once per shape and options: eager op-by-op dispatch of the reference costs more than
+# compiling it.
+reference = jax.jit(
+    ref_ragged_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap")
+)
+
+
+def supports(case: Case, platform: str) -> bool:
+    """Whether `platform`'s kernel takes this case's heads, head_dim, block size and dtype."""
+    hq, hkv, d, bs = case.num_q_heads, case.num_kv_heads, case.head_dim, case.block_size
+    return config_error(platform, hq, hkv, d, bs, case.dtype) is None
+
+
+def check(case: Case, kernel: Callable, platform: str, **knobs) -> None:
+    """kernel(**poisoned inputs, **attention kwargs, **knobs) vs the reference on clean ones."""
+    poisoned, clean = make_inputs(case)
+    kw = attention_kwargs(case)
+    out = kernel(**poisoned, **kw, **knobs)
+    assert_close(out, reference(**clean, **kw), case, poisoned["q"].shape[0], platform)
 
 
 B16 = 16  # the engine's default block size
 
 
-# The standard battery: every backend's kernel is checked on these.
-CASES = (
+_BATTERY = (
     Case("decode_only", q_lens=(1, 1, 1, 1, 1), kv_lens=(5, 16, 17, 40, 1)),
     Case("prefill_only", q_lens=(20, 9), kv_lens=(20, 9)),
     Case("mixed", q_lens=(1, 13, 1, 7), kv_lens=(33, 13, 2, 30)),
@@ -146,7 +225,16 @@ CASES = (
         head_dim=64,
         dtype="bfloat16",
         sliding_window=20,
-        soft_cap=30.0,
+        # A cap the scores reach (sm_scale 0.5: scores ~ N(0, 4^2)), so capping changes them.
+        soft_cap=5.0,
+        sm_scale=0.5,
     ),
     Case("zero_len_rows", q_lens=(1, 0, 4, 0), kv_lens=(9, 0, 4, 3), pad_rows=2),
 )
+
+# The standard battery: every backend's kernel is checked on these (where it takes the case:
+# `supports`). The cases with the default heads, dtype and options are padded to one shape so
+# that each kernel compiles them once (long_context keeps its own: no padding request rows).
+_ONE_SHAPE = ("decode_only", "prefill_only", "mixed", "block_boundaries", "zero_len_rows")
+_PADDED = {c.name: c for c in pad_alike([c for c in _BATTERY if c.name in _ONE_SHAPE])}
+CASES = tuple(_PADDED.get(c.name, c) for c in _BATTERY)

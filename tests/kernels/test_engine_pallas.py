@@ -4,6 +4,8 @@ prefill+decode steps and decode-only steps all pass through the kernel."""
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -51,28 +53,73 @@ def test_auto_backend_on_this_host_is_xla_on_cpu():
     assert resolve_attention_backend("auto") == "xla"
 
 
-def test_pallas_step_updates_cache_in_place():
-    # The KV update stays the donated XLA scatter under the pallas backend: the step's output
-    # cache is the input buffer and no layer-sized copy appears (kernel reads the flat view).
-    from jaxserve.model import llama
-    from jaxserve.model.attention import AttentionMetadata
+def _spec(head_dim: int, num_q_heads: int = 4, num_kv_heads: int = 2):
     from jaxserve.model.spec import ModelSpec
 
-    spec = ModelSpec(
+    return ModelSpec(
         architecture="llama",
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
         num_layers=4,
-        num_q_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
         rope_scaling=None,
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cuda"])
+def test_cuda_refusal_falls_back_to_xla_with_one_warning(platform, caplog):
+    # The CUDA kernel needs head_dim % 64 == 0: auto keeps such a model on xla and says why.
+    kw = dict(spec=_spec(head_dim=96), dtype=jnp.bfloat16, block_size=16)
+    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.core"):
+        assert resolve_attention_backend("auto", platform, **kw) == "xla"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "head_dim=96 must be a multiple of 64" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.core"):
+        ok = dict(kw, spec=_spec(head_dim=128))
+        assert resolve_attention_backend("auto", platform, **ok) == "pallas"
+    assert not caplog.records  # a configuration the kernel takes stays quiet
+
+
+@pytest.mark.parametrize(
+    "platform,kw,match",
+    [
+        ("gpu", dict(spec=_spec(96), dtype=jnp.bfloat16, block_size=16), "head_dim=96"),
+        ("cuda", dict(spec=_spec(128), dtype=jnp.float32, block_size=128), "shared memory"),
+        ("cuda", dict(spec=_spec(64), dtype=jnp.bfloat16, block_size=4), "block_size=4"),
+        ("tpu", dict(spec=_spec(128), dtype=jnp.float16, block_size=16), "float16"),
+        ("cpu", dict(spec=_spec(64), dtype=jnp.bfloat16, block_size=8), "block_size=8"),
+    ],
+)
+def test_explicit_pallas_with_a_refused_config_raises_at_start(platform, kw, match):
+    # Named at engine start (the engine calls this before building the runner), not inside
+    # the first step's trace. On CPU "pallas" means the TPU kernel, interpreted.
+    with pytest.raises(ValueError, match=f"attention_backend='pallas'.*{match}"):
+        resolve_attention_backend("pallas", platform, **kw)
+
+
+def test_explicit_pallas_on_a_config_the_kernel_takes():
+    kw = dict(spec=_spec(64, 9, 3), dtype=jnp.bfloat16, block_size=16)  # SmolLM2-135M's heads
+    for platform in ("gpu", "tpu", "cpu"):
+        assert resolve_attention_backend("pallas", platform, **kw) == "pallas"
+    assert resolve_attention_backend("auto", "cpu", **kw) == "xla"  # CPU never checks a kernel
+
+
+def test_pallas_step_updates_cache_in_place():
+    # The KV update stays the donated XLA scatter under the pallas backend: the step's output
+    # cache is the input buffer and no layer-sized copy appears (kernel reads the flat view).
+    from jaxserve.model import llama
+    from jaxserve.model.attention import AttentionMetadata
+
+    spec = _spec(head_dim=16)
     cache = llama.init_kv_cache(spec, 512, 8)  # 4 MiB; one layer is 1 MiB
     md = AttentionMetadata(
         slot_mapping=jnp.arange(8, 12, dtype=jnp.int32),

@@ -22,6 +22,7 @@ from pallas_kernels.ragged_paged_attention.gpu import (
     default_num_kv_splits,
     ragged_paged_attention_gpu,
 )
+from tests.kernels.cases import input_specs
 
 # Two step shapes per configuration: (T tokens, R request rows, B table entries per row).
 # A small decode batch over long contexts takes the split-K path; a big mixed step does not.
@@ -47,16 +48,16 @@ CONFIGS = [
 
 def _specs(t, r, b, *, head_dim, block_size, dtype, heads):
     hq, hkv = heads
-    num_blocks = r * b + 1
-    sds = jax.ShapeDtypeStruct
-    return (
-        sds((t, hq, head_dim), dtype),
-        sds((num_blocks, block_size, hkv, head_dim), dtype),
-        sds((num_blocks, block_size, hkv, head_dim), dtype),
-        sds((r,), jnp.int32),
-        sds((r, b), jnp.int32),
-        sds((r + 1,), jnp.int32),
-        sds((1,), jnp.int32),
+    return input_specs(
+        t,
+        r,
+        b,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=head_dim,
+        dtype=dtype,
+        block_size=block_size,
+        num_blocks=r * b + 1,
     )
 
 

@@ -17,6 +17,7 @@ from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.runner.step_inputs import Buckets
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention import tpu as rpa_tpu
+from tests.kernels.cases import input_specs
 
 # jax's device_kind strings for TPU v5e and v6e (tpu_info.chip_version_from_device_kind)
 DEVICE_KINDS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}
@@ -51,10 +52,18 @@ def _export(fn, shapes, kind: str) -> jax.export.Exported:
 
 
 def _shapes(t, r, b, hq, hkv, d, dtype, block_size=16):
-    s = jax.ShapeDtypeStruct
-    cache = s((NUM_LAYERS * NUM_BLOCKS, block_size, hkv, d), dtype)  # the engine's flat view
-    i32 = jnp.int32
-    return (s((t, hq, d), dtype), cache, cache, s((r,), i32), s((r, b), i32), s((r + 1,), i32))
+    # The engine's flat cache view [L * num_blocks, ...]; num_seqs is made inside the step.
+    return input_specs(
+        t,
+        r,
+        b,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        dtype=dtype,
+        block_size=block_size,
+        num_blocks=NUM_LAYERS * NUM_BLOCKS,
+    )[:6]
 
 
 @pytest.mark.parametrize("chip", sorted(DEVICE_KINDS))

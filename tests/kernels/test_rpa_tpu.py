@@ -7,7 +7,7 @@ an unused block, a slot past a request's length, or a buffer row no DMA filled f
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +15,50 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ref_ragged_paged_attention
-from tests.kernels.cases import CASES, Case, assert_close, attention_kwargs, make_inputs
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from tests.kernels.cases import (
+    CASES,
+    Case,
+    assert_close,
+    attention_kwargs,
+    check,
+    make_inputs,
+    reference,
+    supports,
+)
+
+TPU_KERNEL = functools.partial(ragged_paged_attention, platform="tpu", interpret=True)
+# The public entry under jit with its options and knobs static (what the engine's step does).
+JIT_TPU_KERNEL = jax.jit(
+    TPU_KERNEL,
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "q_block",
+        "kv_pages_per_chunk",
+        "interpret",
+    ),
+)
+# The interpreter's race detector: the prefetch of chunk j+1 never touches the buffer that
+# chunk j's compute reads. It runs where the double buffer flips most (one page per chunk).
+RACES = pltpu.InterpretParams(detect_races=True)
+
+
+def _assert_no_races() -> None:
+    # The detector's verdict is module state (no public accessor in jax 0.10.2).
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
+    assert ipc.races is not None and ipc.races.races_found is False
 
 
 def _run(case: Case, **knobs):
-    poisoned, clean = make_inputs(case)
-    kw = attention_kwargs(case)
-    out = ragged_paged_attention(**poisoned, **kw, platform="tpu", interpret=True, **knobs)
-    ref = ref_ragged_paged_attention(**clean, **kw)
-    assert_close(out, ref, case, poisoned["q"].shape[0])
+    check(case, TPU_KERNEL, "tpu", **knobs)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernel_matches_reference(case):
+    assert supports(case, "tpu")  # the standard battery is all TPU-shaped
     _run(case)
 
 
@@ -40,7 +70,7 @@ BY_NAME = {c.name: c for c in CASES}
     [
         # One page per chunk: many chunks per request, the double buffer flips on every one
         # and prefetches across request boundaries inside a tile.
-        ("mixed", dict(q_block=8, kv_pages_per_chunk=1)),
+        ("mixed", dict(q_block=8, kv_pages_per_chunk=1, interpret=RACES)),
         # A chunk width that does not divide the table (tables padded) and a sliding window
         # that starts mid-chunk.
         ("sliding_window", dict(q_block=16, kv_pages_per_chunk=3)),
@@ -48,43 +78,14 @@ BY_NAME = {c.name: c for c in CASES}
     ],
 )
 def test_kernel_knobs(name, knobs):
-    _run(BY_NAME[name], **knobs)
+    pltpu.reset_tpu_interpret_mode_state()
+    check(BY_NAME[name], JIT_TPU_KERNEL, "tpu", **knobs)
+    if knobs.get("interpret") is RACES:
+        _assert_no_races()
 
 
 def test_block_size_32_and_many_tiles():
     _run(Case("bs32", q_lens=(1, 9, 1, 1), kv_lens=(70, 9, 33, 31), block_size=32), q_block=8)
-
-
-def test_poison_reaches_readers():
-    # The test's power: a reader of the poisoned input (the reference gathers every table
-    # entry, null blocks included) is NaN, while the clean input gives finite values.
-    case = BY_NAME["mixed"]
-    poisoned, clean = make_inputs(case)
-    kw = attention_kwargs(case)
-    assert bool(jnp.isnan(poisoned["k_cache"][0]).all())  # the null block
-    assert bool(jnp.isnan(ref_ragged_paged_attention(**poisoned, **kw)).any())
-    assert bool(jnp.isfinite(ref_ragged_paged_attention(**clean, **kw)).all())
-
-
-def test_no_dma_races():
-    # The interpreter's race detector: the prefetch of chunk j+1 never touches the buffer that
-    # chunk j's compute reads.
-    case = dataclasses.replace(BY_NAME["mixed"], pad_tokens=0)
-    poisoned, clean = make_inputs(case)
-    kw = attention_kwargs(case)
-    pltpu.reset_tpu_interpret_mode_state()
-    params = pltpu.InterpretParams(detect_races=True)
-    from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
-
-    out = ragged_paged_attention_tpu(
-        **poisoned, **kw, q_block=8, kv_pages_per_chunk=1, interpret=params
-    )
-    jax.block_until_ready(out)
-    # The detector's verdict is module state (no public accessor in jax 0.10.2).
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-
-    assert ipc.races is not None and ipc.races.races_found is False
-    assert_close(out, ref_ragged_paged_attention(**clean, **kw), case, out.shape[0])
 
 
 def _inputs(**over):
@@ -137,16 +138,15 @@ def test_bad_options_named(kw, match):
 
 
 def test_jittable_with_static_knobs():
+    # decode_only has mixed's padded shape: this reuses test_kernel_knobs[mixed]'s compile.
     case = BY_NAME["decode_only"]
     poisoned, clean = make_inputs(case)
     kw = attention_kwargs(case)
-    f = jax.jit(
-        lambda *a: ragged_paged_attention(*a, **kw, platform="tpu", interpret=True, q_block=8)
-    )
-    out = f(*poisoned.values())
-    ref = ref_ragged_paged_attention(**clean, **kw)
-    assert_close(out, ref, case, out.shape[0])
-    np.testing.assert_array_equal(out, f(*poisoned.values()))  # deterministic
+    knobs = dict(q_block=8, kv_pages_per_chunk=1, interpret=RACES)
+    out = JIT_TPU_KERNEL(**poisoned, **kw, **knobs)
+    assert_close(out, reference(**clean, **kw), case, out.shape[0])
+    np.testing.assert_array_equal(out, JIT_TPU_KERNEL(**poisoned, **kw, **knobs))  # deterministic
+    _assert_no_races()
 
 
 @pytest.mark.parametrize(
