@@ -127,7 +127,14 @@ class EngineCore:
             num_blocks=num_blocks,
             cache_config=cache_config,
             scheduler_config=scheduler_config,
-            attention_backend=resolve_attention_backend(model_config.attention_backend),
+            attention_backend=resolve_attention_backend(
+                model_config.attention_backend,
+                devices[0].platform if devices else None,
+                # the shapes each device's kernel sees (kv heads repeated when TP > kv heads)
+                spec=sharding.tp_spec(spec, tp),
+                dtype=self.dtype,
+                block_size=cache_config.block_size,
+            ),
             tensor_parallel_size=tp,
             devices=devices,
         )

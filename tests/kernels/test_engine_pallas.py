@@ -141,3 +141,18 @@ def test_pallas_step_updates_cache_in_place():
     cache_bytes = cache.k.nbytes + cache.v.nbytes
     assert mem.alias_size_in_bytes == cache_bytes
     assert mem.temp_size_in_bytes < cache_bytes // (4 * spec.num_layers)
+
+
+@pytest.mark.parametrize("backend, want", [("auto", "xla"), ("pallas", None)])
+def test_engine_start_checks_the_kernel_on_cuda(tiny_model_dir, monkeypatch, backend, want):
+    # The tiny model's head_dim 16 is not a multiple of 64, which the CUDA kernel needs: an
+    # engine "on a GPU" must pick xla under auto and refuse pallas at start, naming head_dim.
+    # (kv_cache_memory: the GPU memory-stats sizing path would read this CPU's stats.)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    args = dict(ENGINE, kv_cache_memory=1 << 20, attention_backend=backend)
+    if want is None:
+        with pytest.raises(ValueError, match="head_dim"):
+            LLM(str(tiny_model_dir), **args)
+        return
+    with LLM(str(tiny_model_dir), **args) as llm:
+        assert llm._engine().core.runner.attention_backend == want
