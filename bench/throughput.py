@@ -136,6 +136,22 @@ def run_jaxserve(
     }
 
 
+def run_attention_ceiling(
+    prompts: list[list[int]], max_tokens: int, engine_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Workload A with attention replaced by a no-op: what the rest of the step (weights,
+    MLP, lm_head, sampler, host work) allows on this machine. The tokens are garbage; the
+    number is the ceiling any attention implementation leaves room under."""
+    import jaxserve.model.layers as layers
+
+    real = layers.paged_attention
+    layers.paged_attention = lambda q, *args, **kwargs: q  # traced into a fresh engine's jit
+    try:
+        return run_jaxserve(prompts, max_tokens, engine_kwargs)
+    finally:
+        layers.paged_attention = real
+
+
 def run_caching_cost(
     num_requests: int, prompt_len: int, output_len: int, reps: int, engine: dict[str, Any]
 ) -> dict[str, Any]:
@@ -236,7 +252,7 @@ def main() -> None:
     ap.add_argument("--data-parallel-size", type=int, default=1)
     ap.add_argument("--comm-tp", type=int, default=8, help="TP size of the COMM report")
     ap.add_argument("--comm-model", default="llama3-8b", choices=sorted(COMM_MODELS))
-    ap.add_argument("--skip", default="", help="comma list of A,B,C,KV,HF,COMM to skip")
+    ap.add_argument("--skip", default="", help="comma list of A,B,C,KV,HF,CEIL,COMM to skip")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.upper().split(",")))
@@ -286,6 +302,17 @@ def main() -> None:
                     f"jaxserve {record['A_vs_hf_batch8']:.1f}x (target >= 4x)",
                 )
             )
+        if "CEIL" not in skip:
+            ceil = run_attention_ceiling(
+                prompts_a, args.output_len, {**engine, "max_model_len": a_len}
+            )
+            record["A_no_attention_ceiling"] = {k: v for k, v in ceil.items() if k != "token_ids"}
+            note = "attention a no-op: the ceiling for A on this machine"
+            if "A_hf_batch1" in record:
+                b1 = ceil["output_tok_s"] / record["A_hf_batch1"]["output_tok_s"]
+                b8 = ceil["output_tok_s"] / record["A_hf_batch8"]["output_tok_s"]
+                note += f" ({b1:.1f}x batch 1, {b8:.1f}x batch 8)"
+            rows.append(("A ceiling (no attention)", ceil["output_tok_s"], note))
     if "C" not in skip:
         c = run_caching_cost(
             args.num_requests,
