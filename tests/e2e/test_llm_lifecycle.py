@@ -248,3 +248,14 @@ def test_repr_names_the_engine(llm):
         "attention_backend='xla'",
     ):
         assert part in text, text
+
+
+def test_weights_are_on_the_device_once(tiny_model_dir):
+    # vllm#21073's cousin: the loaded weights and the runner's placed copy both alive would
+    # hold the model twice. An open engine holds exactly its params and its KV cache.
+    gc.collect()
+    before = live_device_bytes()
+    with LLM(str(tiny_model_dir), **ENGINE) as fresh:
+        runner = fresh._engine().core.runner
+        params = sum(x.nbytes for x in jax.tree.leaves(runner.params))
+        assert live_device_bytes() - before == params + runner.kv_cache_bytes
