@@ -28,6 +28,7 @@ from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.router import pick_replica, replica_load
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.engine.core import EngineCore
+from jaxserve.model import sharding
 from jaxserve.model.loader import load_model, resolve_dtype
 from jaxserve.request import Request
 
@@ -79,9 +80,11 @@ class DPEngineCore:
             )
         tp = args.tensor_parallel_size
         slices = replica_device_slices(args.data_parallel_size, tp, devices)
-        # Read from disk once; each replica's runner places its own copy on its slice and
-        # the loaded one is dropped when the last replica is built.
-        loaded = load_model(args.model, resolve_dtype(args.dtype))
+        # Read from disk once, straight onto replica 0's slice (sharded over its mesh under
+        # TP, so no device ever holds the whole model); every other replica's runner copies
+        # it shard by shard onto its own slice, and this reference dies with __init__.
+        mesh = sharding.make_mesh(tp, slices[0]) if tp > 1 else None
+        loaded = load_model(args.model, resolve_dtype(args.dtype), mesh=mesh)
         self.replicas: list[EngineCore] = [
             EngineCore(args, loaded=loaded, show_progress=show_progress, devices=devices)
             for devices in slices
@@ -190,6 +193,7 @@ class DPEngineCore:
                 self._owner.pop(o.request_id, None)
         if not stepped:
             return EngineCoreOutputs()
+        # Fresh from every replica (an idle one's blocks change too, when aborts free them).
         self.last_stats = self.make_stats()
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.last_stats)
 
