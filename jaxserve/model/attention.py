@@ -2,8 +2,9 @@
 
 The cache is one block array per K and V, stacked over layers; a token's KV lives at flat slot
 `block_id * block_size + offset`. Block 0 is the null block: padding tokens write there and the
-block manager never hands it out. The `xla` attention below is the CPU backend and the
-reference every Pallas kernel is tested against.
+block manager never hands it out. The `xla` attention below is the CPU backend; it and every
+Pallas kernel are tested against one readable reference,
+`pallas_kernels.ragged_paged_attention.reference.ref_paged_attention`.
 """
 
 from __future__ import annotations
@@ -60,69 +61,6 @@ def write_kv(
     return flat.at[slot_mapping].set(new.astype(cache.dtype)).reshape(nb, bs, hkv, d)
 
 
-# Upper bound on the elements of one gathered K (tokens x context x kv heads x head_dim) before
-# the attention is split into token chunks, to keep CPU memory per layer bounded (~128 MiB f32).
-_MAX_GATHER_ELEMS = 1 << 25
-
-
-def ref_paged_attention(
-    q: jax.Array,  # [T, num_q_heads, head_dim]
-    k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim] one layer
-    v_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    positions: jax.Array,  # i32[T] position of each query token in its request
-    md: AttentionMetadata,
-    *,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-) -> jax.Array:  # [T, num_q_heads, head_dim]
-    """Ragged paged attention in plain jnp: each token attends to its own request's blocks.
-
-    Causality comes from positions: a token sees keys at positions <= its own (every such key
-    was written this step or earlier), so prefill chunks and decodes mix freely in one batch.
-    The readable reference (one softmax over the whole gathered context); the engine runs
-    xla_paged_attention, which computes the same thing a few blocks at a time.
-    """
-    t, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
-    b = md.block_tables.shape[1]
-    s = b * bs
-    group = hq // hkv
-    key_pos = jnp.arange(s, dtype=jnp.int32)
-
-    def attend(q_c, pos_c, req_c):  # one chunk of tokens
-        tables = md.block_tables[req_c]  # [Tc, B]
-        k = k_cache[tables].reshape(-1, s, hkv, d)
-        v = v_cache[tables].reshape(-1, s, hkv, d)
-        qg = q_c.reshape(-1, hkv, group, d).astype(jnp.float32)
-        scores = jnp.einsum("tkgd,tskd->tkgs", qg, k.astype(jnp.float32)) * sm_scale
-        if soft_cap is not None:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        mask = key_pos[None, :] <= pos_c[:, None]
-        if sliding_window is not None:
-            mask &= key_pos[None, :] > pos_c[:, None] - sliding_window
-        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("tkgs,tskd->tkgd", probs, v.astype(jnp.float32))
-        return out.reshape(-1, hq, d).astype(q.dtype)
-
-    chunk = t
-    while chunk > 1 and chunk * s * hkv * d > _MAX_GATHER_ELEMS and chunk % 2 == 0:
-        chunk //= 2
-    if chunk == t:
-        return attend(q, positions, md.token_req_idx)
-    n = t // chunk
-    out = jax.lax.map(
-        lambda args: attend(*args),
-        (
-            q.reshape(n, chunk, hq, d),
-            positions.reshape(n, chunk),
-            md.token_req_idx.reshape(n, chunk),
-        ),
-    )
-    return out.reshape(t, hq, d)
-
-
 # Keys per step of xla_paged_attention's loop over the context: small enough that one step's
 # gathered K/V stays in cache, large enough that the loop overhead does not show (measured on
 # a 2-core CPU: 32 keys beat 16 and 64-128 by 20-40%).
@@ -140,7 +78,8 @@ def xla_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
-    """ref_paged_attention computed over chunks of blocks with an online softmax.
+    """The reference attention (pallas_kernels' ref_paged_attention) computed over chunks of
+    blocks with an online softmax.
 
     NOTE: gathering the whole context per token materialises T x S x kv_heads x head_dim
     floats per layer, and on CPU that memory traffic, not the math, was the cost. Walking the

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ragged_paged_attention.api import validate
 from pallas_kernels.ragged_paged_attention.gpu_kernel import (
     ROWS_PER_TILE,
     attention_kernel,
     hi_lo,
     smem_transforms,
 )
+from pallas_kernels.ragged_paged_attention.validation import validate
 
 # SMs on an H100 SXM; the split-K heuristic aims to give each of them a block.
 _H100_SMS = 132

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model.attention import AttentionMetadata, ref_paged_attention, xla_paged_attention
+from jaxserve.model.attention import AttentionMetadata, xla_paged_attention
+from pallas_kernels.ragged_paged_attention.reference import ref_paged_attention
 
 BLOCK_SIZE = 4
 
@@ -58,7 +59,11 @@ def test_chunked_matches_reference(case, hq, hkv, window, cap):
     q, k, v, pos, md = ragged_batch(*CASES[case], hq=hq, hkv=hkv)
     kw = dict(sm_scale=0.25, sliding_window=window, soft_cap=cap)
     got = jax.jit(lambda *a: xla_paged_attention(*a, **kw))(q, k, v, pos, md)
-    want = jax.jit(lambda *a: ref_paged_attention(*a, **kw))(q, k, v, pos, md)
+    want = jax.jit(
+        lambda q, k, v, pos, md: ref_paged_attention(
+            q, k, v, pos, md.token_req_idx, md.block_tables, **kw
+        )
+    )(q, k, v, pos, md)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
