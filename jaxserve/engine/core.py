@@ -177,6 +177,7 @@ class EngineCore:
             return 0.0
         except Exception as e:
             if not is_auto_pallas:
+                runner.close()  # the engine never comes to be: free its device buffers now
                 raise
             why = (str(e).strip().splitlines() or [""])[0][:300]
             logger.error(
