@@ -48,13 +48,7 @@ from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine import ipc
 from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
 from jaxserve.engine.core_proc import PROBE_ID_PREFIX
-from jaxserve.engine.core_process import (
-    POLL_INTERVAL_MS,
-    CoreProcess,
-    CoreStartError,
-    RestartBudget,
-    describe_exit,
-)
+from jaxserve.engine.core_process import CoreSupervisor
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.model.loader import load_tokenizer
@@ -67,8 +61,6 @@ logger = logging.getLogger(__name__)
 # --max-core-restarts default).
 DEFAULT_MAX_CORE_RESTARTS = 5
 CORE_RESTART_WINDOW_S = 600.0
-# seconds a dead core's process gets to exit on its own before it is killed
-_DEAD_CORE_EXIT_S = 2.0
 
 
 @dataclass
@@ -80,7 +72,7 @@ class _RequestEntry:
     prompt: ProcessedPrompt
     # the core request ids of its completions (n of them)
     core_ids: list[str]
-    # which core process it was sent to (AsyncLLM._generation at the time)
+    # which core process it was sent to (CoreSupervisor.generation at the time)
     generation: int
     # True until its first output arrives (counted against max_waiting_requests)
     is_waiting: bool = True
@@ -93,16 +85,6 @@ class _Pending:
 
     embeds: dict[str, asyncio.Future[list[float]]] = field(default_factory=dict)
     probes: dict[str, asyncio.Future[ipc.ProbeResult]] = field(default_factory=dict)
-
-
-@dataclass
-class _Death:
-    """Why a core process is gone."""
-
-    # short, shown to clients and /health
-    reason: str
-    # the core's traceback when it sent one (the log only)
-    traceback: str | None = None
 
 
 class AsyncLLM(EngineClient):
@@ -127,37 +109,30 @@ class AsyncLLM(EngineClient):
         self.model_name = served_model_name or args.model
         # user requests not yet producing output at which generate() raises EngineOverloaded
         self.max_waiting_requests = max_waiting_requests
-        self.hang_timeout_s = hang_timeout_s
-        self.startup_timeout_s = 1800.0
-        self._restart_budget = RestartBudget(max_core_restarts, core_restart_window_s)
-        # engine-core processes started after the first (exported in /metrics)
-        self.num_core_restarts = 0
+        self._supervisor = CoreSupervisor(
+            args,
+            on_message=self._dispatch,
+            on_death=self._on_death,
+            has_work=lambda: bool(self._requests),
+            hang_timeout_s=hang_timeout_s,
+            max_restarts=max_core_restarts,
+            restart_window_s=core_restart_window_s,
+        )
         self.max_model_len = 0
         self.tokenizer: Any = None
         self.ready: ipc.Ready | None = None
         self.input_processor: InputProcessor | None = None
         self.output_processor: OutputProcessor | None = None
-        # set for good: shut down, or the restart budget is spent
-        self._dead_reason: str | None = None
-        # set when the engine gave up (not on shutdown): wait_dead() returns
-        self._gave_up = asyncio.Event()
-        # set while a new core is starting after a death
-        self._restarting: str | None = None
-        self._is_shut_down = False
+        # set on shutdown
+        self._shut_down_reason: str | None = None
         self._stats = SchedulerStats()
-        self._last_heartbeat = time.monotonic()
         self._requests: dict[str, _RequestEntry] = {}
         # core request id -> user request id (for per-request core Errors)
         self._core_to_user: dict[str, str] = {}
         self._pending = _Pending()
         self._ids = itertools.count()
-        self._core: CoreProcess | None = None
-        # the pid of the latest core started (still readable after it is gone)
-        self._core_pid: int | None = None
-        # bumped at each core death: requests sent to a dead core are never aborted in a new one
-        self._generation = 0
         self._codec = ipc.client_codec()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisor_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(
@@ -187,16 +162,14 @@ class AsyncLLM(EngineClient):
 
         Raises RuntimeError with the core's own error when its start-up fails.
         """
-        self.startup_timeout_s = startup_timeout_s
         loop = asyncio.get_running_loop()
-        self._core = CoreProcess(self.args)
-        self._core_pid = self._core.pid
+        start = asyncio.ensure_future(self._supervisor.start(startup_timeout_s))
         # The tokenizer loads while the core loads weights; the core's own error (e.g. a bad
         # model path) is the one reported, so it is awaited first.
         tokenizer_name = self.args.tokenizer or self.args.model
         tokenizer_future = loop.run_in_executor(None, load_tokenizer, tokenizer_name)
         try:
-            self.ready = await asyncio.wait_for(self._core.wait_ready(), startup_timeout_s)
+            self.ready = await start
             self.tokenizer = await tokenizer_future
         except BaseException:
             tokenizer_future.cancel()
@@ -212,8 +185,9 @@ class AsyncLLM(EngineClient):
             seed=self.args.seed,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self._last_heartbeat = time.monotonic()
-        self._supervisor = asyncio.create_task(self._supervise(), name="jaxserve-core-supervisor")
+        self._supervisor_task = asyncio.create_task(
+            self._supervisor.run(), name="jaxserve-core-supervisor"
+        )
 
     # ---- EngineClient ----------------------------------------------------------------
 
@@ -273,15 +247,14 @@ class AsyncLLM(EngineClient):
             for r in requests
         ]
         core_ids = [r.request_id for r in requests]
-        entry = _RequestEntry(asyncio.Queue(), processed, core_ids, self._generation)
+        entry = _RequestEntry(asyncio.Queue(), processed, core_ids, self._supervisor.generation)
         try:
             self._requests[request_id] = entry
             for core_id in core_ids:
                 self._core_to_user[core_id] = request_id
             self.output_processor.add_request(request_id, processed, params, core_ids, stream=True)
-            assert self._core is not None
             for data in messages:
-                self._core.send(data)
+                self._supervisor.send(data)
             while True:
                 item = await entry.queue.get()
                 if isinstance(item, BaseException):
@@ -360,57 +333,58 @@ class AsyncLLM(EngineClient):
     @property
     def dead_reason(self) -> str | None:
         """Set only when the engine is gone for good (shut down, or restarts spent)."""
-        return self._dead_reason
+        return self._shut_down_reason or self._supervisor.gave_up_reason
 
     @property
     def unavailable_reason(self) -> str | None:
-        if self._dead_reason is not None:
-            return self._dead_reason
-        if self._restarting is not None:
-            return self._restarting
+        dead = self.dead_reason
+        if dead is not None:
+            return dead
+        if self._supervisor.restarting is not None:
+            return self._supervisor.restarting
         if self.ready is None:
             return "the engine is not started"
         return None
 
     async def wait_dead(self) -> str:
         """Returns the reason once the engine has given up restarting its core."""
-        await self._gave_up.wait()
-        assert self._dead_reason is not None
-        return self._dead_reason
+        await self._supervisor.gave_up.wait()
+        assert self._supervisor.gave_up_reason is not None
+        return self._supervisor.gave_up_reason
 
     @property
     def heartbeat_age(self) -> float:
         """Seconds since the last message from the core (heartbeat or outputs), API clock."""
-        return time.monotonic() - self._last_heartbeat
+        return time.monotonic() - self._supervisor.last_message_time
 
     @property
     def stats(self) -> SchedulerStats:
         return dataclasses.replace(self._stats, num_core_restarts=self.num_core_restarts)
 
     @property
+    def num_core_restarts(self) -> int:
+        """Engine-core processes started after the first (exported in /metrics)."""
+        return self._supervisor.num_restarts
+
+    @property
     def core_pid(self) -> int | None:
         """The current engine-core process id (for tests and process supervisors)."""
-        return self._core_pid
+        return self._supervisor.pid
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Shutdown message, join (then SIGTERM, SIGKILL), close sockets, remove the temp dir.
 
         Idempotent; in-flight requests fail with EngineDeadError("engine shut down").
         """
-        if self._is_shut_down:
+        if self._shut_down_reason is not None:
             return
-        self._is_shut_down = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        if self._dead_reason is None:
-            self._dead_reason = "engine shut down"
-        self._fail_in_flight(self._dead_reason)
-        core, self._core = self._core, None
-        if core is not None:
-            await core.stop(timeout, shutdown=self._codec.encode(ipc.Shutdown()))
-            core.close()
+        self._shut_down_reason = self._supervisor.gave_up_reason or "engine shut down"
+        if self._supervisor_task is not None:
+            self._supervisor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor_task
+        self._fail_in_flight(self._shut_down_reason)
+        await self._supervisor.stop(timeout, self._codec.encode(ipc.Shutdown()))
 
     async def __aenter__(self) -> AsyncLLM:
         return self
@@ -449,8 +423,7 @@ class AsyncLLM(EngineClient):
             raise ValueError(f"{name} {why}") from None
 
     def _send(self, message: msgspec.Struct) -> None:
-        assert self._core is not None
-        self._core.send(self._codec.encode(message))
+        self._supervisor.send(self._codec.encode(message))
 
     def _abort(self, request_id: str, *, in_core: bool = True) -> None:
         """Forgets the request API-side and aborts its unfinished completions in the core
@@ -465,7 +438,7 @@ class AsyncLLM(EngineClient):
         if (
             in_core
             and core_ids
-            and entry.generation == self._generation
+            and entry.generation == self._supervisor.generation
             and self.unavailable_reason is None
         ):
             with contextlib.suppress(zmq.ZMQError):
@@ -489,99 +462,16 @@ class AsyncLLM(EngineClient):
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
 
-    # ---- the supervisor ------------------------------------------------------------------
+    # ---- what the supervisor calls --------------------------------------------------------
 
-    async def _supervise(self) -> None:
-        """Reads the live core until it dies, then heals it (or gives up)."""
-        try:
-            while True:
-                assert self._core is not None
-                death = await self._watch(self._core)
-                self._on_death(death)
-                if not await self._restart(death):
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a supervisor bug must not leave requests hanging
-            logger.exception("the engine client's supervisor failed")
-            self._give_up("the engine client failed (see the server log)")
-            raise
-
-    async def _watch(self, core: CoreProcess) -> _Death:
-        """Dispatches the core's messages until it dies; returns why."""
-        while True:
-            if await core.poll(POLL_INTERVAL_MS):
-                while (msg := await core.recv_nowait()) is not None:
-                    self._last_heartbeat = time.monotonic()
-                    if isinstance(msg, ipc.Error) and msg.fatal:
-                        return _Death(msg.message, msg.traceback)
-                    self._dispatch(msg)
-            if not core.is_alive():
-                return _Death(describe_exit(core.exitcode))
-            if self._requests and self.heartbeat_age > self.hang_timeout_s:
-                core.kill()
-                return _Death(f"the engine core sent no heartbeat for {self.heartbeat_age:.0f} s")
-
-    def _on_death(self, death: _Death) -> None:
-        """Logs the death and fails everything that was in the dead core."""
-        pid = self._core.pid if self._core is not None else None
-        detail = f"\n{death.traceback.rstrip()}" if death.traceback else ""
-        logger.error("engine core (pid %s) died: %s%s", pid, death.reason, detail)
-        self._generation += 1
-        self._restarting = f"the engine core is restarting ({death.reason})"
-        self._fail_in_flight(self._restarting)
-        # The failed requests' generate() calls clean up after themselves; nothing the dead
-        # core knew about survives in the API process.
-        self.output_processor = OutputProcessor(self.tokenizer)
+    def _on_death(self, reason: str) -> None:
+        """The core died: fail everything that was in it; nothing it knew survives here."""
+        self._fail_in_flight(reason)
+        # (the failed requests' generate() calls clean up after themselves)
+        if self.output_processor is not None:
+            self.output_processor = OutputProcessor(self.tokenizer)
         self._core_to_user.clear()
         self._stats = SchedulerStats()
-
-    async def _restart(self, death: _Death) -> bool:
-        """Replaces the dead core with a new, ready one; False when the budget is spent."""
-        while True:
-            old, self._core = self._core, None
-            if old is not None:
-                await old.stop(_DEAD_CORE_EXIT_S)
-                old.close()
-            delay = self._restart_budget.take()
-            if delay is None:
-                budget = self._restart_budget
-                self._give_up(
-                    f"{death.reason}; not restarted: max_core_restarts={budget.max_restarts} "
-                    f"within {budget.window_s:.0f} s spent"
-                )
-                return False
-            if delay:
-                await asyncio.sleep(delay)
-            self.num_core_restarts += 1
-            start = time.monotonic()
-            self._core = CoreProcess(self.args)
-            self._core_pid = self._core.pid
-            try:
-                self.ready = await asyncio.wait_for(self._core.wait_ready(), self.startup_timeout_s)
-            except (CoreStartError, TimeoutError) as e:
-                tb = getattr(e, "traceback", None)
-                detail = f"\n{tb.rstrip()}" if tb else ""
-                logger.error("engine core restart failed: %s%s", e or "timed out", detail)
-                death = _Death("the engine core failed to restart")
-                self._restarting = f"the engine core is restarting ({death.reason})"
-                continue
-            self._last_heartbeat = time.monotonic()
-            self._restarting = None
-            logger.warning(
-                "engine core restarted (pid %s, restart %d) in %.1f s; serving again",
-                self._core.pid,
-                self.num_core_restarts,
-                time.monotonic() - start,
-            )
-            return True
-
-    def _give_up(self, reason: str) -> None:
-        logger.error("engine gives up: %s", reason)
-        self._dead_reason = reason
-        self._restarting = None
-        self._fail_in_flight(reason)
-        self._gave_up.set()
 
     def _dispatch(self, msg: msgspec.Struct) -> None:
         if isinstance(msg, ipc.Outputs):

@@ -1,18 +1,23 @@
-"""One engine-core process as the API process sees it: spawn, sockets, Ready, death, stop.
+"""The engine-core process as the API process sees it, and its supervision.
 
-AsyncLLM holds one CoreProcess at a time; a restart closes the dead one and makes a new one,
-with fresh sockets in a fresh temp dir, so nothing queued for (or sent by) the dead core can
-reach the new one. RestartBudget is the policy that decides whether a death may be healed.
+CoreProcess is one process: spawn, sockets, Ready, stop. CoreSupervisor (AsyncLLM's one
+background task) reads the live core, notices its death (exit, kill -9, a fatal Error, no
+heartbeat while there is work) and starts a new CoreProcess, with fresh sockets in a fresh
+temp dir, so nothing queued for (or sent by) the dead core can reach the new one.
+RestartBudget decides whether a death may be healed (see AsyncLLM's NOTE on restarts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -22,8 +27,12 @@ from jaxserve.config import EngineArgs
 from jaxserve.engine import ipc
 from jaxserve.engine.core_proc import run_engine_core
 
+logger = logging.getLogger(__name__)
+
 # How often a wait for the core wakes up to check that its process still lives.
 POLL_INTERVAL_MS = 100
+# seconds a dead core's process gets to exit on its own before it is killed
+_DEAD_CORE_EXIT_S = 2.0
 
 
 class CoreStartError(RuntimeError):
@@ -175,3 +184,163 @@ class RestartBudget:
         self._times.append(now)
         n = len(self._times)
         return 0.0 if n == 1 else min(2.0 ** (n - 2), 10.0)
+
+
+@dataclass
+class Death:
+    """Why a core process is gone."""
+
+    # short, shown to clients and /health
+    reason: str
+    # the core's traceback when it sent one (the log only)
+    traceback: str | None = None
+
+
+class CoreSupervisor:
+    """Keeps an engine-core process serving: reads it, sees it die, starts a new one.
+
+    The owner (AsyncLLM) passes `on_message` (every message of the live core but a fatal
+    Error), `on_death` (a short reason: fail whatever was in flight) and `has_work` (whether
+    a silent core counts as hung). `run()` is the owner's one background task.
+    """
+
+    def __init__(
+        self,
+        args: EngineArgs,
+        *,
+        on_message: Callable[[msgspec.Struct], None],
+        on_death: Callable[[str], None],
+        has_work: Callable[[], bool],
+        hang_timeout_s: float,
+        max_restarts: int,
+        restart_window_s: float,
+    ) -> None:
+        self.args = args
+        self._on_message = on_message
+        self._on_death = on_death
+        self._has_work = has_work
+        self.hang_timeout_s = hang_timeout_s
+        self.budget = RestartBudget(max_restarts, restart_window_s)
+        self.startup_timeout_s = 1800.0
+        # the live (or starting) core; None between a death and the next spawn
+        self.core: CoreProcess | None = None
+        # the pid of the latest core started (still readable after it is gone)
+        self.pid: int | None = None
+        # bumped at each death: what was sent to a dead core is never aborted in a new one
+        self.generation = 0
+        # set while a new core starts after a death (a short reason)
+        self.restarting: str | None = None
+        # set when the budget is spent (a short reason); gave_up is set with it
+        self.gave_up_reason: str | None = None
+        self.gave_up = asyncio.Event()
+        # cores started after the first
+        self.num_restarts = 0
+        # monotonic time of the last message from the core (a heartbeat at least every 0.25 s)
+        self.last_message_time = time.monotonic()
+
+    async def start(self, startup_timeout_s: float) -> ipc.Ready:
+        """Spawns the first core and waits for its Ready (CoreStartError on failure)."""
+        self.startup_timeout_s = startup_timeout_s
+        self._spawn()
+        assert self.core is not None
+        ready = await asyncio.wait_for(self.core.wait_ready(), startup_timeout_s)
+        self.last_message_time = time.monotonic()
+        return ready
+
+    def _spawn(self) -> None:
+        self.core = CoreProcess(self.args)
+        self.pid = self.core.pid
+
+    def send(self, data: bytes) -> None:
+        if self.core is None:
+            raise zmq.ZMQError(msg="no engine core")
+        self.core.send(data)
+
+    async def run(self) -> None:
+        """Reads the live core until it dies, then heals it (or gives up)."""
+        try:
+            while True:
+                assert self.core is not None
+                death = await self._watch(self.core)
+                detail = f"\n{death.traceback.rstrip()}" if death.traceback else ""
+                logger.error("engine core (pid %s) died: %s%s", self.pid, death.reason, detail)
+                self.generation += 1
+                self.restarting = f"the engine core is restarting ({death.reason})"
+                self._on_death(self.restarting)
+                if not await self._restart(death):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a supervisor bug must not leave requests hanging
+            logger.exception("the engine core's supervisor failed")
+            self._give_up("the engine client failed (see the server log)")
+            raise
+
+    async def _watch(self, core: CoreProcess) -> Death:
+        """Hands the core's messages on until it dies; returns why."""
+        while True:
+            if await core.poll(POLL_INTERVAL_MS):
+                while (msg := await core.recv_nowait()) is not None:
+                    self.last_message_time = time.monotonic()
+                    if isinstance(msg, ipc.Error) and msg.fatal:
+                        return Death(msg.message, msg.traceback)
+                    self._on_message(msg)
+            if not core.is_alive():
+                return Death(describe_exit(core.exitcode))
+            silent_s = time.monotonic() - self.last_message_time
+            if self._has_work() and silent_s > self.hang_timeout_s:
+                core.kill()
+                return Death(f"the engine core sent no heartbeat for {silent_s:.0f} s")
+
+    async def _restart(self, death: Death) -> bool:
+        """Replaces the dead core with a new, ready one; False when the budget is spent."""
+        while True:
+            old, self.core = self.core, None
+            if old is not None:
+                await old.stop(_DEAD_CORE_EXIT_S)
+                old.close()
+            delay = self.budget.take()
+            if delay is None:
+                self._give_up(
+                    f"{death.reason}; not restarted: max_core_restarts={self.budget.max_restarts}"
+                    f" within {self.budget.window_s:.0f} s spent"
+                )
+                return False
+            if delay:
+                await asyncio.sleep(delay)
+            self.num_restarts += 1
+            start = time.monotonic()
+            self._spawn()
+            assert self.core is not None
+            try:
+                await asyncio.wait_for(self.core.wait_ready(), self.startup_timeout_s)
+            except (CoreStartError, TimeoutError) as e:
+                tb = getattr(e, "traceback", None)
+                detail = f"\n{tb.rstrip()}" if tb else ""
+                logger.error("engine core restart failed: %s%s", e or "timed out", detail)
+                death = Death("the engine core failed to restart")
+                self.restarting = f"the engine core is restarting ({death.reason})"
+                continue
+            self.last_message_time = time.monotonic()
+            self.restarting = None
+            logger.warning(
+                "engine core restarted (pid %s, restart %d) in %.1f s; serving again",
+                self.pid,
+                self.num_restarts,
+                time.monotonic() - start,
+            )
+            return True
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("engine gives up: %s", reason)
+        self.gave_up_reason = reason
+        self.restarting = None
+        self._on_death(reason)
+        self.gave_up.set()
+
+    async def stop(self, timeout: float, shutdown: bytes) -> None:
+        """Stops the current core (Shutdown first) and closes it."""
+        core, self.core = self.core, None
+        if core is not None:
+            await core.stop(timeout, shutdown=shutdown)
+            core.close()

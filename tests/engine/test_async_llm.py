@@ -293,11 +293,13 @@ async def test_startup_failure_reports_the_core_error(tmp_path):
 
 
 async def test_hung_core_is_killed_and_no_restarts_left_is_final(tiny_model_dir):
-    llm = await AsyncLLM.create(make_args(tiny_model_dir), hang_timeout_s=1.0, max_core_restarts=0)
+    llm = await AsyncLLM.create(make_args(tiny_model_dir), max_core_restarts=0)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
         gen = llm.generate(PROMPT, params, "hung")
         await anext(gen)
+        # short only now: the first step may compile for longer than a second, heartbeat-less
+        llm._supervisor.hang_timeout_s = 1.0
         pid = llm.core_pid
         os.kill(pid, signal.SIGSTOP)  # alive, but its loop no longer turns
         with pytest.raises(EngineDeadError, match="no heartbeat"):

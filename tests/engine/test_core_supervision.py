@@ -37,8 +37,6 @@ def test_exit_descriptions_are_short():
 class _FatalCore:
     """A core process stand-in whose loop reports a fatal device error, then lives on."""
 
-    pid = 4242
-
     def __init__(self) -> None:
         self._messages = [
             ipc.Error(
@@ -62,10 +60,15 @@ async def test_fatal_error_is_logged_with_traceback_and_clients_get_a_short_reas
     llm = AsyncLLM(EngineArgs(model="unused"))
     entry = _RequestEntry(asyncio.Queue(), None, ["r:0"], generation=0)
     llm._requests["r"] = entry
-    llm._core = core = _FatalCore()
+    supervisor = llm._supervisor
+    supervisor.core, supervisor.pid = _FatalCore(), 4242
+
+    async def no_restart(death) -> bool:
+        return False  # stop after the death (restarting is covered with real processes)
+
+    supervisor._restart = no_restart
     with caplog.at_level(logging.ERROR):
-        death = await asyncio.wait_for(llm._watch(core), 5.0)
-        llm._on_death(death)
+        await asyncio.wait_for(supervisor.run(), 5.0)
     err = entry.queue.get_nowait()
     assert isinstance(err, EngineDeadError) and "XlaRuntimeError" in str(err)
     assert "Traceback" not in str(err) and "/" not in str(err)
