@@ -16,7 +16,7 @@ from jaxserve.runner import step_inputs
 from jaxserve.runner.sampling_metadata import SamplingRow
 from jaxserve.sampling_params import SamplingParams
 
-ENGINE = dict(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=8, enable_warmup=False)
+ENGINE = dict(max_model_len=64, max_num_batched_tokens=64, max_num_seqs=8, enable_warmup=False)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = {f"ok-{i}": list(range(300 + 7 * i, 311 + 9 * i)) for i in range(3)}
 # 40 tokens: two full blocks of 16 that a second request with the same prompt hits
