@@ -161,6 +161,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="queued requests beyond which new ones get 429 with Retry-After",
     )
     g.add_argument(
+        "--max-core-restarts",
+        type=int,
+        default=5,
+        help="restarts of a dead engine core allowed within 10 minutes; past them the "
+        "server exits 1 (0: the first death is final)",
+    )
+    g.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,

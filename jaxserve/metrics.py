@@ -65,6 +65,11 @@ class _EngineStatsCollector(Collector):
             "Fraction of KV cache blocks held by requests (1 = full).",
             stats.kv_cache_usage,
         )
+        yield gauge(
+            "jaxserve_kv_cache_used_blocks",
+            "KV cache blocks held by requests (0 when idle: anything else is a leak).",
+            stats.num_used_blocks,
+        )
         yield counter(
             "jaxserve_prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache.",
@@ -90,6 +95,11 @@ class _EngineStatsCollector(Collector):
             "jaxserve_num_compiles_after_warmup",
             "XLA compilations after warmup (should stay 0: every shape is precompiled).",
             stats.num_compiles_after_warmup,
+        )
+        yield counter(
+            "jaxserve_engine_core_restarts",
+            "Engine-core processes started after one died (see --max-core-restarts).",
+            stats.num_core_restarts,
         )
         if stats.requests_per_replica:
             routed = CounterMetricFamily(

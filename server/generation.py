@@ -44,7 +44,12 @@ def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     if isinstance(e, EngineDeadError):
-        return APIError(503, f"the engine is dead: {e}", code="engine_dead")
+        return APIError(
+            503,
+            f"the engine is unavailable: {e}; retry later",
+            code="engine_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if isinstance(e, ValueError):
         return bad_request(str(e), param_from_message(str(e), fields))
     raise e

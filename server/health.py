@@ -3,6 +3,10 @@
 - /livez: should this process be restarted? (the engine is dead, or has work and is stuck)
 - /readyz: should traffic be sent here? (loaded, warmed up, not draining, engine alive)
 - /health: can the engine really generate right now? (a one-token probe, cached 5 s)
+
+While the engine heals itself (a new engine core starting after one died) /readyz and
+/health answer 503 with a short reason and /livez stays 200: restarting the whole process
+would only start over what is already under way. Reasons never carry a traceback or a path.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 
 from aiohttp import web
 
-from jaxserve.engine.client import EngineClient
+from jaxserve.engine.client import EngineClient, EngineDeadError
 from server.state import STATE_KEY
 
 # An engine with pending work that has not reported progress for this long is stuck.
@@ -36,9 +40,10 @@ class HealthProbe:
 
     async def check(self) -> str | None:
         """None when healthy, else the reason."""
-        dead = self._engine.dead_reason
-        if dead is not None:
-            return f"engine dead: {dead}"
+        unavailable = self._engine.unavailable_reason
+        if unavailable is not None:
+            # not cached: a healed engine is probed again at once
+            return _unavailable(self._engine)
         if self._cached is not None and time.monotonic() - self._cached[0] < HEALTH_CACHE_S:
             return self._cached[1]
         probe = self._in_flight
@@ -53,6 +58,8 @@ class HealthProbe:
             await asyncio.wait_for(self._engine.check_health(self._timeout), self._timeout + 1.0)
         except TimeoutError:
             return f"health probe timed out after {self._timeout:g} s"
+        except EngineDeadError:
+            return _unavailable(self._engine) or "engine unavailable"
         except Exception as e:
             return f"health probe failed: {type(e).__name__}: {e}"
         return None
@@ -61,6 +68,14 @@ class HealthProbe:
         self._in_flight = None
         if not task.cancelled():
             self._cached = (time.monotonic(), task.result())
+
+
+def _unavailable(engine: EngineClient) -> str | None:
+    """The engine's short reason for not serving, as /readyz and /health say it."""
+    if engine.dead_reason is not None:
+        return f"engine dead: {engine.dead_reason}"
+    reason = engine.unavailable_reason
+    return None if reason is None else f"engine unavailable: {reason}"
 
 
 HEALTH_KEY = web.AppKey("jaxserve_health", HealthProbe)
@@ -77,6 +92,8 @@ async def livez(request: web.Request) -> web.Response:
     engine = state.engine
     if engine.dead_reason is not None:
         return _status(f"engine dead: {engine.dead_reason}")
+    if engine.unavailable_reason is not None:
+        return _status(None)  # healing itself: a new core is starting (see the module doc)
     stats = engine.stats
     has_work = state.num_in_flight > 0 or stats.num_running_reqs + stats.num_waiting_reqs > 0
     age = engine.heartbeat_age
@@ -93,7 +110,7 @@ async def readyz(request: web.Request) -> web.Response:
     if state.draining:
         return _status("draining: the server is shutting down")
     if not engine.is_ready:
-        return _status("engine not ready: loading or warming up")
+        return _status(_unavailable(engine) or "engine not ready: loading or warming up")
     return _status(None)
 
 

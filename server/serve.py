@@ -38,6 +38,7 @@ async def create_engine(ns: argparse.Namespace) -> EngineClient:
         engine_args_from(ns),
         max_waiting_requests=ns.max_waiting_requests,
         served_model_name=ns.served_model_name,
+        max_core_restarts=ns.max_core_restarts,
     )
 
 
@@ -78,8 +79,20 @@ async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> i
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    rc = 0
     try:
-        await stop.wait()
+        # an engine that cannot heal its core any more ends the server (exit 1, for the
+        # supervisor); its in-flight requests already got their 503s
+        dead = asyncio.ensure_future(engine.wait_dead())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({dead, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if dead.done():
+            logger.error("exiting: the engine is dead (%s)", dead.result())
+            state.draining = True
+            stop.set()
+            rc = 1
+        dead.cancel()
         idle = asyncio.ensure_future(state.idle.wait())
         forced = asyncio.ensure_future(force.wait())
         _, pending = await asyncio.wait(
@@ -97,7 +110,7 @@ async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> i
             await asyncio.wait_for(engine.shutdown(), _ENGINE_SHUTDOWN_TIMEOUT_S)
         except Exception:
             logger.exception("engine shutdown failed")
-    return 0
+    return rc
 
 
 def run_server(ns: argparse.Namespace) -> int:

@@ -214,5 +214,10 @@ class KVCacheManager:
                 self.block_pool.uncache_block(block)
         self.block_pool.free_blocks(reversed(blocks))
 
+    def uncache_block_ids(self, block_ids: list[int]) -> None:
+        """Drops these blocks' hashes (their KV was never written after all), held or not."""
+        for block_id in block_ids:
+            self.block_pool.uncache_block(self.block_pool.blocks[block_id])
+
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()

@@ -60,6 +60,9 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int]
     # req_id -> logprobs of that token, for requests that asked for logprobs
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> why the runner could not stage (or read back) the request's part of the step;
+    # it was left out of the device call (see EngineCore.step), the others ran without it
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class SchedulerStats:
     num_compiles_after_warmup: int = 0
     # data parallel only (else empty): requests routed to each replica so far, by index
     requests_per_replica: list[int] = field(default_factory=list)
+    # filled by the API process (AsyncLLM), not the core: engine-core processes it restarted
+    num_core_restarts: int = 0
 
 
 @dataclass
@@ -99,6 +104,10 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     # prompt tokens served from the prefix cache (usage.prompt_tokens_details.cached_tokens)
     num_cached_tokens: int = 0
+    # set (with finish_reason "abort") when the engine failed this request alone: its part of
+    # a step could not be staged. A short reason, never a traceback; the engine-core process
+    # turns it into an ipc.Error for the request
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -7,13 +7,15 @@ blocks -> EngineCoreOutputs. Plain host Python: per-step cost is O(scheduled req
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterator
 
 from jaxserve.config import CacheConfig, SchedulerConfig
-from jaxserve.core.kv_cache_manager import KVCacheManager, check_kv_capacity
+from jaxserve.core.kv_cache_manager import KVCacheManager, check_kv_capacity, root_block_hash
 from jaxserve.core.outputs import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -22,7 +24,9 @@ from jaxserve.core.outputs import (
     SchedulerOutput,
     SchedulerStats,
 )
-from jaxserve.request import Request, RequestStatus
+from jaxserve.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 class WaitingQueue:
@@ -105,6 +109,9 @@ class Scheduler:
         self.num_reserved_seqs = 0
         # ids of the waiting or running requests added with urgent=True
         self._urgent_req_ids: set[str] = set()
+        # req_id -> why it failed alone (its bookkeeping or staging raised); reported as an
+        # error output by the next update_from_output (see fail_request)
+        self._failed: dict[str, str] = {}
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -130,6 +137,13 @@ class Scheduler:
         )
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.cache_salt is not None:
+            try:
+                root_block_hash(request)  # what the first prefix-cache lookup computes
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "cache_salt must be valid unicode text (no lone surrogates)"
+                ) from None
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         if urgent:
@@ -218,32 +232,38 @@ class Scheduler:
         req_index = 0
         while req_index < len(self.running) and token_budget > 0:
             request = self.running[req_index]
-            num_computed = request.num_computed_tokens
-            num_new = min(
-                request.num_tokens - num_computed, token_budget, self.max_model_len - num_computed
-            )
-            if num_new <= 0:
-                req_index += 1  # nothing to compute (the runner skipped its sample)
-                continue
-            block_ids = kv.allocate_slots(request, num_new)
-            while block_ids is None:
-                victim, victim_index = self._preempt_lowest_priority()
-                preempted_req_ids.append(victim.request_id)
-                if victim is request:
-                    break
-                if victim_index < req_index:  # only under "priority": it came earlier this step
-                    req_index -= 1
-                    for i, entry in enumerate(scheduled):
-                        if entry.request is victim:
-                            del scheduled[i]
-                            token_budget += entry.num_scheduled_tokens
-                            break
+            try:
+                num_computed = request.num_computed_tokens
+                num_new = min(
+                    request.num_tokens - num_computed,
+                    token_budget,
+                    self.max_model_len - num_computed,
+                )
+                if num_new <= 0:
+                    req_index += 1  # nothing to compute (the runner skipped its sample)
+                    continue
                 block_ids = kv.allocate_slots(request, num_new)
-            if block_ids is None:
-                break
-            scheduled.append(self._make_scheduled(request, num_computed, num_new, block_ids))
-            token_budget -= num_new
-            req_index += 1
+                while block_ids is None:
+                    victim, victim_index = self._preempt_lowest_priority()
+                    preempted_req_ids.append(victim.request_id)
+                    if victim is request:
+                        break
+                    if victim_index < req_index:  # only under "priority": it came earlier this step
+                        req_index -= 1
+                        for i, entry in enumerate(scheduled):
+                            if entry.request is victim:
+                                del scheduled[i]
+                                token_budget += entry.num_scheduled_tokens
+                                break
+                    block_ids = kv.allocate_slots(request, num_new)
+                if block_ids is None:
+                    break
+                scheduled.append(self._make_scheduled(request, num_computed, num_new, block_ids))
+                token_budget -= num_new
+                req_index += 1
+            except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed
+                # it leaves self.running: the next request is at req_index now
+                self._fail_on_exception(request, e)
 
         if not preempted_req_ids:
             token_budget = self._admit_waiting(scheduled, token_budget)
@@ -276,25 +296,29 @@ class Scheduler:
                 and request.request_id not in self._urgent_req_ids
             ):
                 break  # the seats left are reserved for urgent requests
-            hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
-            num_remaining = min(request.num_tokens, self.max_model_len) - num_hit_tokens
-            if (
-                not is_chunked
-                and token_budget < num_remaining <= self.scheduler_config.max_num_batched_tokens
-            ):
-                break  # it fits a later step whole (longer ones are chunked anyway: no deadlock)
-            num_new = min(num_remaining, token_budget)
-            block_ids = kv.allocate_slots(request, num_new, hit_block_ids, num_hit_tokens)
-            if block_ids is None:
-                break
-            self.waiting.pop()
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_hit_tokens
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-            scheduled.append(self._make_scheduled(request, num_hit_tokens, num_new, block_ids))
-            token_budget -= num_new
+            try:
+                hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
+                num_remaining = min(request.num_tokens, self.max_model_len) - num_hit_tokens
+                if (
+                    not is_chunked
+                    and token_budget < num_remaining <= self.scheduler_config.max_num_batched_tokens
+                ):
+                    # it fits a later step whole (longer ones are chunked anyway: no deadlock)
+                    break
+                num_new = min(num_remaining, token_budget)
+                block_ids = kv.allocate_slots(request, num_new, hit_block_ids, num_hit_tokens)
+                if block_ids is None:
+                    break
+                self.waiting.pop()
+                self.running.append(request)
+                request.status = RequestStatus.RUNNING
+                request.num_computed_tokens = num_hit_tokens
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = num_hit_tokens
+                scheduled.append(self._make_scheduled(request, num_hit_tokens, num_new, block_ids))
+                token_budget -= num_new
+            except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed
+                self._fail_on_exception(request, e)  # it leaves the queue; the others go on
         return token_budget
 
     def _make_scheduled(
@@ -307,6 +331,37 @@ class Scheduler:
             block_ids=block_ids,
             is_sampling=num_computed + num_new == request.num_tokens,
         )
+
+    def fail_request(self, request: Request, reason: str) -> None:
+        """Ends one request that failed alone (its bookkeeping or staging raised) and frees
+        its blocks; the next update_from_output reports it as an error output with `reason`
+        (short: no traceback). The other requests go on."""
+        if request.request_id not in self.requests:
+            return  # already finished or aborted
+        # wherever the failure left it (a rare path, so O(queue) is fine)
+        self.running = [r for r in self.running if r is not request]
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        self._free_request(request)
+        self._failed[request.request_id] = reason
+
+    def _fail_on_exception(self, request: Request, e: Exception) -> None:
+        logger.error("scheduling request %s failed", request.request_id, exc_info=e)
+        self.fail_request(
+            request, f"the engine could not schedule this request: {type(e).__name__}: {e}"
+        )
+
+    def _fail_staged(self, entry: ScheduledRequest, reason: str) -> None:
+        """A request the runner left out of the step: nothing it was to write got written."""
+        request = entry.request
+        first = entry.num_computed_tokens // self.block_size
+        last = -(-(entry.num_computed_tokens + entry.num_scheduled_tokens) // self.block_size)
+        # those blocks entered the prefix cache when allocated (their KV was to come from
+        # this step); no request may hit them now (every holder is left out as well)
+        self.kv_cache_manager.uncache_block_ids(entry.block_ids[first:last])
+        request.num_computed_tokens = entry.num_computed_tokens
+        self.fail_request(request, reason)
 
     def _preempt_lowest_priority(self) -> tuple[Request, int]:
         """Frees the lowest-priority running request and requeues it for recompute.
@@ -340,32 +395,50 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         sampled = runner_output.sampled_token_ids
         logprobs = runner_output.logprobs
+        failed = runner_output.failed
         num_finished = 0
         for entry in scheduler_output.scheduled:
             request = entry.request
+            req_id = request.request_id
+            if failed and req_id in failed:
+                self._fail_staged(entry, failed[req_id])
+                continue
             if not entry.is_sampling or request.is_finished:
                 continue  # a prefill chunk, or aborted while the step ran
-            req_id = request.request_id
             token_id = sampled.get(req_id)
             if token_id is None:
                 continue
-            request.append_output_token_ids(token_id)
-            if self._check_stop(request, token_id):
-                self._free_request(request)
-                num_finished += 1
-            token_logprobs = logprobs.get(req_id)
-            outputs.append(
-                EngineCoreOutput(
-                    request_id=req_id,
-                    new_token_ids=[token_id],
-                    new_logprobs=[token_logprobs] if token_logprobs is not None else None,
-                    finish_reason=request.finish_reason,
-                    stop_reason=request.stop_reason,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
+            try:
+                request.append_output_token_ids(token_id)
+                if self._check_stop(request, token_id):
+                    self._free_request(request)
+                    num_finished += 1
+                token_logprobs = logprobs.get(req_id)
+                outputs.append(
+                    EngineCoreOutput(
+                        request_id=req_id,
+                        new_token_ids=[token_id],
+                        new_logprobs=[token_logprobs] if token_logprobs is not None else None,
+                        finish_reason=request.finish_reason,
+                        stop_reason=request.stop_reason,
+                        num_cached_tokens=max(request.num_cached_tokens, 0),
+                    )
                 )
-            )
+            except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed
+                self._fail_on_exception(request, e)
         if num_finished:
             self.running = [r for r in self.running if not r.is_finished]
+        if self._failed:
+            failures, self._failed = self._failed, {}
+            outputs.extend(
+                EngineCoreOutput(
+                    request_id=req_id,
+                    new_token_ids=[],
+                    finish_reason=FinishReason.ABORT,
+                    error=reason,
+                )
+                for req_id, reason in failures.items()
+            )
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
     def _check_stop(self, request: Request, token_id: int) -> bool:

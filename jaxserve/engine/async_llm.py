@@ -2,16 +2,26 @@
 
 The API process owns the tokenizer, the InputProcessor (validation, n fan-out, seeds) and the
 OutputProcessor (incremental detokenization, stop strings, n fan-in); the engine-core process
-(core_proc.py) sees only token ids. One background reader task decodes every core message and
-feeds per-request asyncio.Queues; generate() only validates, sends and drains its queue.
+(core_proc.py) sees only token ids. One background supervisor task decodes every core message
+and feeds per-request asyncio.Queues; generate() only validates, sends and drains its queue.
 
-NOTE on liveness: the reader polls the core's socket every 100 ms and checks the process each
-time (`Process.is_alive`, a non-blocking waitpid), so a crashed or killed core fails every
-in-flight request with EngineDeadError within ~0.1 s. A core that is alive but stops sending
-heartbeats (a hang) is declared dead after `hang_timeout_s` while requests are pending, and
-killed. That timeout is generous by default because heartbeats come from the loop itself and
-a step that compiles a new bucket (warmup off, or a model much larger than this machine
-likes) legitimately runs for many seconds; `heartbeat_age` exposes the raw signal meanwhile.
+NOTE on liveness: the supervisor polls the core's socket every 100 ms and checks the process
+each time (`Process.is_alive`, a non-blocking waitpid), so a crashed or killed core is seen
+within ~0.1 s. A core that is alive but stops sending heartbeats (a hang) is declared dead
+after `hang_timeout_s` while requests are pending, and killed. That timeout is generous by
+default because heartbeats come from the loop itself and a step that compiles a new bucket
+(warmup off, or a model much larger than this machine likes) legitimately runs for many
+seconds; `heartbeat_age` exposes the raw signal meanwhile.
+
+NOTE on restarts: a dead core (exit, kill -9, a fatal device error, a hang) is logged at
+ERROR with its traceback (the API process's log only; clients and /health get a short
+reason), every in-flight request, embed and probe fails with EngineDeadError (the server's
+503 + Retry-After), and a new core is started (its weights come from the orbax copy and its
+programs from the persistent compile cache, so seconds). Meanwhile `unavailable_reason` says
+why and new requests fail the same way; `dead_reason` stays None, since the process heals
+itself (a liveness probe should not kill it). Past `max_core_restarts` within
+`core_restart_window_s` it gives up: `dead_reason` is set and `wait_dead()` returns, and the
+server exits non-zero.
 
 The core is started with multiprocessing's "spawn", so a script that creates an AsyncLLM at
 import time needs the usual `if __name__ == "__main__":` guard.
@@ -21,9 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
-import multiprocessing
-import os
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,22 +41,26 @@ from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from jaxserve.config import EngineArgs
 from jaxserve.core.kv_cache_manager import check_kv_capacity
 from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine import ipc
 from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
-from jaxserve.engine.core_proc import PROBE_ID_PREFIX, run_engine_core
+from jaxserve.engine.core_proc import PROBE_ID_PREFIX
+from jaxserve.engine.core_process import CoreSupervisor
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.model.loader import load_tokenizer
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams, as_token_ids
 
-# How often the reader wakes up to check the core process when no message arrives.
-_POLL_INTERVAL_MS = 100
+logger = logging.getLogger(__name__)
+
+# Restarts allowed within CORE_RESTART_WINDOW_S before the engine gives up (the CLI's
+# --max-core-restarts default).
+DEFAULT_MAX_CORE_RESTARTS = 5
+CORE_RESTART_WINDOW_S = 600.0
 
 
 @dataclass
@@ -58,6 +72,8 @@ class _RequestEntry:
     prompt: ProcessedPrompt
     # the core request ids of its completions (n of them)
     core_ids: list[str]
+    # which core process it was sent to (CoreSupervisor.generation at the time)
+    generation: int
     # True until its first output arrives (counted against max_waiting_requests)
     is_waiting: bool = True
     finished: bool = False
@@ -81,32 +97,42 @@ class AsyncLLM(EngineClient):
         max_waiting_requests: int = 1024,
         served_model_name: str | None = None,
         hang_timeout_s: float = 60.0,
+        max_core_restarts: int = DEFAULT_MAX_CORE_RESTARTS,
+        core_restart_window_s: float = CORE_RESTART_WINDOW_S,
     ) -> None:
-        """Only records settings; `start()` (or `create()`) spawns the core."""
+        """Only records settings; `start()` (or `create()`) spawns the core.
+
+        max_core_restarts: restarts of a dead core allowed within core_restart_window_s
+        seconds (0: the first death is final).
+        """
         self.args = args
         self.model_name = served_model_name or args.model
         # user requests not yet producing output at which generate() raises EngineOverloaded
         self.max_waiting_requests = max_waiting_requests
-        self.hang_timeout_s = hang_timeout_s
+        self._supervisor = CoreSupervisor(
+            args,
+            on_message=self._dispatch,
+            on_death=self._on_death,
+            has_work=lambda: bool(self._requests),
+            hang_timeout_s=hang_timeout_s,
+            max_restarts=max_core_restarts,
+            restart_window_s=core_restart_window_s,
+        )
         self.max_model_len = 0
         self.tokenizer: Any = None
         self.ready: ipc.Ready | None = None
         self.input_processor: InputProcessor | None = None
         self.output_processor: OutputProcessor | None = None
-        self._dead_reason: str | None = None
-        self._is_shut_down = False
+        # set on shutdown
+        self._shut_down_reason: str | None = None
         self._stats = SchedulerStats()
-        self._last_heartbeat = time.monotonic()
         self._requests: dict[str, _RequestEntry] = {}
         # core request id -> user request id (for per-request core Errors)
         self._core_to_user: dict[str, str] = {}
         self._pending = _Pending()
         self._ids = itertools.count()
-        self._proc: multiprocessing.process.BaseProcess | None = None
-        self._core_pid: int | None = None
-        self._paths: ipc.IpcPaths | None = None
         self._codec = ipc.client_codec()
-        self._reader: asyncio.Task[None] | None = None
+        self._supervisor_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(
@@ -117,12 +143,16 @@ class AsyncLLM(EngineClient):
         served_model_name: str | None = None,
         hang_timeout_s: float = 60.0,
         startup_timeout_s: float = 1800.0,
+        max_core_restarts: int = DEFAULT_MAX_CORE_RESTARTS,
+        core_restart_window_s: float = CORE_RESTART_WINDOW_S,
     ) -> AsyncLLM:
         llm = cls(
             args,
             max_waiting_requests=max_waiting_requests,
             served_model_name=served_model_name,
             hang_timeout_s=hang_timeout_s,
+            max_core_restarts=max_core_restarts,
+            core_restart_window_s=core_restart_window_s,
         )
         await llm.start(startup_timeout_s=startup_timeout_s)
         return llm
@@ -133,37 +163,13 @@ class AsyncLLM(EngineClient):
         Raises RuntimeError with the core's own error when its start-up fails.
         """
         loop = asyncio.get_running_loop()
-        self._paths = ipc.IpcPaths.make()
-        # Sync PUSH for sending (usable from a generator's finally without awaiting; an
-        # unlimited high-water mark means send never blocks); asyncio PULL for the reader.
-        self._ctx = zmq.Context()
-        self._push = self._ctx.socket(zmq.PUSH)
-        self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.setsockopt(zmq.LINGER, 0)
-        self._push.bind(self._paths.to_core)
-        self._actx = zmq.asyncio.Context()
-        self._pull = self._actx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._pull.bind(self._paths.from_core)
-        # spawn: a fresh interpreter (forking a process with a live JAX runtime is unsafe).
-        # daemon: an interpreter exit that skips shutdown() still takes the core down.
-        # (multiprocessing pickles `args` to start the child; that is process start-up from
-        # our own objects, not the IPC wire, which stays msgpack-only.)
-        ctx = multiprocessing.get_context("spawn")
-        self._proc = ctx.Process(
-            target=run_engine_core,
-            args=(self.args, self._paths, os.getpid()),
-            name="jaxserve-engine-core",
-            daemon=True,
-        )
-        self._proc.start()
-        self._core_pid = self._proc.pid
+        start = asyncio.ensure_future(self._supervisor.start(startup_timeout_s))
         # The tokenizer loads while the core loads weights; the core's own error (e.g. a bad
         # model path) is the one reported, so it is awaited first.
         tokenizer_name = self.args.tokenizer or self.args.model
         tokenizer_future = loop.run_in_executor(None, load_tokenizer, tokenizer_name)
         try:
-            self.ready = await asyncio.wait_for(self._wait_ready(), startup_timeout_s)
+            self.ready = await start
             self.tokenizer = await tokenizer_future
         except BaseException:
             tokenizer_future.cancel()
@@ -179,22 +185,9 @@ class AsyncLLM(EngineClient):
             seed=self.args.seed,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self._last_heartbeat = time.monotonic()
-        self._reader = asyncio.create_task(self._read_loop(), name="jaxserve-async-llm-reader")
-
-    async def _wait_ready(self) -> ipc.Ready:
-        assert self._proc is not None
-        while True:
-            if await self._pull.poll(_POLL_INTERVAL_MS):
-                msg = self._codec.decode(await self._pull.recv())
-                if isinstance(msg, ipc.Ready):
-                    return msg
-                if isinstance(msg, ipc.Error):
-                    raise RuntimeError(msg.message)
-            elif not self._proc.is_alive():
-                raise RuntimeError(
-                    f"engine core exited with code {self._proc.exitcode} before it was ready"
-                )
+        self._supervisor_task = asyncio.create_task(
+            self._supervisor.run(), name="jaxserve-core-supervisor"
+        )
 
     # ---- EngineClient ----------------------------------------------------------------
 
@@ -207,7 +200,12 @@ class AsyncLLM(EngineClient):
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """See EngineClient.generate. Every check runs before the first AddRequest is sent."""
+        """See EngineClient.generate. Every check runs before the first AddRequest is sent.
+
+        NOTE: from registration on, everything is inside one try/finally: whatever ends the
+        request (a refusal by the core, an error, the consumer leaving, the core dying), it
+        leaves nothing registered and frees its blocks in the core.
+        """
         self._check_alive()
         assert self.input_processor is not None and self.output_processor is not None
         processed = (
@@ -230,13 +228,10 @@ class AsyncLLM(EngineClient):
         requests = self.input_processor.make_requests(
             request_id, processed, params, priority=priority, cache_salt=cache_salt
         )
-        core_ids = [r.request_id for r in requests]
-        self.output_processor.add_request(request_id, processed, params, core_ids, stream=True)
-        entry = _RequestEntry(asyncio.Queue(), processed, core_ids)
-        self._requests[request_id] = entry
-        for r in requests:
-            self._core_to_user[r.request_id] = request_id
-            self._send(
+        # Encoded up front: what the wire cannot carry (a lone surrogate, an int past 64
+        # bits) is a ValueError naming the field, before anything is registered.
+        messages = [
+            self._encode_request(
                 ipc.AddRequest(
                     request_id=r.request_id,
                     prompt_token_ids=r.prompt_token_ids,
@@ -249,7 +244,17 @@ class AsyncLLM(EngineClient):
                     arrival_time=r.arrival_time,
                 )
             )
+            for r in requests
+        ]
+        core_ids = [r.request_id for r in requests]
+        entry = _RequestEntry(asyncio.Queue(), processed, core_ids, self._supervisor.generation)
         try:
+            self._requests[request_id] = entry
+            for core_id in core_ids:
+                self._core_to_user[core_id] = request_id
+            self.output_processor.add_request(request_id, processed, params, core_ids, stream=True)
+            for data in messages:
+                self._supervisor.send(data)
             while True:
                 item = await entry.queue.get()
                 if isinstance(item, BaseException):
@@ -258,11 +263,12 @@ class AsyncLLM(EngineClient):
                 if item.finished:
                     return
         finally:
-            # A consumer that stopped early (disconnect: GeneratorExit / CancelledError) or an
-            # error: free the request's blocks in the core at its next loop turn.
-            if not entry.finished:
-                self._abort(request_id)
-            self._forget(request_id)
+            # A consumer that stopped early (disconnect: GeneratorExit / CancelledError), an
+            # error, a refusal: forget the request, and free its blocks in the core (at its
+            # next loop turn) unless the core ended it already.
+            self._abort(request_id, in_core=not entry.finished)
+            entry.finished = True
+            self._forget(request_id, entry)
 
     async def abort(self, request_id: str) -> None:
         """Ends the request in the core; its generate() ends with finish_reason "abort"."""
@@ -306,7 +312,8 @@ class AsyncLLM(EngineClient):
             self._pending.embeds.pop(req_id, None)
 
     async def check_health(self, timeout: float) -> None:
-        """Raises EngineDeadError (dead core), TimeoutError, or RuntimeError (probe failed)."""
+        """Raises EngineDeadError (dead or restarting core), TimeoutError, or RuntimeError
+        (the probe failed)."""
         self._check_alive()
         probe_id = f"probe-{next(self._ids)}"
         fut: asyncio.Future[ipc.ProbeResult] = asyncio.get_running_loop().create_future()
@@ -321,59 +328,63 @@ class AsyncLLM(EngineClient):
 
     @property
     def is_ready(self) -> bool:
-        return self.ready is not None and self._dead_reason is None
+        return self.ready is not None and self.unavailable_reason is None
 
     @property
     def dead_reason(self) -> str | None:
-        return self._dead_reason
+        """Set only when the engine is gone for good (shut down, or restarts spent)."""
+        return self._shut_down_reason or self._supervisor.gave_up_reason
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        dead = self.dead_reason
+        if dead is not None:
+            return dead
+        if self._supervisor.restarting is not None:
+            return self._supervisor.restarting
+        if self.ready is None:
+            return "the engine is not started"
+        return None
+
+    async def wait_dead(self) -> str:
+        """Returns the reason once the engine has given up restarting its core."""
+        await self._supervisor.gave_up.wait()
+        assert self._supervisor.gave_up_reason is not None
+        return self._supervisor.gave_up_reason
 
     @property
     def heartbeat_age(self) -> float:
         """Seconds since the last message from the core (heartbeat or outputs), API clock."""
-        return time.monotonic() - self._last_heartbeat
+        return time.monotonic() - self._supervisor.last_message_time
 
     @property
     def stats(self) -> SchedulerStats:
-        return self._stats
+        return dataclasses.replace(self._stats, num_core_restarts=self.num_core_restarts)
+
+    @property
+    def num_core_restarts(self) -> int:
+        """Engine-core processes started after the first (exported in /metrics)."""
+        return self._supervisor.num_restarts
 
     @property
     def core_pid(self) -> int | None:
-        """The engine-core process id (for tests and process supervisors)."""
-        return self._core_pid
+        """The current engine-core process id (for tests and process supervisors)."""
+        return self._supervisor.pid
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Shutdown message, join (then SIGTERM, SIGKILL), close sockets, remove the temp dir.
 
         Idempotent; in-flight requests fail with EngineDeadError("engine shut down").
         """
-        if self._is_shut_down:
+        if self._shut_down_reason is not None:
             return
-        self._is_shut_down = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        self._mark_dead("engine shut down")
-        proc = self._proc
-        if proc is not None and proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self._push.send(self._codec.encode(ipc.Shutdown()), zmq.NOBLOCK)
-            loop = asyncio.get_running_loop()
-            for stop in (None, proc.terminate, proc.kill):
-                if stop is not None:
-                    stop()
-                await loop.run_in_executor(None, proc.join, timeout if stop is None else 5.0)
-                if not proc.is_alive():
-                    break
-        if proc is not None and not proc.is_alive():
-            proc.close()  # releases its sentinel fd
-        if hasattr(self, "_ctx"):
-            self._push.close()
-            self._pull.close()
-            self._ctx.term()
-            self._actx.term()
-        if self._paths is not None:
-            self._paths.cleanup()
+        self._shut_down_reason = self._supervisor.gave_up_reason or "engine shut down"
+        if self._supervisor_task is not None:
+            self._supervisor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor_task
+        self._fail_in_flight(self._shut_down_reason)
+        await self._supervisor.stop(timeout, self._codec.encode(ipc.Shutdown()))
 
     async def __aenter__(self) -> AsyncLLM:
         return self
@@ -384,10 +395,9 @@ class AsyncLLM(EngineClient):
     # ---- internals --------------------------------------------------------------------
 
     def _check_alive(self) -> None:
-        if self._dead_reason is not None:
-            raise EngineDeadError(self._dead_reason)
-        if self.ready is None:
-            raise EngineDeadError("engine is not started")
+        reason = self.unavailable_reason
+        if reason is not None:
+            raise EngineDeadError(reason)
 
     def _check_fits(self, prompt: ProcessedPrompt, params: SamplingParams) -> None:
         """The scheduler's KV-capacity check, done here so it fails before queueing."""
@@ -400,66 +410,68 @@ class AsyncLLM(EngineClient):
             self.ready.num_blocks - 1,  # the null block is never handed out
         )
 
-    def _send(self, message: msgspec.Struct) -> None:
-        self._push.send(self._codec.encode(message), zmq.NOBLOCK)
+    def _encode_request(self, message: ipc.AddRequest) -> bytes:
+        """The message's bytes; ValueError naming the field the wire cannot carry."""
+        try:
+            return self._codec.encode(message)
+        except (msgspec.EncodeError, OverflowError, UnicodeEncodeError, TypeError) as e:
+            name = _unencodable_field(message)
+            if isinstance(e, UnicodeEncodeError):
+                why = "must be valid unicode text (no lone surrogates)"
+            else:
+                why = f"cannot be sent to the engine ({e})"
+            raise ValueError(f"{name} {why}") from None
 
-    def _abort(self, request_id: str) -> None:
-        """Forgets the request API-side and aborts its unfinished completions in the core."""
+    def _send(self, message: msgspec.Struct) -> None:
+        self._supervisor.send(self._codec.encode(message))
+
+    def _abort(self, request_id: str, *, in_core: bool = True) -> None:
+        """Forgets the request API-side and aborts its unfinished completions in the core
+        (only in the core it was sent to: a new core never sees a dead one's ids)."""
         if self.output_processor is None:
             return
         core_ids = self.output_processor.abort_request(request_id)
         entry = self._requests.get(request_id)
-        if entry is not None:
-            entry.is_waiting = False
-        if core_ids and self._dead_reason is None:
+        if entry is None:
+            return
+        entry.is_waiting = False
+        if (
+            in_core
+            and core_ids
+            and entry.generation == self._supervisor.generation
+            and self.unavailable_reason is None
+        ):
             with contextlib.suppress(zmq.ZMQError):
                 self._send(ipc.Abort(request_ids=core_ids))
 
-    def _forget(self, request_id: str) -> None:
-        entry = self._requests.pop(request_id, None)
-        if entry is not None:
-            for core_id in entry.core_ids:
-                self._core_to_user.pop(core_id, None)
+    def _forget(self, request_id: str, entry: _RequestEntry) -> None:
+        if self._requests.get(request_id) is entry:
+            del self._requests[request_id]
+        for core_id in entry.core_ids:
+            if self._core_to_user.get(core_id) == request_id:
+                del self._core_to_user[core_id]
 
-    def _mark_dead(self, reason: str) -> None:
+    def _fail_in_flight(self, reason: str) -> None:
         """Fails every in-flight request, embed and probe with EngineDeadError(reason)."""
-        if self._dead_reason is None:
-            self._dead_reason = reason
         for entry in self._requests.values():
+            entry.is_waiting = False
             if not entry.finished:
                 entry.finished = True
-                entry.queue.put_nowait(EngineDeadError(self._dead_reason))
+                entry.queue.put_nowait(EngineDeadError(reason))
         for fut in [*self._pending.embeds.values(), *self._pending.probes.values()]:
             if not fut.done():
-                fut.set_exception(EngineDeadError(self._dead_reason))
+                fut.set_exception(EngineDeadError(reason))
 
-    async def _read_loop(self) -> None:
-        """The one reader: decodes core messages, feeds queues, and watches the core's life."""
-        assert self._proc is not None
-        try:
-            while True:
-                if await self._pull.poll(_POLL_INTERVAL_MS):
-                    while True:
-                        try:
-                            data = await self._pull.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._last_heartbeat = time.monotonic()
-                        self._dispatch(self._codec.decode(data))
-                if self._dead_reason is not None:
-                    return
-                if not self._proc.is_alive():
-                    self._mark_dead(f"engine core process exited (code {self._proc.exitcode})")
-                    return
-                if self._requests and self.heartbeat_age > self.hang_timeout_s:
-                    self._mark_dead(f"engine core sent no heartbeat for {self.heartbeat_age:.1f} s")
-                    self._proc.kill()
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a reader bug must not leave requests hanging
-            self._mark_dead(f"engine client reader failed: {e!r}")
-            raise
+    # ---- what the supervisor calls --------------------------------------------------------
+
+    def _on_death(self, reason: str) -> None:
+        """The core died: fail everything that was in it; nothing it knew survives here."""
+        self._fail_in_flight(reason)
+        # (the failed requests' generate() calls clean up after themselves)
+        if self.output_processor is not None:
+            self.output_processor = OutputProcessor(self.tokenizer)
+        self._core_to_user.clear()
+        self._stats = SchedulerStats()
 
     def _dispatch(self, msg: msgspec.Struct) -> None:
         if isinstance(msg, ipc.Outputs):
@@ -493,9 +505,9 @@ class AsyncLLM(EngineClient):
             entry.queue.put_nowait(out)
 
     def _on_error(self, msg: ipc.Error) -> None:
-        if msg.fatal:
-            self._mark_dead(f"engine core failed: {msg.message}")
-            return
+        """A per-request Error (fatal ones end _watch); ValueError when the request was bad."""
+        if msg.traceback:
+            logger.error("engine core error: %s\n%s", msg.message, msg.traceback.rstrip())
         exc: Exception = (
             ValueError(msg.message) if msg.is_invalid_request else RuntimeError(msg.message)
         )
@@ -510,6 +522,27 @@ class AsyncLLM(EngineClient):
         user_id = self._core_to_user.get(rid)
         entry = self._requests.get(user_id) if user_id is not None else None
         if entry is not None and not entry.finished:
+            self._abort(user_id)  # its siblings (n > 1) too
             entry.finished = True
-            self._abort(user_id)
             entry.queue.put_nowait(exc)
+
+
+def _unencodable_field(message: ipc.AddRequest) -> str:
+    """The name (as a client sends it) of the first field msgpack cannot encode."""
+    encoder = msgspec.msgpack.Encoder()
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        try:
+            encoder.encode(value)
+            continue
+        except Exception:  # noqa: BLE001 - any failure names this field
+            pass
+        if name != "params":
+            return name
+        for f in dataclasses.fields(value):
+            try:
+                encoder.encode(getattr(value, f.name))
+            except Exception:  # noqa: BLE001
+                return f.name
+        return "sampling_params"
+    return "request"

@@ -6,6 +6,7 @@ engine core in its own process, and tests implement it with a fake.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,9 @@ from jaxserve.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):
-    """The engine core process died or stopped answering; in-flight requests fail with it."""
+    """The engine core process died, is restarting, or stopped answering; in-flight requests
+    fail with it (the server answers 503 with Retry-After). The message is short and safe to
+    show a client: never a traceback or a path."""
 
 
 class EngineOverloadedError(RuntimeError):
@@ -71,6 +74,20 @@ class EngineClient(ABC):
     @abstractmethod
     def dead_reason(self) -> str | None:
         """None while the engine core is alive; else why it is not."""
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """None while requests can be served; else a short reason (dead, or restarting).
+
+        Unlike dead_reason, set while the engine heals itself (a restarting core): /readyz
+        and /health answer 503 with it, /livez does not."""
+        return self.dead_reason
+
+    async def wait_dead(self) -> str:
+        """Returns the reason once the engine is dead for good and cannot heal (the server
+        then exits non-zero). By default it never returns."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     @property
     @abstractmethod

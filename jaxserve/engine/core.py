@@ -142,9 +142,9 @@ class EngineCore:
         # would hold the weights twice (vllm#21073-like "memory never comes back").
         self.model = dataclasses.replace(self.model, params=None)
         self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
-        self.warmup_seconds = 0.0
-        if args.enable_warmup:
-            self.warmup_seconds = self.runner.warmup(show_progress=show_progress)
+        self.warmup_seconds = self._warmup(
+            model_config.attention_backend, args.enable_warmup, show_progress
+        )
         self.startup_seconds = time.perf_counter() - start
         self.last_stats = SchedulerStats()
         # highest KV cache usage seen after any step (for benchmarks and notebooks)
@@ -158,6 +158,35 @@ class EngineCore:
             cache_config.block_size,
             max_model_len,
         )
+
+    def _warmup(self, requested_backend: str, enable_warmup: bool, show_progress: bool) -> float:
+        """Compiles the step buckets; returns the seconds it took (0 without warmup).
+
+        NOTE: a Pallas kernel that "auto" picked but that fails to compile here (a Mosaic
+        version this kernel does not suit, say) is not an outage: the engine falls back to
+        the xla attention with one ERROR line naming why. An explicit "pallas" raises. Without
+        warmup, "auto" still compiles the smallest bucket to find out.
+        """
+        runner = self.runner
+        is_auto_pallas = requested_backend == "auto" and runner.attention_backend == "pallas"
+        try:
+            if enable_warmup:
+                return runner.warmup(show_progress=show_progress)
+            if is_auto_pallas:
+                runner.compile_smallest_bucket()
+            return 0.0
+        except Exception as e:
+            if not is_auto_pallas:
+                runner.close()  # the engine never comes to be: free its device buffers now
+                raise
+            why = (str(e).strip().splitlines() or [""])[0][:300]
+            logger.error(
+                "attention_backend=auto: the Pallas kernel failed to compile, using xla: %s: %s",
+                type(e).__name__,
+                why,
+            )
+            runner.use_attention_backend("xla")
+            return runner.warmup(show_progress=show_progress) if enable_warmup else 0.0
 
     @property
     def spec(self) -> ModelSpec:
@@ -178,7 +207,10 @@ class EngineCore:
         """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes).
 
         replica: ignored here (one replica); DPEngineCore uses it to pin a request.
+        A request whose part of a step could not be staged (a value its arrays cannot hold)
+        raises ValueError naming the field here, before it is queued.
         """
+        self.runner.check_request(request)
         self.scheduler.add_request(request, urgent=urgent)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
@@ -194,6 +226,14 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
+        """One schedule -> execute -> update_from_output.
+
+        NOTE on failures: what goes wrong for one request on the host (its scheduling, its
+        staging, reading its token back) fails that request alone: it ends with an error
+        output (EngineCoreOutput.error) and its blocks are freed, and the step goes on without
+        it. Only an exception out of the device call itself leaves this method; the caller
+        treats it as fatal (the KV cache was donated to the failed call).
+        """
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs()
         start = time.perf_counter()

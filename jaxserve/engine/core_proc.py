@@ -17,10 +17,12 @@ wait for a seat). A probe still shares the step's token budget and the KV blocks
 prefill chunk that takes the whole budget it waits one step.
 
 NOTE on errors: a bad message or a request the scheduler refuses gets an Error naming that
-request and the loop goes on. An exception inside core.step() is fatal: the KV cache was donated
-to the failed step and the scheduler's counters already moved, so no request's state can be
-trusted; the core reports it and exits 1, and the API side fails every request with
-EngineDeadError (an honest 503 beats silently wrong tokens).
+request and the loop goes on; so does a request that fails alone inside a step (its staging
+raised: core.step() ends it with an error output, sent here as its Error). An exception out
+of core.step() is a device-side failure and fatal: the KV cache was donated to the failed
+call, so no request's state can be trusted; the core reports it (a short message, and the
+traceback for the API process's log) and exits 1. The API side fails every in-flight request
+with EngineDeadError (an honest 503 beats silently wrong tokens) and starts a new core.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
         distributed.initialize()
         core = make_engine_core(args, show_progress=False)
     except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
-        msg = f"engine core failed to start: {type(e).__name__}: {e}\n{traceback.format_exc()}"
-        out.send(codec.encode(ipc.Error(message=msg, fatal=True)))
+        msg = f"engine core failed to start: {type(e).__name__}: {e}"
+        error = ipc.Error(message=msg, fatal=True, traceback=traceback.format_exc())
+        out.send(codec.encode(error))
         _close(ctx, inp, out)
         sys.exit(1)
     proc = EngineCoreProc(core, inp, out, codec, parent_pid)
@@ -147,8 +150,11 @@ class EngineCoreProc:
                 try:
                     outputs = self.core.step()
                 except Exception as e:  # noqa: BLE001 - see the module NOTE on errors
+                    # the type only: a device error's text can hold paths; all of it is in
+                    # the traceback, which the API process logs
+                    message = f"engine step failed on the device ({type(e).__name__})"
                     tb = traceback.format_exc()
-                    self.send(ipc.Error(message=f"engine step failed: {e!r}\n{tb}", fatal=True))
+                    self.send(ipc.Error(message=message, fatal=True, traceback=tb))
                     return 1
                 self._send_outputs(outputs)
             now = time.monotonic()
@@ -245,10 +251,19 @@ class EngineCoreProc:
         user_outputs = []
         for o in outputs.outputs:
             probe = self._probes.pop(o.request_id, None) if self._probes else None
+            if o.error is not None:
+                # failed alone in a step (see EngineCore.step): an Error for it instead
+                rid = probe[0] if probe is not None else o.request_id
+                if probe is not None:
+                    self._probe_waiting.pop(probe[0], None)
+                self.send(ipc.Error(message=o.error, request_id=rid, is_invalid_request=True))
+                continue
             if probe is None:
                 user_outputs.append(o)
                 continue
             probe_id, arrival = probe
+            if probe_id not in self._probe_waiting:
+                continue  # another replica's probe of it failed: its Error is out already
             self._probe_waiting[probe_id] -= 1
             if self._probe_waiting[probe_id] > 0:
                 continue

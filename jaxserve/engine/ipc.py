@@ -132,6 +132,7 @@ class EmbedResult(msgspec.Struct, tag=True):
 class Error(msgspec.Struct, tag=True):
     """A failure: of one request (request_id set) or of the whole core (fatal)."""
 
+    # short, and safe to show a client: no traceback, no file path
     message: str
     # the core request id, embed req_id or probe_id the error belongs to; None: not one request's
     request_id: str | None = None
@@ -139,6 +140,8 @@ class Error(msgspec.Struct, tag=True):
     fatal: bool = False
     # True: the request itself was bad (the API process raises ValueError, not RuntimeError)
     is_invalid_request: bool = False
+    # the core's traceback, for the API process's log only (never in a response or /health)
+    traceback: str | None = None
 
 
 FromCore = Ready | Outputs | Heartbeat | ProbeResult | EmbedResult | Error

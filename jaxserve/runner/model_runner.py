@@ -27,7 +27,9 @@ from jaxserve.model import sharding
 from jaxserve.model.attention import KVCache
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
+from jaxserve.request import Request
 from jaxserve.runner.sampler import SamplerOutput, sample
+from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
 from jaxserve.runner.step_inputs import Buckets, StepInputs, build_step_inputs, dummy_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -202,21 +204,15 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
         self._step_fn = make_step_fn(spec, attention_backend, self.mesh)
+        self._kv_cache_shape = shape
         if self.mesh is None:
             # Commit params and cache to the device: jit keys its cache on committed-ness, and
             # the step returns a committed cache, so an uncommitted first cache would compile
             # twice.
-            device = self.devices[0]
-            self.params = jax.device_put(params, device)
-            kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-            self.kv_cache = jax.device_put(kv_cache, device)
+            self.params = jax.device_put(params, self.devices[0])
         else:
             self.params = sharding.place_params(self.model_spec, params, self.mesh)
-            # zeros created sharded: no device ever holds the whole cache
-            self.kv_cache = jax.jit(
-                lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
-                out_shardings=sharding.kv_cache_sharding(self.mesh),
-            )()
+        self.kv_cache = self._new_kv_cache()
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
         # that own the rest of the mesh (jaxserve.distributed); they run the same step.
         self.multihost = self.mesh is not None and distributed.spans_processes(self.devices)
@@ -225,6 +221,32 @@ class ModelRunner:
         # XLA lowerings seen during execute() after warmup; must stay 0
         self.num_compiles_after_warmup = 0
         self.num_steps = 0
+
+    def _new_kv_cache(self) -> KVCache:
+        """An all-zero KV cache on the runner's devices (committed, or sharded on the mesh)."""
+        shape, dtype = self._kv_cache_shape, self.dtype
+        if self.mesh is None:
+            kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            return jax.device_put(kv_cache, self.devices[0])
+        # zeros created sharded: no device ever holds the whole cache
+        return jax.jit(
+            lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+            out_shardings=sharding.kv_cache_sharding(self.mesh),
+        )()
+
+    def use_attention_backend(self, backend: str) -> None:
+        """Rebuilds the step for another attention backend (auto's fallback when the Pallas
+        kernel fails to compile); a KV cache a failed call consumed is allocated again."""
+        self.attention_backend = backend
+        self._step_fn = make_step_fn(self.spec, backend, self.mesh)
+        if self.kv_cache.k.is_deleted() or self.kv_cache.v.is_deleted():
+            self.kv_cache = self._new_kv_cache()
+
+    def compile_smallest_bucket(self) -> None:
+        """Compiles (without running) the step of the smallest bucket: a cheap check that the
+        attention backend compiles at all, for engines started without warmup."""
+        inputs = dummy_step_inputs(self.buckets.all_shapes()[0], self.penalty_len)
+        self._step_fn.lower(self.params, self.kv_cache, inputs).compile()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -278,12 +300,34 @@ class ModelRunner:
         logger.info("compiled %d step buckets in %.1f s", len(shapes), elapsed)
         return elapsed
 
+    def check_request(self, request: Request) -> None:
+        """Raises ValueError naming the field when the request's part of a step could not be
+        staged; EngineCore.add_request calls it, so such a request fails alone at admission."""
+        ids = request.prompt_token_ids
+        vocab_size = self.spec.vocab_size
+        if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+            i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
+            raise ValueError(
+                f"prompt_token_ids[{i}] must be a token id in [0, {vocab_size}), got {ids[i]!r}"
+            )
+        check_sampling_row(SamplingRow.from_request(request), self.penalty_len)
+
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Stages, runs and reads back one step.
+
+        NOTE on failures: staging and reading back are per request (a request that fails
+        there is named in ModelRunnerOutput.failed and the others go on); only the device
+        call itself raises, and that is fatal to the engine (the cache was donated to it).
+        """
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
-        inputs = build_step_inputs(
+        staged = build_step_inputs(
             scheduler_output, self.buckets, self.block_size, self.penalty_len
         )
+        failed = dict(staged.failed)
+        inputs = staged.inputs
+        if inputs is None:
+            return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
         before = _lowerings
         out = self._run_step(inputs)
         token_ids = _host(out.token_ids)
@@ -298,31 +342,35 @@ class ModelRunner:
         self.num_steps += 1
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprobs] = {}
-        want_logprobs = [
-            i
-            for i, sr in enumerate(scheduler_output.scheduled)
-            if sr.is_sampling and sr.request.sampling_params.logprobs is not None
-        ]
+        rows = staged.staged
+        want_logprobs = any(
+            sr.is_sampling and sr.request.sampling_params.logprobs is not None for sr in rows
+        )
         if want_logprobs:
             lp, ranks = _host(out.logprobs), _host(out.ranks)
             top_ids, top_lps = _host(out.top_token_ids), _host(out.top_logprobs)
-        for i, sr in enumerate(scheduler_output.scheduled):
+        for i, sr in enumerate(rows):
             if not sr.is_sampling:
                 continue
             req_id = sr.request.request_id
-            sampled[req_id] = int(token_ids[i])
-        for i in want_logprobs:
-            sr = scheduler_output.scheduled[i]
-            n = sr.request.sampling_params.logprobs or 0
-            logprobs[sr.request.request_id] = TokenLogprobs(
-                token_id=int(token_ids[i]),
-                logprob=float(lp[i]),
-                rank=int(ranks[i]),
-                top=[
-                    (int(t), float(v)) for t, v in zip(top_ids[i, :n], top_lps[i, :n], strict=True)
-                ],
-            )
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+            try:
+                sampled[req_id] = int(token_ids[i])
+                n = sr.request.sampling_params.logprobs
+                if n is not None:
+                    logprobs[req_id] = TokenLogprobs(
+                        token_id=int(token_ids[i]),
+                        logprob=float(lp[i]),
+                        rank=int(ranks[i]),
+                        top=[
+                            (int(t), float(v))
+                            for t, v in zip(top_ids[i, :n], top_lps[i, :n], strict=True)
+                        ],
+                    )
+            except Exception as e:  # noqa: BLE001 - this request's read-back alone failed
+                logger.exception("reading back request %s failed", req_id)
+                sampled.pop(req_id, None)
+                failed[req_id] = f"the engine could not read this request's output: {e!r}"
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, failed=failed)
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""

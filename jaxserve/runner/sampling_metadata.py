@@ -3,11 +3,17 @@
 Runs every step on the host (numpy only, no jax); the runner device_puts the result next to
 the other step inputs. Padding rows are greedy with no penalties, bans or logprobs, so they
 cost nothing and change nothing.
+
+NOTE on failures: a row that cannot be written (a value its array cannot hold) raises
+RowStagingError naming the row, so the runner can leave that one request out of the step.
+`check_sampling_row` runs the same writes once at admission, so such a request is normally
+refused by add_request (ValueError naming the field) and never reaches a step.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +69,69 @@ class SamplingRow:
         return banned
 
 
+class RowStagingError(ValueError):
+    """Row `row` of a step's sampling metadata could not be written (its cause is chained)."""
+
+    def __init__(self, row: int, cause: BaseException) -> None:
+        super().__init__(f"sampling row {row}: {type(cause).__name__}: {cause}")
+        # index of the row in the rows given to build_sampling_metadata
+        self.row = row
+        self.cause = cause
+
+
+_INT32 = np.iinfo(np.int32)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# SamplingParams fields staged into int32 / float32 arrays (the names users send)
+_INT32_FIELDS = ("top_k", "logprobs", "min_tokens")
+_FLOAT32_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def _check_int32(name: str, value: object) -> None:
+    if not isinstance(value, int) or not _INT32.min <= value <= _INT32.max:
+        raise ValueError(f"{name} must be an integer in the engine's int32 range, got {value!r}")
+
+
+def check_sampling_row(row: SamplingRow, penalty_len: int) -> None:
+    """Raises ValueError naming the field when `row` could not be staged into a step.
+
+    Called at admission (EngineCore.add_request): a request whose values the step's arrays
+    cannot hold (top_k=3_000_000_000 in an int32) fails alone, before it takes any block.
+    """
+    p = row.params
+    for name in _INT32_FIELDS:
+        value = getattr(p, name)
+        if value is not None:
+            _check_int32(name, value)
+    for name in _FLOAT32_FIELDS:
+        value = getattr(p, name)
+        if not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+        ):
+            raise ValueError(f"{name} must be a finite float32, got {value!r}")
+    for i, token_id in enumerate(p.stop_token_ids):
+        _check_int32(f"stop_token_ids[{i}]", token_id)
+    if row.eos_token_id is not None:
+        _check_int32("eos_token_id", row.eos_token_id)
+    if len(p.stop_token_ids) + 1 > MAX_BANNED_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids may hold at most {MAX_BANNED_TOKEN_IDS - 1} ids")
+    if row.num_penalty_tokens > penalty_len:
+        raise ValueError(
+            f"prompt + output ({row.num_penalty_tokens} tokens) exceed the penalty window "
+            f"of {penalty_len} tokens"
+        )
+    try:  # the very writes a step does, as the catch-all for anything the checks above miss
+        build_sampling_metadata([row], 1, penalty_len)
+    except RowStagingError as e:
+        raise ValueError(f"sampling_params cannot be staged: {e.cause}") from None
+
+
 def fold_seed(seed: int) -> int:
     """Any Python int -> u32, mixing in the high bits so seeds past 2**32 stay distinct-ish."""
     seed &= (1 << 64) - 1
@@ -112,37 +181,39 @@ def build_sampling_metadata(
     for i, row in enumerate(rows):
         if row is None:
             continue
-        p = row.params
-        temperature[i] = p.temperature
-        top_k[i] = p.top_k
-        top_p[i] = p.top_p
-        min_p[i] = p.min_p
-        presence[i] = p.presence_penalty
-        frequency[i] = p.frequency_penalty
-        repetition[i] = p.repetition_penalty
-        seeds[i] = fold_seed(row.seed)
-        steps[i] = row.step
-        if p.logprobs is not None:
-            num_logprobs[i] = p.logprobs
-        ban = row.banned_token_ids
-        if ban:
-            if banned is None:
-                banned = np.full((num_rows, MAX_BANNED_TOKEN_IDS), -1, np.int32)
-            banned[i, : len(ban)] = ban
-        n = row.num_penalty_tokens
-        if n:
-            if n > penalty_len:
-                raise ValueError(
-                    f"row {i} needs {n} penalty tokens but penalty_len={penalty_len}; "
-                    "size it with required_penalty_len(rows)"
-                )
-            if penalty_ids is None:
-                penalty_ids = np.full((num_rows, penalty_len), -1, np.int32)
-            num_prompt = len(row.prompt_token_ids)
-            penalty_ids[i, :num_prompt] = row.prompt_token_ids
-            penalty_ids[i, num_prompt:n] = row.output_token_ids
-            prompt_lens[i] = num_prompt
-
+        try:
+            p = row.params
+            temperature[i] = p.temperature
+            top_k[i] = p.top_k
+            top_p[i] = p.top_p
+            min_p[i] = p.min_p
+            presence[i] = p.presence_penalty
+            frequency[i] = p.frequency_penalty
+            repetition[i] = p.repetition_penalty
+            seeds[i] = fold_seed(row.seed)
+            steps[i] = row.step
+            if p.logprobs is not None:
+                num_logprobs[i] = p.logprobs
+            ban = row.banned_token_ids
+            if ban:
+                if banned is None:
+                    banned = np.full((num_rows, MAX_BANNED_TOKEN_IDS), -1, np.int32)
+                banned[i, : len(ban)] = ban
+            n = row.num_penalty_tokens
+            if n:
+                if n > penalty_len:
+                    raise ValueError(
+                        f"row {i} needs {n} penalty tokens but penalty_len={penalty_len}; "
+                        "size it with required_penalty_len(rows)"
+                    )
+                if penalty_ids is None:
+                    penalty_ids = np.full((num_rows, penalty_len), -1, np.int32)
+                num_prompt = len(row.prompt_token_ids)
+                penalty_ids[i, :num_prompt] = row.prompt_token_ids
+                penalty_ids[i, num_prompt:n] = row.output_token_ids
+                prompt_lens[i] = num_prompt
+        except Exception as e:  # noqa: BLE001 - a failure here is this row's alone
+            raise RowStagingError(i, e) from e
     return SamplingMetadata(
         temperature=temperature,
         top_k=top_k,

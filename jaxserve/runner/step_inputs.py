@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from jaxserve.core.outputs import SchedulerOutput
+from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.model.attention import AttentionMetadata
 from jaxserve.runner.sampler import SamplingMetadata
-from jaxserve.runner.sampling_metadata import SamplingRow, build_sampling_metadata
+from jaxserve.runner.sampling_metadata import (
+    RowStagingError,
+    SamplingRow,
+    build_sampling_metadata,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @functools.partial(
@@ -83,13 +90,95 @@ class Buckets:
         return [(t, self.num_reqs_for(t), b) for t in self.token_sizes for b in self.block_sizes]
 
 
+@dataclasses.dataclass
+class StagedStep:
+    """One step's inputs, and the requests that had to be left out of it."""
+
+    # None when every scheduled request failed to stage (there is nothing to run)
+    inputs: StepInputs | None
+    # the staged requests in batch-row order (row i of the step is staged[i])
+    staged: list[ScheduledRequest]
+    # req_id -> why its part of the step could not be staged (it is not in `inputs`)
+    failed: dict[str, str]
+
+
 def build_step_inputs(
     scheduler_output: SchedulerOutput, buckets: Buckets, block_size: int, penalty_len: int
-) -> StepInputs:
-    """Host-side (numpy) staging of one step; O(tokens + block-table entries)."""
+) -> StagedStep:
+    """Host-side (numpy) staging of one step; O(tokens + block-table entries).
+
+    NOTE on failures: each request's rows are staged under their own guard; one that raises
+    is left out and named in `failed`, and the step is staged again without it (a rare path:
+    admission already checked what it could). A request whose block table holds a block that
+    a failed request was to write this step (an n > 1 sibling's prefix hit) is left out too,
+    since it would read KV that is never computed.
+    """
     scheduled = scheduler_output.scheduled
+    failed: dict[str, str] = {}
+    while True:
+        todo = [sr for sr in scheduled if sr.request.request_id not in failed]
+        if not todo:
+            return StagedStep(inputs=None, staged=[], failed=failed)
+        try:
+            return StagedStep(_stage(todo, buckets, block_size, penalty_len), todo, failed)
+        except _RequestStagingError as e:
+            sr = e.scheduled
+            logger.error(
+                "request %s could not be staged (left out of the step)",
+                sr.request.request_id,
+                exc_info=e.__cause__,
+            )
+            cause = e.__cause__
+            failed[sr.request.request_id] = (
+                f"the engine could not stage this request: {type(cause).__name__}: {cause}"
+            )
+            failed.update(_sharing_unwritten_blocks(scheduled, failed, block_size))
+
+
+class _RequestStagingError(Exception):
+    """Staging `scheduled` (one request) raised; the cause is chained."""
+
+    def __init__(self, scheduled: ScheduledRequest) -> None:
+        super().__init__(scheduled.request.request_id)
+        self.scheduled = scheduled
+
+
+def _written_blocks(sr: ScheduledRequest, block_size: int) -> list[int]:
+    """The blocks this step writes KV into for `sr`."""
+    first = sr.num_computed_tokens // block_size
+    last = -(-(sr.num_computed_tokens + sr.num_scheduled_tokens) // block_size)
+    return sr.block_ids[first:last]
+
+
+def _sharing_unwritten_blocks(
+    scheduled: Sequence[ScheduledRequest], failed: dict[str, str], block_size: int
+) -> dict[str, str]:
+    """Requests not yet failed that hold a block a failed request was to write this step."""
+    unwritten: set[int] = set()
+    for sr in scheduled:
+        if sr.request.request_id in failed:
+            unwritten.update(_written_blocks(sr, block_size))
+    more: dict[str, str] = {}
+    changed = True
+    while changed:  # a sibling left out leaves its own blocks unwritten in turn
+        changed = False
+        for sr in scheduled:
+            rid = sr.request.request_id
+            if rid in failed or rid in more or unwritten.isdisjoint(sr.block_ids):
+                continue
+            more[rid] = "its cached prompt prefix came from a request that failed in this step"
+            unwritten.update(_written_blocks(sr, block_size))
+            changed = True
+    return more
+
+
+def _stage(
+    scheduled: Sequence[ScheduledRequest], buckets: Buckets, block_size: int, penalty_len: int
+) -> StepInputs:
+    """The padded arrays of `scheduled`; raises _RequestStagingError naming the one that fails."""
     max_blocks = max(len(s.block_ids) for s in scheduled)
-    t, r, b = buckets.select(scheduler_output.total_num_scheduled_tokens, max_blocks)
+    num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
+    t, r, b = buckets.select(num_tokens, max_blocks)
     input_ids = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     slot_mapping = np.zeros(t, np.int32)  # padding writes land in the null block
@@ -101,22 +190,29 @@ def build_step_inputs(
     rows: list[SamplingRow | None] = [None] * r
     offset = 0
     for i, sr in enumerate(scheduled):
-        start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
-        end = offset + n
-        input_ids[offset:end] = sr.request.all_token_ids[start : start + n]
-        pos = np.arange(start, start + n, dtype=np.int32)
-        positions[offset:end] = pos
-        blocks = np.asarray(sr.block_ids, dtype=np.int32)
-        slot_mapping[offset:end] = blocks[pos // block_size] * block_size + pos % block_size
-        token_req_idx[offset:end] = i
-        block_tables[i, : len(blocks)] = blocks
-        kv_lens[i] = start + n
-        cu_q_lens[i + 1] = end
-        logits_indices[i] = end - 1
-        if sr.is_sampling:
-            rows[i] = SamplingRow.from_request(sr.request)
+        try:
+            start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
+            end = offset + n
+            input_ids[offset:end] = sr.request.all_token_ids[start : start + n]
+            pos = np.arange(start, start + n, dtype=np.int32)
+            positions[offset:end] = pos
+            blocks = np.asarray(sr.block_ids, dtype=np.int32)
+            slot_mapping[offset:end] = blocks[pos // block_size] * block_size + pos % block_size
+            token_req_idx[offset:end] = i
+            block_tables[i, : len(blocks)] = blocks
+            kv_lens[i] = start + n
+            cu_q_lens[i + 1] = end
+            logits_indices[i] = end - 1
+            if sr.is_sampling:
+                rows[i] = SamplingRow.from_request(sr.request)
+        except Exception as e:  # noqa: BLE001 - a failure here is this request's alone
+            raise _RequestStagingError(sr) from e
         offset = end
     cu_q_lens[len(scheduled) + 1 :] = offset
+    try:
+        sampling = build_sampling_metadata(rows, r, penalty_len)
+    except RowStagingError as e:
+        raise _RequestStagingError(scheduled[e.row]) from e.cause
     return StepInputs(
         input_ids=input_ids,
         positions=positions,
@@ -128,7 +224,7 @@ def build_step_inputs(
             cu_q_lens=cu_q_lens,
         ),
         logits_indices=logits_indices,
-        sampling=build_sampling_metadata(rows, r, penalty_len),
+        sampling=sampling,
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,

@@ -209,24 +209,67 @@ async def test_embed(engine):
     await collect(engine, PROMPT, GREEDY, "after-embed")
 
 
-async def test_kill_core_fails_in_flight_request(tiny_model_dir):
+def _unchecked(params: SamplingParams, **values) -> SamplingParams:
+    """params with fields set past SamplingParams' own validation (what a buggy or hostile
+    caller could hand the engine)."""
+    for name, value in values.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+async def test_refusals_leave_nothing_registered(engine):
+    """Each way a request is refused once generate() has begun; done more times than
+    max_waiting_requests (4), so one leaked registration each would end in 429 forever."""
+    base = dict(temperature=0.0, max_tokens=4, ignore_eos=True)
+    cases = [
+        # the wire cannot carry it: refused API-side, before registration
+        ("cache_salt", lambda: SamplingParams(**base), "\ud800"),
+        ("stop", lambda: SamplingParams(**base, stop=["ok", "\ud800"]), None),
+        ("top_k", lambda: _unchecked(SamplingParams(**base), top_k=2**64), None),
+        # the wire carries it, the core refuses it (int32): after registration
+        ("top_k", lambda: _unchecked(SamplingParams(**base), top_k=3_000_000_000), None),
+        ("top_k", lambda: _unchecked(SamplingParams(**base), top_k=2**63), None),
+    ]
+    for field, make_params, salt in cases:
+        for i in range(5):
+            gen = engine.generate(PROMPT, make_params(), f"refused-{field}-{i}", cache_salt=salt)
+            with pytest.raises(ValueError, match=field) as err:
+                await anext(gen)
+            assert "Traceback" not in str(err.value)
+            await gen.aclose()
+        assert not engine._requests and not engine._core_to_user, field
+        assert not engine.output_processor.has_unfinished_requests()
+    await wait_for(lambda: engine.stats.num_waiting_reqs == 0 and engine.stats.kv_cache_usage == 0)
+    await collect(engine, PROMPT, GREEDY, "after-refusals")
+    await engine.check_health(timeout=10.0)
+
+
+async def test_killed_core_is_restarted(tiny_model_dir):
     llm = await AsyncLLM.create(make_args(tiny_model_dir))
     try:
         params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
         gen = llm.generate(PROMPT, params, "doomed")
         await anext(gen)
-        os.kill(llm.core_pid, signal.SIGKILL)
+        first_pid = llm.core_pid
+        os.kill(first_pid, signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(EngineDeadError):
+        with pytest.raises(EngineDeadError, match="SIGKILL"):
             async for _ in gen:
                 pass
         assert time.monotonic() - start < 5.0
-        assert llm.dead_reason is not None and "exited" in llm.dead_reason
-        assert not llm.is_ready
+        # healing: not dead for good, but not serving either
+        assert llm.dead_reason is None and not llm.is_ready
+        assert "restarting" in llm.unavailable_reason
+        with pytest.raises(EngineDeadError, match="restarting"):
+            await anext(llm.generate(PROMPT, params, "during-restart"))
         with pytest.raises(EngineDeadError):
             await llm.check_health(timeout=1.0)
-        with pytest.raises(EngineDeadError):
-            await anext(llm.generate(PROMPT, params, "after-death"))
+        await wait_for(lambda: llm.is_ready, timeout=60.0)
+        assert llm.core_pid != first_pid and llm.num_core_restarts == 1
+        await collect(llm, PROMPT, GREEDY, "after-restart")
+        await llm.check_health(timeout=10.0)
+        await wait_for(lambda: llm.stats.kv_cache_usage == 0.0 and llm.stats.num_core_restarts == 1)
+        assert not llm._requests
     finally:
         await llm.shutdown()
 
@@ -249,16 +292,25 @@ async def test_startup_failure_reports_the_core_error(tmp_path):
         await AsyncLLM.create(EngineArgs(model=str(tmp_path / "missing"), **ENGINE))
 
 
-async def test_hung_core_is_declared_dead_and_killed(tiny_model_dir):
-    llm = await AsyncLLM.create(make_args(tiny_model_dir), hang_timeout_s=1.0)
+async def test_hung_core_is_killed_and_no_restarts_left_is_final(tiny_model_dir):
+    llm = await AsyncLLM.create(make_args(tiny_model_dir), max_core_restarts=0)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
         gen = llm.generate(PROMPT, params, "hung")
         await anext(gen)
-        os.kill(llm.core_pid, signal.SIGSTOP)  # alive, but its loop no longer turns
+        # short only now: the first step may compile for longer than a second, heartbeat-less
+        llm._supervisor.hang_timeout_s = 1.0
+        pid = llm.core_pid
+        os.kill(pid, signal.SIGSTOP)  # alive, but its loop no longer turns
         with pytest.raises(EngineDeadError, match="no heartbeat"):
             async for _ in gen:
                 pass
-        assert "no heartbeat" in llm.dead_reason
+        reason = await asyncio.wait_for(llm.wait_dead(), 10.0)
+        assert "no heartbeat" in reason and "max_core_restarts=0" in reason
+        assert llm.dead_reason == reason and llm.num_core_restarts == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
+        with pytest.raises(EngineDeadError):
+            await anext(llm.generate(PROMPT, params, "after-death"))
     finally:
         await llm.shutdown()
