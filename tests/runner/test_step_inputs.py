@@ -43,7 +43,9 @@ def test_decode_and_prefill_chunk_in_one_batch():
         total_num_scheduled_tokens=4,
     )
     buckets = Buckets.make(32, 4, 64, BLOCK)
-    s = build_step_inputs(out, buckets, BLOCK, penalty_len=8)
+    staged = build_step_inputs(out, buckets, BLOCK, penalty_len=8)
+    assert staged.failed == {} and [sr.request.request_id for sr in staged.staged] == ["d", "p"]
+    s = staged.inputs
     assert (s.num_tokens, s.num_reqs, s.num_blocks_per_req) == (16, 4, 4)
     pad = [0] * 12
     assert s.input_ids.tolist() == [16, 23, 24, 25, *pad]
@@ -66,7 +68,7 @@ def test_same_request_stages_the_same_whatever_its_batch_mates():
     alone_req = _request("a", [1, 2, 3])
     alone = build_step_inputs(
         SchedulerOutput([ScheduledRequest(alone_req, 0, 3, [5], True)], 3), buckets, BLOCK, 8
-    )
+    ).inputs
     other = _request("o", [9, 9, 9, 9, 9])
     mixed = build_step_inputs(
         SchedulerOutput(
@@ -79,7 +81,7 @@ def test_same_request_stages_the_same_whatever_its_batch_mates():
         buckets,
         BLOCK,
         8,
-    )
+    ).inputs
     assert mixed.input_ids[5:8].tolist() == alone.input_ids[:3].tolist()
     assert mixed.attn.slot_mapping[5:8].tolist() == alone.attn.slot_mapping[:3].tolist()
     assert mixed.attn.block_tables[1].tolist() == alone.attn.block_tables[0].tolist()
