@@ -144,6 +144,7 @@ def _save_converted(dst: Path, params: Params, spec: ModelSpec, tokenizer: Any) 
     tmp: Path | None = None
     try:
         tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared
         checkpoint.save_checkpoint(tmp, params, spec, tokenizer)
         if dst.exists():  # not a checkpoint (the caller checked, under the lock): debris
             shutil.rmtree(dst)
