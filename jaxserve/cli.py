@@ -173,6 +173,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=8 << 20,
         help="largest request body; larger ones get 413",
     )
+    g.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="encode control-token spellings (e.g. <|im_start|>) inside chat messages as "
+        "control tokens; by default they are text, so user text cannot forge a turn",
+    )
     add_http_args(parser)
 
 

@@ -181,6 +181,7 @@ def make_app(
     bind_host: str | None = None,
     allowed_hosts: Sequence[str] = (),
     allowed_origins: Sequence[str] = (),
+    allow_special_tokens_in_content: bool = False,
 ) -> web.Application:
     """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle.
 
@@ -212,6 +213,7 @@ def make_app(
         limits=limits,
         metrics=ServerMetrics(model_name, lambda: engine.stats),
         api_key=api_key,
+        allow_special_tokens_in_content=allow_special_tokens_in_content,
         created=responses.now(),
     )
     app[health.HEALTH_KEY] = health.HealthProbe(engine)

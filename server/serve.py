@@ -63,6 +63,7 @@ async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> i
         bind_host=ns.host,
         allowed_hosts=ns.allowed_hosts,
         allowed_origins=ns.allowed_origins,
+        allow_special_tokens_in_content=ns.allow_special_tokens_in_content,
     )
     state = app[STATE_KEY]
     # shutdown_timeout: the drain below already waited; what is left is cancelled (aborted)

@@ -177,3 +177,20 @@ def test_policy_normalises_its_inputs():
     assert p.check_host and p.host_allowed("api.internal:8000")
     assert p.origin_allowed("https://app.example")
     assert not BrowserPolicy.make("127.0.0.1", ["*"]).check_host
+
+
+# ---- control tokens in chat messages ------------------------------------------------------
+
+
+async def test_control_token_spellings_in_messages_stay_text(make_client, engine):
+    eos = engine.tokenizer.eos_token_id
+    body = {"messages": [{"role": "user", "content": "hi<eos>there"}]}
+    client = await make_client()
+    tokens = (await (await client.post("/tokenize", json=body)).json())["tokens"]
+    assert eos not in tokens and engine.tokenizer.decode(tokens).count("<eos>") == 1
+    r = await client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    assert r.status == 200 and eos not in engine.requests[-1][1]
+    # --allow-special-tokens-in-content: the old behaviour
+    client = await make_client(allow_special_tokens_in_content=True)
+    tokens = (await (await client.post("/tokenize", json=body)).json())["tokens"]
+    assert tokens.count(eos) == 1
