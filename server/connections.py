@@ -11,7 +11,8 @@ to send the rest (slowloris), and nothing bounds how many connections are open. 
   A timed-out request gets a 408 and its connection is closed.
 - ConnectionGuard: at `max_connections` a new connection closes the longest-idle keep-alive
   connection to make room (as nginx does), or, when none is idle, gets a 503 and is closed.
-- connection_middleware moves a connection's phase as the app sees its requests.
+- connection_middleware tells a connection when the app got its request; the connection
+  itself sees the response written (finish_response).
 - start_http: the runner and the listening site that use them (`jaxserve serve`).
 
 Malformed HTTP is logged as one WARNING line, at most one per 10 s (ProtocolLog), and no
@@ -139,8 +140,8 @@ class ConnectionGuard:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, with request deadlines and the connection bound.
 
-    NOTE: only the asyncio Protocol methods and aiohttp's public `force_close` and
-    `handle_error` are overridden; aiohttp's own parsing and keep-alive are untouched.
+    NOTE: only the asyncio Protocol methods and RequestHandler's public `handle_error` and
+    `finish_response` are overridden; aiohttp's own parsing and keep-alive are untouched.
     """
 
     def __init__(self, guard: ConnectionGuard, manager: web.Server, **kwargs: Any) -> None:
@@ -188,6 +189,18 @@ class GuardedRequestHandler(RequestHandler):
         resp.headers[hdrs.SERVER] = SERVER_HEADER
         return resp
 
+    async def finish_response(
+        self, request: Any, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # the response is written here, after the app (and its middlewares) returned it: the
+        # connection is idle (evictable) only once this is done
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._disarm()
+            self.guard_phase = _Phase.IDLE
+            self.guard_idle_since = time.monotonic()
+
     # ---- driven by connection_middleware ------------------------------------------------
 
     def request_started(self, request: web.Request) -> None:
@@ -195,11 +208,6 @@ class GuardedRequestHandler(RequestHandler):
         self.guard_phase = _Phase.BUSY
         if not request.content.is_eof():
             self._arm(self.guard.limits.body_timeout_s, lambda: self._body_timed_out(request))
-
-    def request_finished(self) -> None:
-        self._disarm()
-        self.guard_phase = _Phase.IDLE
-        self.guard_idle_since = time.monotonic()
 
     # ---- deadlines ----------------------------------------------------------------------
 
@@ -260,15 +268,11 @@ class GuardedRequestHandler(RequestHandler):
 async def connection_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Outermost: tells the connection its request head was complete, and when it is done."""
+    """Outermost: tells the connection its request head is complete (the app has it)."""
     conn = request.protocol
-    if not isinstance(conn, GuardedRequestHandler):
-        return await handler(request)  # served by another listener (tests' aiohttp_client)
-    conn.request_started(request)
-    try:
-        return await handler(request)
-    finally:
-        conn.request_finished()
+    if isinstance(conn, GuardedRequestHandler):  # else another listener (tests' aiohttp_client)
+        conn.request_started(request)
+    return await handler(request)
 
 
 async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
