@@ -1,14 +1,15 @@
 """Connection hygiene: deadlines for reading a request, a keep-alive timeout, a connection bound.
 
-aiohttp alone closes a connection that stays idle past its keep-alive timeout (an hour by
-default), but once a client has sent one byte of a request nothing bounds how long it may take
-to send the rest (slowloris), and nothing bounds how many connections are open. Here:
+aiohttp alone closes a connection idle past its keep-alive timeout (an hour by default),
+but once a client has sent one byte of a request nothing bounds how long it may take to
+send the rest (slowloris), and nothing bounds how many connections are open. Here:
 
 - GuardedRequestHandler, aiohttp's per-connection protocol plus three phases:
   IDLE (between requests) -> HEAD (a byte of a request arrived) -> BUSY (the app has it).
-  HEAD must end within `header_timeout_s`; a body must have fully arrived `body_timeout_s`
-  after the head; both are total deadlines, so a trickle of bytes does not extend them.
-  A timed-out request gets a 408 and its connection is closed.
+  IDLE is closed after `keep_alive_timeout_s`; HEAD must end within `header_timeout_s`; a
+  body must have fully arrived `body_timeout_s` after the head. These are total deadlines,
+  so a trickle of bytes does not extend them. A timed-out request gets a 408 and its
+  connection is closed.
 - ConnectionGuard: at `max_connections` a new connection closes the longest-idle keep-alive
   connection to make room (as nginx does), or, when none is idle, gets a 503 and is closed.
 - connection_middleware tells a connection when the app got its request; the connection
@@ -163,6 +164,8 @@ class GuardedRequestHandler(RequestHandler):
                 "too_many_connections",
                 ("Retry-After: 1",),
             )
+            return
+        self._become_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.guard_phase is _Phase.IDLE and data:
@@ -197,9 +200,7 @@ class GuardedRequestHandler(RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            self._disarm()
-            self.guard_phase = _Phase.IDLE
-            self.guard_idle_since = time.monotonic()
+            self._become_idle()
 
     # ---- driven by connection_middleware ------------------------------------------------
 
@@ -210,6 +211,16 @@ class GuardedRequestHandler(RequestHandler):
             self._arm(self.guard.limits.body_timeout_s, lambda: self._body_timed_out(request))
 
     # ---- deadlines ----------------------------------------------------------------------
+
+    def _become_idle(self) -> None:
+        self.guard_phase = _Phase.IDLE
+        self.guard_idle_since = time.monotonic()
+        self._arm(self.guard.limits.keep_alive_timeout_s, self._idle_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        self._guard_deadline = None
+        if self.guard_phase is _Phase.IDLE:
+            self.force_close()  # silently, as a keep-alive timeout always is
 
     def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
         self._disarm()
@@ -350,7 +361,11 @@ async def start_http(
     """Sets up `app` and listens on host:port; the caller cleans the runner up."""
     log = RateLimitedLog()
     handler_kwargs: dict[str, Any] = {
-        "keepalive_timeout": limits.keep_alive_timeout_s,
+        # NOTE: the keep-alive timeout is ours (GuardedRequestHandler), not aiohttp's: aiohttp
+        # also closes a connection whose request head is incomplete when its keep-alive timer
+        # fires, so a head begun 4.9 s into a 5 s idle would get 0.1 s. Its timer stays as a
+        # backstop that never fires before ours do.
+        "keepalive_timeout": limits.keep_alive_timeout_s + limits.header_timeout_s + 1.0,
         "logger": ProtocolLog(log),
         "access_log": None,
     }

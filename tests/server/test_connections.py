@@ -156,6 +156,16 @@ async def test_an_idle_keep_alive_connection_is_closed(listen):
     assert await _read_to_eof(reader) == b""
 
 
+async def test_a_head_begun_late_in_the_idle_time_gets_the_whole_header_timeout(listen):
+    port, _ = await listen(keep_alive_timeout_s=0.4, header_timeout_s=0.8)
+    reader, writer = await _connect(port)
+    await asyncio.sleep(0.3)  # idle, within the keep-alive timeout
+    writer.write(b"GET /livez HTTP/1.1\r\n")
+    await asyncio.sleep(0.3)  # past the keep-alive timeout, within the header timeout
+    writer.write(b"Host: 127.0.0.1\r\n\r\n")
+    assert (await _read_response(reader))[0] == 200
+
+
 async def test_the_connection_bound_refuses_when_none_is_idle(listen):
     port, _ = await listen(max_connections=2, header_timeout_s=5.0)
     busy = []
