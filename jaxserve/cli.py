@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from jaxserve.config import DEFAULT_MODEL, EngineArgs
 
@@ -186,32 +187,47 @@ def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = kind(value)
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return number
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
 def add_http_args(parser: argparse.ArgumentParser) -> None:
     """Connection hygiene and browser safety (server/connections.py, server/security.py)."""
     g = parser.add_argument_group("connections and browser safety")
     g.add_argument(
         "--header-timeout",
-        type=float,
+        type=_positive(float),
+        metavar="SECONDS",
         default=10.0,
         help="seconds a request head may take from its first byte to its last (then 408)",
     )
     g.add_argument(
         "--body-timeout",
-        type=float,
+        type=_positive(float),
+        metavar="SECONDS",
         default=60.0,
         help="seconds a request body may take to arrive after its head (then 408)",
     )
     g.add_argument(
         "--keep-alive-timeout",
         "--timeout-keep-alive",
-        type=float,
+        type=_positive(float),
+        metavar="SECONDS",
         default=5.0,
         help="seconds an idle keep-alive connection stays open (uvicorn's and vLLM's default "
         "is 5 too; behind a load balancer, set it above the balancer's idle timeout)",
     )
     g.add_argument(
         "--max-connections",
-        type=int,
+        type=_positive(int),
+        metavar="N",
         default=1024,
         help="open connections at most; past it the longest-idle one is closed, or the new "
         "one gets 503",
