@@ -106,7 +106,7 @@ class ProtocolLog(logging.LoggerAdapter):
 
 
 class _Phase(enum.Enum):
-    IDLE = "idle"  # between requests: aiohttp's keep-alive timeout applies
+    IDLE = "idle"  # between requests (and before the first): the keep-alive timeout applies
     HEAD = "head"  # bytes of a request head arrived: the header deadline applies
     BUSY = "busy"  # the app holds a request: the body deadline applies until it arrived
 
@@ -215,7 +215,10 @@ class GuardedRequestHandler(RequestHandler):
     def _become_idle(self) -> None:
         self.guard_phase = _Phase.IDLE
         self.guard_idle_since = time.monotonic()
-        self._arm(self.guard.limits.keep_alive_timeout_s, self._idle_timed_out)
+        if self.transport is not None:  # else it is closed (or closing after this response)
+            self._arm(self.guard.limits.keep_alive_timeout_s, self._idle_timed_out)
+        else:
+            self._disarm()
 
     def _idle_timed_out(self) -> None:
         self._guard_deadline = None
