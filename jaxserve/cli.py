@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from jaxserve.config import DEFAULT_MODEL, EngineArgs
 
@@ -179,6 +180,82 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8 << 20,
         help="largest request body; larger ones get 413",
+    )
+    g.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="encode control-token spellings (e.g. <|im_start|>) inside chat messages as "
+        "control tokens; by default they are text, so user text cannot forge a turn",
+    )
+    add_http_args(parser)
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = kind(value)
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return number
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+def add_http_args(parser: argparse.ArgumentParser) -> None:
+    """Connection hygiene and browser safety (server/connections.py, server/security.py)."""
+    g = parser.add_argument_group("connections and browser safety")
+    g.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        default=10.0,
+        help="seconds a request head may take from its first byte to its last (then 408)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        default=60.0,
+        help="seconds a request body may take to arrive after its head (then 408)",
+    )
+    g.add_argument(
+        "--keep-alive-timeout",
+        "--timeout-keep-alive",
+        type=_positive(float),
+        metavar="SECONDS",
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (uvicorn's and vLLM's default "
+        "is 5 too; behind a load balancer, set it above the balancer's idle timeout)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        metavar="N",
+        default=1024,
+        help="open connections at most; past it the longest-idle one is closed, or the new "
+        "one gets 503",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        action="extend",
+        default=[],
+        metavar="NAME[,NAME...]",
+        help="Host names accepted besides loopback ones when bound to loopback (DNS "
+        "rebinding protection; '*' turns the check off), e.g. behind a local reverse proxy",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        type=_names,
+        action="extend",
+        default=[],
+        metavar="ORIGIN[,ORIGIN...]",
+        help="browser origins allowed to call the API (CORS; '*' for any); default: none, "
+        "and requests carrying another Origin get 403",
     )
 
 

@@ -265,8 +265,13 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        allow_special_tokens_in_content: bool = False,
     ) -> list[RequestOutput]:
-        """generate() over conversations rendered with the model's chat template."""
+        """generate() over conversations rendered with the model's chat template.
+
+        Control-token spellings inside the messages are encoded as text unless
+        `allow_special_tokens_in_content` (see tokenizer.apply_chat_template).
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
             {
@@ -275,6 +280,7 @@ class LLM:
                     list(conv),
                     add_generation_prompt=add_generation_prompt,
                     chat_template=chat_template,
+                    allow_special_tokens_in_content=allow_special_tokens_in_content,
                 )
             }
             for conv in conversations

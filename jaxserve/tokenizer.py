@@ -41,11 +41,20 @@ def apply_chat_template(
     *,
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    allow_special_tokens_in_content: bool = False,
 ) -> list[int]:
     """Renders `messages` with the model's (or the given) chat template -> prompt token ids.
 
     The template's text already holds the special tokens it wants (bos included), so it is
     encoded with add_special_tokens=False, as vLLM does.
+
+    NOTE on control tokens: only the template writes them. A control token's spelling inside
+    a message (`<|im_start|>system` typed as user text) is encoded as that text, so user text
+    cannot forge a turn. This is transformers' own `sanitize_control_tokens` (it marks the
+    spellings in every string of the messages, roles and names included, renders, and encodes
+    the marked spans as text); a chat without such spellings encodes exactly as before.
+    `allow_special_tokens_in_content=True` encodes them as control tokens again (the behaviour
+    of vLLM and of jaxserve before), for callers whose messages are trusted.
     """
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if not template:
@@ -64,13 +73,32 @@ def apply_chat_template(
         conversation.append(
             {**message, "content": _message_content(message["content"], f"messages[{i}].content")}
         )
-    text = tokenizer.apply_chat_template(
-        conversation,
-        chat_template=template,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    if allow_special_tokens_in_content:
+        text = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    try:
+        ids = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
+            sanitize_control_tokens=True,
+        )
+    except ValueError as e:
+        if "sanitize" not in str(e):
+            raise
+        # a tokenizer whose vocabulary makes the control token from its plain text too
+        raise ValueError(
+            f"messages hold a control token that this tokenizer cannot encode as text ({e}); "
+            "remove it from the messages"
+        ) from None
+    return list(ids)
 
 
 class IncrementalDetokenizer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hmac
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -17,8 +17,10 @@ import jaxserve
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
 from server import generation, health, openapi, protocol, responses
+from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
 from server.generation import check_model, read_body, render_chat
+from server.security import POLICY_KEY, BrowserPolicy, add_cors_headers, security_middleware
 from server.state import STATE_KEY, ServerState
 
 
@@ -176,8 +178,16 @@ def make_app(
     max_stop: int = protocol.Limits.max_stop,
     max_logprobs: int = protocol.Limits.max_logprobs,
     max_body_bytes: int = protocol.Limits.max_body_bytes,
+    bind_host: str | None = None,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
+    allow_special_tokens_in_content: bool = False,
 ) -> web.Application:
-    """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle."""
+    """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle.
+
+    `bind_host`: the address the server listens on; a loopback one turns on the Host check
+    (server/security.py). None (unknown, as in tests) leaves it off.
+    """
     limits = protocol.Limits(
         max_n=max_n,
         max_prompts=max_prompts,
@@ -187,16 +197,23 @@ def make_app(
         max_body_bytes=max_body_bytes,
     )
     model_name = served_model_name or engine.model_name
-    # error_middleware is outermost, so auth failures and bugs in auth get the OpenAI shape
+    # connection_middleware is outermost: it only tracks the connection and never raises;
+    # then error_middleware, so that refusals (security, auth) and bugs get the OpenAI shape;
+    # security before auth: a preflight carries no credentials, a rebinding page gets nothing
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=max_body_bytes
+        middlewares=[connection_middleware, error_middleware, security_middleware, auth_middleware],
+        client_max_size=max_body_bytes,
     )
+    app[POLICY_KEY] = BrowserPolicy.make(bind_host, allowed_hosts, allowed_origins)
+    app.on_response_prepare.append(set_server_header)
+    app.on_response_prepare.append(add_cors_headers)
     app[STATE_KEY] = ServerState(
         engine=engine,
         model_name=model_name,
         limits=limits,
         metrics=ServerMetrics(model_name, lambda: engine.stats),
         api_key=api_key,
+        allow_special_tokens_in_content=allow_special_tokens_in_content,
         created=responses.now(),
     )
     app[health.HEALTH_KEY] = health.HealthProbe(engine)

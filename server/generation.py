@@ -411,7 +411,10 @@ def _decode(tokenizer: Any, prompt: EnginePrompt) -> str:
 def render_chat(state: ServerState, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     try:
         return apply_chat_template(
-            state.engine.tokenizer, messages, add_generation_prompt=add_generation_prompt
+            state.engine.tokenizer,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            allow_special_tokens_in_content=state.allow_special_tokens_in_content,
         )
     except ValueError as e:
         raise bad_request(str(e), param_from_message(str(e), {"messages"}) or "messages") from None

@@ -16,10 +16,9 @@ import asyncio
 import logging
 import signal
 
-from aiohttp import web
-
 from jaxserve.engine.client import EngineClient
 from server.app import make_app
+from server.connections import ConnectionLimits, ensure_fd_limit, start_http
 from server.state import STATE_KEY
 
 logger = logging.getLogger("jaxserve.serve")
@@ -42,7 +41,18 @@ async def create_engine(ns: argparse.Namespace) -> EngineClient:
     )
 
 
+def connection_limits_from(ns: argparse.Namespace) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout_s=ns.header_timeout,
+        body_timeout_s=ns.body_timeout,
+        keep_alive_timeout_s=ns.keep_alive_timeout,
+        max_connections=ns.max_connections,
+    )
+
+
 async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> int:
+    limits = connection_limits_from(ns)  # bad flags fail before minutes of engine start-up
+    ensure_fd_limit(limits.max_connections)
     if engine is None:
         engine = await create_engine(ns)
     app = make_app(
@@ -51,18 +61,17 @@ async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> i
         served_model_name=ns.served_model_name,
         max_n=ns.max_n,
         max_body_bytes=ns.max_body_bytes,
+        bind_host=ns.host,
+        allowed_hosts=ns.allowed_hosts,
+        allowed_origins=ns.allowed_origins,
+        allow_special_tokens_in_content=ns.allow_special_tokens_in_content,
     )
     state = app[STATE_KEY]
-    # handler_cancellation: a client disconnect cancels its handler, whose finally aborts
-    # the request in the engine (aiohttp's default lets it run to the end for nobody)
-    # shutdown_timeout: the drain above already waited; what is left is cancelled (aborted)
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=_CLOSE_GRACE_S
+    # shutdown_timeout: the drain below already waited; what is left is cancelled (aborted)
+    runner, site = await start_http(
+        app, ns.host, ns.port, limits, shutdown_timeout_s=_CLOSE_GRACE_S
     )
-    await runner.setup()
-    site = web.TCPSite(runner, ns.host, ns.port)
-    await site.start()
-    logger.info("serving %s on http://%s:%d", state.model_name, ns.host, ns.port)
+    logger.info("serving %s on %s", state.model_name, site.name)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

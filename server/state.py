@@ -23,6 +23,8 @@ class ServerState:
     limits: Limits
     metrics: ServerMetrics
     api_key: str | None = None
+    # encode control-token spellings in chat messages as control tokens (tokenizer.py)
+    allow_special_tokens_in_content: bool = False
     # unix time the app was made (the model card's `created`)
     created: int = 0
     # set on SIGTERM: /readyz answers 503 and new generation requests are refused

@@ -9,9 +9,10 @@ assembler transposes them to "x @ W" layout, stacks the layers and casts to the 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from jax.sharding import Mesh
 from jaxserve.model import builtin, checkpoint, sharding
 from jaxserve.model.llama import Params, param_shapes, params_from_arrays
 from jaxserve.model.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,47 +85,77 @@ def load_model(
     """
     dt = resolve_dtype(dtype)
     kind, path = _resolve(model)
-    host = mesh is not None
+    if kind == "gguf" and model in builtin.BUILTIN_MODELS:
+        return _load_builtin_first_time(model, path, dt, mesh)
     if kind == "orbax":
         spec, params = checkpoint.load_checkpoint(path, dt, mesh=mesh)
     elif kind == "gguf":
         from jaxserve.model.gguf_loader import load_gguf
 
         spec, meta, tensors = load_gguf(path)
-        # a built-in is converted once, in float32, so that every later load in any dtype
-        # skips GGUF parsing and dequantization (about 10 s each for smollm2-135m)
-        convert = model in builtin.BUILTIN_MODELS
-        params = assemble_params(
-            spec, tensors, jnp.float32 if convert else dt, source=str(path), host=host
-        )
+        params = assemble_params(spec, tensors, dt, source=str(path), host=mesh is not None)
         # a GGUF without a vocabulary (e.g. written by tests) simply has no tokenizer
         tokenizer = _tokenizer(kind, path) if "tokenizer.ggml.model" in meta else None
-        if convert:
-            _save_converted(builtin.converted_dir(model), params, spec, tokenizer)
-            np_dt = _np_dtype(dt)
-            params = jax.tree.map(lambda x: x.astype(np_dt) if host else x.astype(dt), params)
         if mesh is not None:
             params = sharding.place_params(spec, params, mesh)
         return LoadedModel(spec=spec, params=params, tokenizer=tokenizer)
     else:
         config = json.loads((path / "config.json").read_text())
         spec = ModelSpec.from_hf_config(config)
-        params = assemble_params(spec, iter_safetensors(path), dt, source=str(path), host=host)
+        params = assemble_params(
+            spec, iter_safetensors(path), dt, source=str(path), host=mesh is not None
+        )
     if mesh is not None:
         params = sharding.place_params(spec, params, mesh)
     return LoadedModel(spec=spec, params=params, tokenizer=_tokenizer(kind, path))
 
 
+def _load_builtin_first_time(
+    model: str, gguf: Path, dt: jnp.dtype, mesh: Mesh | None
+) -> LoadedModel:
+    """A built-in with no converted copy yet: dequantize its GGUF once and keep an orbax copy.
+
+    The copy is float32, so that every later load in any dtype skips GGUF parsing and
+    dequantization (about 10 s each for smollm2-135m).
+    NOTE: this runs under the converted dir's inter-process lock, so that engine cores
+    starting together convert once; a process that waited finds the copy and restores it.
+    """
+    from jaxserve.model.gguf_loader import load_gguf
+
+    dst = builtin.converted_dir(model)
+    with builtin.cache_lock(dst, f"converting built-in model {model!r}"):
+        if checkpoint.is_checkpoint(dst):  # written by the process we waited for
+            spec, params = checkpoint.load_checkpoint(dst, dt, mesh=mesh)
+            return LoadedModel(spec=spec, params=params, tokenizer=_tokenizer("orbax", dst))
+        host = mesh is not None
+        spec, _, tensors = load_gguf(gguf)
+        params = assemble_params(spec, tensors, jnp.float32, source=str(gguf), host=host)
+        tokenizer = _tokenizer("gguf", gguf)
+        _save_converted(dst, params, spec, tokenizer)
+    np_dt = _np_dtype(dt)
+    params = jax.tree.map(lambda x: x.astype(np_dt) if host else x.astype(dt), params)
+    if mesh is not None:
+        params = sharding.place_params(spec, params, mesh)
+    return LoadedModel(spec=spec, params=params, tokenizer=tokenizer)
+
+
 def _save_converted(dst: Path, params: Params, spec: ModelSpec, tokenizer: Any) -> None:
-    # write to a private dir, then rename: concurrent loaders never see half a checkpoint
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    # a private dir next to dst, renamed into place: no loader ever sees half a checkpoint
+    tmp: Path | None = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared
         checkpoint.save_checkpoint(tmp, params, spec, tokenizer)
+        if dst.exists():  # not a checkpoint (the caller checked, under the lock): debris
+            shutil.rmtree(dst)
         tmp.rename(dst)
-    except OSError:
-        pass  # another process won the race (or the cache is read-only): still loadable
+        logger.info("kept a converted copy in %s: later starts restore it", dst)
+    except OSError as e:
+        # a read-only or full cache: this load still works, the next one converts again
+        logger.warning("could not keep a converted copy in %s (%s)", dst, e)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(model: str) -> Any | None:

@@ -10,6 +10,7 @@ import socket
 
 import aiohttp
 
+from jaxserve.cli import add_server_args
 from server.serve import serve
 from tests.server.fake_engine import FakeEngine
 
@@ -59,14 +60,12 @@ def _free_port() -> int:
 
 
 def _ns(port: int, shutdown_timeout: float) -> argparse.Namespace:
-    return argparse.Namespace(
-        host="127.0.0.1",
-        port=port,
-        api_key=None,
-        served_model_name=None,
-        max_n=16,
-        max_body_bytes=1 << 20,
-        shutdown_timeout=shutdown_timeout,
+    # the real parser: every server flag gets its default, as `jaxserve serve` would
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    return parser.parse_args(
+        ["--port", str(port), "--max-body-bytes", str(1 << 20)]
+        + ["--shutdown-timeout", str(shutdown_timeout)]
     )
 
 
