@@ -55,7 +55,12 @@ def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
 
 
 async def read_body(request: web.Request) -> bytes:
-    # request.read() enforces client_max_size (413) before the body is held in memory
+    # request.read() enforces client_max_size (413) before the body is held in memory, but
+    # only as bytes arrive: a Content-Length over it is refused now, not after a wait for
+    # bytes that may never come
+    max_size = request.app[STATE_KEY].limits.max_body_bytes
+    if request.content_length is not None and request.content_length > max_size:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_size, actual_size=request.content_length)
     return await request.read()
 
 

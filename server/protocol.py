@@ -152,9 +152,11 @@ class CompletionBody(_Generation, kw_only=True):
     echo: bool | None = None
 
 
-class TextPart(_Body, tag="text", tag_field="type", kw_only=True):
+class TextPart(_Body, kw_only=True):
     """{"type": "text", "text": ...}: the only content part this server takes."""
 
+    # required: a part without a type is refused, not guessed (msgspec tags would be optional)
+    type: Literal["text"]
     text: str
 
 

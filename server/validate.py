@@ -98,7 +98,7 @@ def _validation_error(message: str, body_type: type) -> APIError:
     if f is None:
         if not path:  # the body itself is not an object
             return bad_request(f"request body must be a JSON object: {detail}", None)
-        if path.endswith(".type") and detail.startswith("Invalid value"):
+        if path.endswith(".type") and detail.startswith("Invalid enum value"):
             detail += " (only text content parts are supported)"
         return bad_request(f"{path}: {detail}", path)
     param = f"{path}.{f.group('name')}" if path else f.group("name")
