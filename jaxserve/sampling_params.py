@@ -44,7 +44,8 @@ class Range:
         return (self.lo < value if self.is_lo_open else self.lo <= value) and value <= self.hi
 
     def describe(self) -> str:
-        return f"{'(' if self.is_lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        lo, hi = (x if isinstance(x, int) else f"{x:g}" for x in (self.lo, self.hi))
+        return f"{'(' if self.is_lo_open else '['}{lo}, {hi}]"
 
 
 # NOTE: the one declaration of every numeric bound. SamplingParams checks these offline, and the
@@ -162,9 +163,12 @@ class SamplingParams:
             object.__setattr__(self, name, int(v))
         for name, r in FLOAT_RANGES.items():
             v = getattr(self, name)
-            # NaN compares false with everything, so `v not in r` refuses it too
+            # NaN compares false with everything, so `not in r` refuses it too. The range is
+            # checked on the float32 the device gets: top_p=1e-300 would arrive there as 0.
             if not is_number(v) or not math.isfinite(v) or v not in r:
                 raise bad(name, f"must be a finite number in {r.describe()}")
+            if float(np.float32(v)) not in r:
+                raise bad(name, f"must be in {r.describe()} as a float32 (the device's type)")
             object.__setattr__(self, name, float(v))
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):

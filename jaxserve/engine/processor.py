@@ -67,7 +67,7 @@ class InputProcessor:
             elif "prompt" in prompt:
                 return self.process_prompt(prompt["prompt"])
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise ValueError("prompt must be a dict with 'prompt' or 'prompt_token_ids'")
         else:
             raise ValueError(
                 f"prompt must be a string or a dict with prompt_token_ids, got {type(prompt)}"
