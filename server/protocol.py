@@ -5,7 +5,7 @@ Strict by design: an unknown field is a 400 naming it, not silently ignored, so 
 that sends `logit_bias` or `best_of` learns that this server does not do them instead of
 getting subtly different results. Numeric bounds come from jaxserve/sampling_params.py (the
 one table SamplingParams checks offline too); limits an operator sets per server (--max-n,
-max_model_len, ...) are checked after decoding, in server/requests.py.
+max_model_len, ...) are checked after decoding, in server/validate.py.
 
 Every optional field also takes null, meaning "not given" (some clients send nulls).
 """
@@ -68,7 +68,7 @@ TokenIds = Annotated[list[TokenId], Meta(min_length=1)]
 NonEmptyText = Annotated[str, Meta(min_length=1)]
 Name = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
 # A prompt as the client gave it: text, texts, token ids, or lists of token ids. msgspec unions
-# allow one array type, so the list's items are a union; requests.py refuses mixed lists.
+# allow one array type, so the list's items are a union; validate.py refuses mixed lists.
 Prompt = (
     NonEmptyText
     | Annotated[
@@ -97,7 +97,7 @@ Priority = Annotated[int, _meta(PRIORITY_RANGE, "lower runs first under priority
 CacheSalt = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 
 
-class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Common options of every body: unknown fields refused, fields by keyword only."""
 
 
@@ -106,7 +106,7 @@ class StreamOptions(_Body, kw_only=True):
     include_usage: bool | None = None
 
 
-class _Generation(_Body, kw_only=True):
+class GenerationBody(_Body, kw_only=True):
     """Fields both generation endpoints take: vLLM's sampling names (skip_special_tokens and
     include_stop_str_in_output are vLLM extensions kept for its users) and the envelope."""
 
@@ -142,7 +142,7 @@ class _Generation(_Body, kw_only=True):
     include_stop_str_in_output: bool | None = None
 
 
-class CompletionBody(_Generation, kw_only=True):
+class CompletionBody(GenerationBody, kw_only=True):
     """POST /v1/completions."""
 
     prompt: Prompt
@@ -170,7 +170,7 @@ class Message(_Body, kw_only=True):
 Messages = Annotated[list[Message], Meta(min_length=1)]
 
 
-class ChatBody(_Generation, kw_only=True):
+class ChatBody(GenerationBody, kw_only=True):
     """POST /v1/chat/completions: messages are rendered with the model's chat template."""
 
     messages: Messages
@@ -218,7 +218,7 @@ COMPLETION_FIELDS = fields(CompletionBody)
 CHAT_FIELDS = fields(ChatBody)
 EMBEDDING_FIELDS = fields(EmbeddingBody)
 # the names SamplingParams and the bodies share (copied across when given)
-SAMPLING_FIELDS = fields(_Generation) & (set(INT_RANGES) | set(FLOAT_RANGES)) | {
+SAMPLING_FIELDS = fields(GenerationBody) & (set(INT_RANGES) | set(FLOAT_RANGES)) | {
     "stop",
     "stop_token_ids",
     "ignore_eos",

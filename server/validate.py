@@ -191,7 +191,7 @@ def message_chars(messages: list[dict[str, Any]]) -> int:
     return total
 
 
-def _include_usage(body: protocol._Generation) -> bool:
+def _include_usage(body: protocol.GenerationBody) -> bool:
     if body.stream_options is None:
         return False
     if not body.stream:
@@ -200,7 +200,7 @@ def _include_usage(body: protocol._Generation) -> bool:
 
 
 def _sampling_params(
-    body: protocol._Generation,
+    body: protocol.GenerationBody,
     limits: protocol.Limits,
     max_model_len: int,
     *,
