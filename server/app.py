@@ -108,13 +108,16 @@ async def detokenize(request: web.Request) -> web.Response:
     check_model(state, req.model)
     tokenizer = state.engine.tokenizer
     vocab_size = len(tokenizer)
-    bad = next((i for i, t in enumerate(req.tokens) if t >= vocab_size), None)
-    if bad is not None:
+    # max() first: a C loop over the ids; the Python search runs only for a bad id
+    if req.tokens and max(req.tokens) >= vocab_size:
+        bad = next(i for i, t in enumerate(req.tokens) if t >= vocab_size)
         raise bad_request(
             f"tokens[{bad}] = {req.tokens[bad]} is outside the vocabulary [0, {vocab_size})",
             f"tokens[{bad}]",
         )
-    return web.json_response({"prompt": tokenizer.decode(req.tokens)})
+    # ~4 characters a token: long id lists decode off the event loop, as long texts encode
+    text = await generation.off_loop(4 * len(req.tokens), lambda: tokenizer.decode(req.tokens))
+    return web.json_response({"prompt": text})
 
 
 async def version(request: web.Request) -> web.Response:

@@ -182,11 +182,17 @@ def _messages(messages: list[protocol.Message]) -> list[dict[str, Any]]:
     return out
 
 
+# What one message costs the template beyond its text (its role, the template's markup):
+# thousands of empty messages are no tiny input either.
+_MESSAGE_OVERHEAD_CHARS = 32
+
+
 def message_chars(messages: list[dict[str, Any]]) -> int:
-    """Characters of text in the messages (decides whether rendering leaves the event loop)."""
+    """The size of the messages in characters (decides whether rendering leaves the loop)."""
     total = 0
     for m in messages:
         c = m["content"]
+        total += _MESSAGE_OVERHEAD_CHARS + len(m["role"])
         total += len(c) if isinstance(c, str) else sum(len(p["text"]) for p in c)
     return total
 

@@ -51,6 +51,22 @@ async def test_only_small_text_is_tokenized_on_the_loop(client, encode_threads, 
         assert all((t == loop_thread) == on_loop for t in encode_threads), (size, path)
 
 
+async def test_only_short_id_lists_are_decoded_on_the_loop(client, engine):
+    threads: list[int] = []
+    decode = engine.tokenizer.decode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return decode(*args, **kwargs)
+
+    engine.tokenizer.decode = recording
+    for num_tokens, on_loop in ((10, True), (generation.OFFLOAD_CHARS, False)):
+        threads.clear()
+        r = await client.post("/detokenize", json={"tokens": [72] * num_tokens})
+        assert (await r.json())["prompt"] == "i" * num_tokens
+        assert threads and all((t == threading.get_ident()) == on_loop for t in threads)
+
+
 def _fill(value, text):
     if value == "{text}":
         return text
