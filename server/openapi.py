@@ -8,6 +8,7 @@ response against them). tests/server/test_metrics_openapi.py fails if a route is
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import msgspec
@@ -225,7 +226,9 @@ def _get(summary: str, response: type | None, codes: tuple[int, ...] = ()) -> di
     return {"get": {"summary": summary, "responses": _responses(ok, codes)}}
 
 
+@functools.lru_cache(maxsize=4)
 def spec(model_name: str) -> dict[str, Any]:
+    """The document (built once per served name; callers must not mutate it)."""
     _, schemas = msgspec.json.schema_components((*protocol.BODIES, *_RESPONSES), ref_template=_REF)
     model_path = _get("One model card.", ModelCard, (401, 404))
     model_path["get"]["parameters"] = [
