@@ -121,6 +121,7 @@ class GenerationBody(_Body, kw_only=True):
     cache_salt: CacheSalt | None = None
     # the end user, for abuse monitoring: logged at DEBUG with the request id
     user: Name | None = None
+    # None: 16 for completions (OpenAI's default), until max_model_len for chat
     max_tokens: MaxTokens | None = None
     # sampling: SamplingParams' names, defaults and bounds (None: its default)
     temperature: Temperature | None = None
