@@ -91,6 +91,8 @@ def check_text(value: str, field: str) -> str:
     A lone surrogate ("\\ud800", which JSON can carry) is refused: it has no UTF-8 encoding,
     so the tokenizer, msgspec and the detokenizer would all fail on it later, far from the
     field. NUL ("\\u0000") is accepted as ordinary text, as vLLM and the HF tokenizers take it.
+    On the server, msgspec already refuses a surrogate while decoding the body (without saying
+    where); server/validate.py then runs this over the body's strings to name the field.
     """
     if not isinstance(value, str):
         raise ValueError(f"{field} must be a string, got {type(value).__name__}")
