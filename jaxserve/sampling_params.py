@@ -6,8 +6,12 @@ the request reaches the engine.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 # Most top-N logprobs a request may ask for (vLLM's max_logprobs default); static in the step.
 MAX_LOGPROBS = 20
@@ -15,6 +19,92 @@ MAX_LOGPROBS = 20
 MAX_BANNED_TOKEN_IDS = 16
 # Most stop strings a request may give.
 MAX_STOP_STRINGS = 16
+# Token ids, counts and top_k travel to the device as int32; seeds are hashed from int64.
+INT32_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
+# Completions per prompt: each is its own engine request, so n is a memory bound, not a dtype one.
+MAX_N = 1024
+# Floats go to the device as float32: keep them finite there. Past ~100 a temperature already
+# flattens any model's distribution to float32 precision; past 1e4 a repetition penalty
+# already drives every seen logit to ~0.
+MAX_TEMPERATURE = 1e4
+MAX_REPETITION_PENALTY = 1e4
+
+
+@dataclass(frozen=True)
+class Range:
+    """The closed (or, with is_lo_open, half-open) interval a numeric field must lie in."""
+
+    lo: float
+    hi: float
+    # top_p and repetition_penalty exclude their lower bound (0)
+    is_lo_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (self.lo < value if self.is_lo_open else self.lo <= value) and value <= self.hi
+
+    def describe(self) -> str:
+        lo, hi = (x if isinstance(x, int) else f"{x:g}" for x in (self.lo, self.hi))
+        return f"{'(' if self.is_lo_open else '['}{lo}, {hi}]"
+
+
+# NOTE: the one declaration of every numeric bound. SamplingParams checks these offline, and the
+# server's request Structs (server/protocol.py) build their msgspec Meta (and so /openapi.json)
+# from the same table, so the two can never drift apart.
+INT_RANGES: dict[str, Range] = {
+    "n": Range(1, MAX_N),
+    # -1 (vLLM's "disabled") is stored as 0
+    "top_k": Range(-1, INT32_MAX),
+    "seed": Range(0, INT64_MAX),
+    "max_tokens": Range(1, INT32_MAX),
+    "min_tokens": Range(0, INT32_MAX),
+    "logprobs": Range(0, MAX_LOGPROBS),
+}
+FLOAT_RANGES: dict[str, Range] = {
+    "temperature": Range(0.0, MAX_TEMPERATURE),
+    "top_p": Range(0.0, 1.0, is_lo_open=True),
+    "min_p": Range(0.0, 1.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "repetition_penalty": Range(0.0, MAX_REPETITION_PENALTY, is_lo_open=True),
+}
+# A token id (prompt ids, stop_token_ids, /detokenize): int32 on device, never negative.
+TOKEN_ID_RANGE = Range(0, INT32_MAX)
+# Scheduling priority (lower first): int32, as vLLM's.
+PRIORITY_RANGE = Range(-(1 << 31), INT32_MAX)
+_OPTIONAL = frozenset({"seed", "max_tokens", "logprobs"})
+_BOOLS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+
+
+def is_int(value: object) -> bool:
+    """An integer (numpy's too); bool is an int subclass in Python but never a count or an id."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_text(value: str, field: str) -> str:
+    """The one text sanitizer: every string bound for the tokenizer or the engine passes it.
+
+    A lone surrogate ("\\ud800", which JSON can carry) is refused: it has no UTF-8 encoding,
+    so the tokenizer, msgspec and the detokenizer would all fail on it later, far from the
+    field. NUL ("\\u0000") is accepted as ordinary text, as vLLM and the HF tokenizers take it.
+    On the server, msgspec already refuses a surrogate while decoding the body (without saying
+    where); server/validate.py then runs this over the body's strings to name the field.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{field} holds a lone surrogate (U+{ord(value[e.start]):04X}) at character "
+                f"{e.start}; send valid Unicode text"
+            ) from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -53,56 +143,52 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists and single strings the way vLLM does, but store tuples (frozen, hashable).
-        stop = self.stop
-        if stop is None:
-            stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        object.__setattr__(self, "stop", tuple(stop))
-        stop_ids = self.stop_token_ids if self.stop_token_ids is not None else ()
-        object.__setattr__(self, "stop_token_ids", tuple(stop_ids))
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop", str))
+        object.__setattr__(
+            self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids", int)
+        )
+        self._validate()
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
-        self._validate()
 
     def _validate(self) -> None:
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"{field} {why}, got {getattr(self, field)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
-        if self.temperature < 0.0:
-            raise bad("temperature", "must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be 0 or -1 (disabled) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "must be in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            raise bad("repetition_penalty", "must be > 0")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise bad("seed", "must be a non-negative integer")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
-            raise bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
+        # numpy scalars are welcome offline; they are stored as Python numbers (IPC encodes those)
+        for name, r in INT_RANGES.items():
+            v = getattr(self, name)
+            if v is None and name in _OPTIONAL:
+                continue
+            if not is_int(v) or v not in r:
+                raise bad(name, f"must be an integer in {r.describe()}")
+            object.__setattr__(self, name, int(v))
+        for name, r in FLOAT_RANGES.items():
+            v = getattr(self, name)
+            # NaN compares false with everything, so `not in r` refuses it too. The range is
+            # checked on the float32 the device gets: top_p=1e-300 would arrive there as 0.
+            if not is_number(v) or not math.isfinite(v) or v not in r:
+                raise bad(name, f"must be a finite number in {r.describe()}")
+            if float(np.float32(v)) not in r:
+                raise bad(name, f"must be in {r.describe()} as a float32 (the device's type)")
+            object.__setattr__(self, name, float(v))
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be a boolean")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise bad("stop", f"may hold at most {MAX_STOP_STRINGS} strings")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "must hold non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must hold non-negative integers")
+        for i, s in enumerate(self.stop):
+            if not s:
+                raise bad("stop", "must hold non-empty strings")
+            check_text(s, f"stop[{i}]")
+        for i, t in enumerate(self.stop_token_ids):
+            if t not in TOKEN_ID_RANGE:
+                raise ValueError(
+                    f"stop_token_ids[{i}] must be a token id in {TOKEN_ID_RANGE.describe()}, "
+                    f"got {t}"
+                )
         if len(self.stop_token_ids) >= MAX_BANNED_TOKEN_IDS:
             raise bad("stop_token_ids", f"may hold at most {MAX_BANNED_TOKEN_IDS - 1} ids")
 
@@ -125,10 +211,25 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+def _as_tuple(value: object, field: str, kind: type) -> tuple:
+    """None, one value or a sequence of them -> a tuple whose items are all of `kind`."""
+    if value is None:
+        return ()
+    if isinstance(value, str) and kind is str:
+        return (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{field} must be a list, got {type(value).__name__}")
+    items = tuple(value)
+    for i, v in enumerate(items):
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise ValueError(f"{field}[{i}] must be a {kind.__name__}, got {v!r}")
+    return items
+
+
 def as_token_ids(values: Sequence[int], vocab_size: int, field: str = "prompt_token_ids") -> list:
     """Checks that every id is an int in [0, vocab_size); raises ValueError naming the field."""
     ids = list(values)
     for i, t in enumerate(ids):
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+        if not is_int(t) or not 0 <= t < vocab_size:
             raise ValueError(f"{field}[{i}] must be a token id in [0, {vocab_size}), got {t!r}")
     return ids

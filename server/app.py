@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -16,12 +17,14 @@ from aiohttp import web
 import jaxserve
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
-from server import generation, health, openapi, protocol, responses
+from server import generation, health, openapi, protocol, responses, validate
 from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
 from server.generation import check_model, read_body, render_chat
 from server.security import POLICY_KEY, BrowserPolicy, add_cors_headers, security_middleware
 from server.state import STATE_KEY, ServerState
+
+logger = logging.getLogger(__name__)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -51,18 +54,18 @@ async def embeddings(request: web.Request) -> web.Response:
     L2-normalized (computed by the engine). `encoding_format: base64` packs little-endian
     float32s, which is what the openai client asks for by default."""
     state = request.app[STATE_KEY]
-    req = protocol.parse_embedding(await read_body(request), state.limits)
+    req = validate.parse_embedding(await read_body(request), state.limits)
     check_model(state, req.model)
-    all_ids = []
-    for i, raw in enumerate(req.inputs):
+    if req.user is not None:
+        logger.debug("embeddings from user %r", req.user)
+    all_ids = await generation.tokenize_all(state, req.inputs)
+    for i, ids in enumerate(all_ids):
         param = "input" if len(req.inputs) == 1 else f"input[{i}]"
-        ids = await generation.tokenize_text(state, raw) if isinstance(raw, str) else raw
         if len(ids) > state.engine.max_model_len:
             raise bad_request(
                 f"{param} has {len(ids)} tokens, over max_model_len={state.engine.max_model_len}",
                 param,
             )
-        all_ids.append(ids)
     data = []
     with state.admit():
         for i, ids in enumerate(all_ids):
@@ -89,13 +92,13 @@ async def embeddings(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    req = protocol.parse_tokenize(await read_body(request))
+    req = validate.parse_tokenize(await read_body(request))
     check_model(state, req.model)
     if req.prompt is not None:
         tokens = await generation.tokenize_text(state, req.prompt, req.add_special_tokens)
     else:
         assert req.messages is not None
-        tokens = render_chat(state, req.messages, req.add_generation_prompt)
+        tokens = await render_chat(state, req.messages, req.add_generation_prompt)
     return web.json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
     )
@@ -103,17 +106,20 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    req = protocol.parse_detokenize(await read_body(request))
+    req = validate.parse_detokenize(await read_body(request))
     check_model(state, req.model)
     tokenizer = state.engine.tokenizer
     vocab_size = len(tokenizer)
-    bad = next((i for i, t in enumerate(req.tokens) if t >= vocab_size), None)
-    if bad is not None:
+    # max() first: a C loop over the ids; the Python search runs only for a bad id
+    if req.tokens and max(req.tokens) >= vocab_size:
+        bad = next(i for i, t in enumerate(req.tokens) if t >= vocab_size)
         raise bad_request(
             f"tokens[{bad}] = {req.tokens[bad]} is outside the vocabulary [0, {vocab_size})",
             f"tokens[{bad}]",
         )
-    return web.json_response({"prompt": tokenizer.decode(req.tokens)})
+    # ~4 characters a token: long id lists decode off the event loop, as long texts encode
+    text = await generation.off_loop(4 * len(req.tokens), lambda: tokenizer.decode(req.tokens))
+    return web.json_response({"prompt": text})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -156,8 +162,11 @@ async def auth_middleware(
     if key is None or not request.path.startswith(PROTECTED_PREFIXES):
         return await handler(request)
     given = request.headers.get("Authorization", "")
-    # compare_digest: the comparison takes as long whatever prefix of the key matches
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    # compare_digest: the comparison takes as long whatever prefix of the key matches.
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way; encoding them
+    # back gives the bytes on the wire (a plain encode() raised, and answered 500).
+    expected = f"Bearer {key}".encode()
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
         raise APIError(
             401,
             "missing or invalid API key (send Authorization: Bearer <key>)",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -19,17 +20,20 @@ from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
 from jaxserve.metrics import RequestMetrics
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.tokenizer import apply_chat_template
-from server import protocol, responses, sse
+from server import protocol, responses, sse, validate
 from server.errors import APIError, bad_request, error_body, param_from_message
 from server.fanout import EnginePrompt, Fanout
 from server.state import STATE_KEY, ServerState
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Seconds a client should wait after a 429: the queue drains as running requests finish.
 RETRY_AFTER_S = 1
-# Prompts longer than this many characters are tokenized off the event loop.
-_OFFLOAD_TOKENIZE_CHARS = 8192
+# Text longer than this many characters (a prompt, or a chat's messages in all) is tokenized
+# and rendered off the event loop: a 2 KB prompt encodes in well under a millisecond, a 7 MB
+# chat body takes seconds, and /livez must answer meanwhile.
+OFFLOAD_CHARS = 2048
 
 
 def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
@@ -55,9 +59,21 @@ def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
     raise e
 
 
-async def read_body(request: web.Request) -> dict[str, Any]:
-    # request.read() enforces client_max_size (413) before the body is held in memory
-    return protocol.parse_json_body(await request.read())
+async def read_body(request: web.Request) -> bytes:
+    # request.read() enforces client_max_size (413) before the body is held in memory, but
+    # only as bytes arrive: a Content-Length over it is refused now, not after a wait for
+    # bytes that may never come
+    max_size = request.app[STATE_KEY].limits.max_body_bytes
+    if request.content_length is not None and request.content_length > max_size:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_size, actual_size=request.content_length)
+    return await request.read()
+
+
+async def off_loop(num_chars: int, fn: Callable[[], T]) -> T:
+    """fn() here when the text is small; in the default executor when it is not."""
+    if num_chars <= OFFLOAD_CHARS:
+        return fn()
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -74,14 +90,19 @@ async def tokenize_text(
     state: ServerState, text: str, add_special_tokens: bool = True
 ) -> list[int]:
     tokenizer = state.engine.tokenizer
-    if len(text) <= _OFFLOAD_TOKENIZE_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    loop = asyncio.get_running_loop()
-    return list(
-        await loop.run_in_executor(
-            None, lambda: tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        )
+    return await off_loop(
+        len(text), lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     )
+
+
+async def tokenize_all(state: ServerState, prompts: list[validate.RawPrompt]) -> list[list[int]]:
+    """Token ids of every prompt (ids pass through), in one trip off the loop if long."""
+    tokenizer = state.engine.tokenizer
+
+    def encode() -> list[list[int]]:
+        return [list(tokenizer.encode(p)) if isinstance(p, str) else p for p in prompts]
+
+    return await off_loop(sum(len(p) for p in prompts if isinstance(p, str)), encode)
 
 
 def check_prompt_len(state: ServerState, ids: list[int], param: str) -> None:
@@ -337,17 +358,15 @@ async def _run(
 async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI completions (legacy text API): see the openapi description for every field."""
     state = request.app[STATE_KEY]
-    req = protocol.parse_completion(
+    req = validate.parse_completion(
         await read_body(request), state.limits, state.engine.max_model_len
     )
     check_model(state, req.model)
     prompts = []
-    for i, raw in enumerate(req.prompts):
+    all_ids = await tokenize_all(state, req.prompts)
+    for i, (raw, ids) in enumerate(zip(req.prompts, all_ids, strict=True)):
         param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-        if isinstance(raw, str):
-            prompt = EnginePrompt(raw, await tokenize_text(state, raw))
-        else:
-            prompt = EnginePrompt(None, raw)
+        prompt = EnginePrompt(raw if isinstance(raw, str) else None, ids)
         check_prompt_len(state, prompt.token_ids, param)
         prompts.append(prompt)
     echo_texts = None
@@ -387,6 +406,9 @@ async def _admit_and_run(
             top_logprobs=top_logprobs,
             echo_texts=echo_texts,
         )
+        if req.user is not None:
+            # OpenAI's end-user label: kept for abuse tracing, never used for anything else
+            logger.debug("%s from user %r", gen.id, req.user)
         return await _run(
             request,
             state,
@@ -408,13 +430,20 @@ def _decode(tokenizer: Any, prompt: EnginePrompt) -> str:
         raise bad_request("prompt holds token ids outside the vocabulary", "prompt") from None
 
 
-def render_chat(state: ServerState, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+async def render_chat(
+    state: ServerState, messages: list[dict], add_generation_prompt: bool
+) -> list[int]:
+    """The chat template's prompt ids (off the event loop for long conversations)."""
+    tokenizer = state.engine.tokenizer
     try:
-        return apply_chat_template(
-            state.engine.tokenizer,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            allow_special_tokens_in_content=state.allow_special_tokens_in_content,
+        return await off_loop(
+            validate.message_chars(messages),
+            lambda: apply_chat_template(
+                tokenizer,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                allow_special_tokens_in_content=state.allow_special_tokens_in_content,
+            ),
         )
     except ValueError as e:
         raise bad_request(str(e), param_from_message(str(e), {"messages"}) or "messages") from None
@@ -425,9 +454,9 @@ def render_chat(state: ServerState, messages: list[dict], add_generation_prompt:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions: messages -> the model's chat template -> one prompt."""
     state = request.app[STATE_KEY]
-    req = protocol.parse_chat(await read_body(request), state.limits, state.engine.max_model_len)
+    req = validate.parse_chat(await read_body(request), state.limits, state.engine.max_model_len)
     check_model(state, req.model)
-    ids = render_chat(state, req.messages, req.add_generation_prompt)
+    ids = await render_chat(state, req.messages, req.add_generation_prompt)
     check_prompt_len(state, ids, "messages")
     prompts = [EnginePrompt(None, ids)]
     return await _admit_and_run(

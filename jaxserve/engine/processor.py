@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxserve.request import Request
-from jaxserve.sampling_params import SamplingParams, as_token_ids
+from jaxserve.sampling_params import (
+    PRIORITY_RANGE,
+    SamplingParams,
+    as_token_ids,
+    check_text,
+    is_int,
+)
 
 # A prompt: text, or vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."}.
 PromptType = str | Mapping[str, Any]
@@ -47,7 +53,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(check_text(prompt, "prompt"))
             text: str | None = prompt
         elif isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
@@ -56,10 +62,12 @@ class InputProcessor:
                     raise ValueError("prompt_token_ids must be a list of token ids")
                 ids = as_token_ids(raw, self.vocab_size, "prompt_token_ids")
                 text = prompt.get("prompt")
+                if text is not None:
+                    check_text(text, "prompt")
             elif "prompt" in prompt:
                 return self.process_prompt(prompt["prompt"])
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise ValueError("prompt must be a dict with 'prompt' or 'prompt_token_ids'")
         else:
             raise ValueError(
                 f"prompt must be a string or a dict with prompt_token_ids, got {type(prompt)}"
@@ -97,6 +105,13 @@ class InputProcessor:
     ) -> list[Request]:
         """One core request per completion; children of n > 1 get ids f"{request_id}:{i}"."""
         self.check_params(params)
+        if not is_int(priority) or priority not in PRIORITY_RANGE:
+            raise ValueError(
+                f"priority must be an integer in {PRIORITY_RANGE.describe()}, got {priority!r}"
+            )
+        priority = int(priority)
+        if cache_salt is not None:
+            check_text(cache_salt, "cache_salt")
         max_tokens = self.resolve_max_tokens(prompt, params)
         base_seed = params.seed if params.seed is not None else None
         requests = []

@@ -221,3 +221,20 @@ async def test_embeddings(client):
     assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
     r = await client.post("/v1/embeddings", json={"input": "ab", "encoding_format": "base64"})
     assert isinstance((await r.json())["data"][0]["embedding"], str)
+
+
+async def test_user_is_recorded_not_ignored(client, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="server")
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "user": "u-42"})
+    assert r.status == 200
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "user": "u-7"}
+    )
+    assert r.status == 200
+    r = await client.post("/v1/embeddings", json={"input": "x", "user": "u-9"})
+    assert r.status == 200
+    assert all(f"'u-{n}'" in caplog.text for n in (42, 7, 9)), caplog.text
+    r = await client.post("/v1/completions", json={"prompt": "x", "user": "u" * 257})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "user"
