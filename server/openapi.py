@@ -205,8 +205,16 @@ def _post(
 ) -> dict[str, Any]:
     ok = _json(_ref(response))
     if sse:
+        # One schema per event (OpenAPI 3.2's SSE reading, as schemathesis validates it): every
+        # event's data is a JSON chunk of `response`'s stream form or an error body, and the
+        # last one is the literal [DONE].
         ok["content"]["text/event-stream"] = {
-            "schema": {"type": "string", "description": "data: {chunk}\\n\\n ... data: [DONE]"}
+            "schema": {
+                "type": "object",
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                "required": ["data"],
+                "description": "data: {chunk}\\n\\n ... data: [DONE]",
+            }
         }
     return {
         "post": {
