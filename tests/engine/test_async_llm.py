@@ -224,7 +224,8 @@ async def test_refusals_leave_nothing_registered(engine):
     cases = [
         # the wire cannot carry it: refused API-side, before registration
         ("cache_salt", lambda: SamplingParams(**base), "\ud800"),
-        ("stop", lambda: SamplingParams(**base, stop=["ok", "\ud800"]), None),
+        # (SamplingParams itself refuses a lone surrogate in stop; generate() must too)
+        ("stop", lambda: _unchecked(SamplingParams(**base), stop=("ok", "\ud800")), None),
         ("top_k", lambda: _unchecked(SamplingParams(**base), top_k=2**64), None),
         # the wire carries it, the core refuses it (int32): after registration
         ("top_k", lambda: _unchecked(SamplingParams(**base), top_k=3_000_000_000), None),
