@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 
 from jaxserve.config import DEFAULT_MODEL, EngineArgs
 
@@ -141,128 +140,10 @@ def _distributed(ns: argparse.Namespace) -> int | None:
     return None
 
 
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on")
-    g.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize and /detokenize",
-    )
-    g.add_argument(
-        "--served-model-name",
-        default=None,
-        help="the name clients send as `model` (default: the --model value)",
-    )
-    g.add_argument(
-        "--max-waiting-requests",
-        type=int,
-        default=256,
-        help="queued requests beyond which new ones get 429 with Retry-After",
-    )
-    g.add_argument(
-        "--max-core-restarts",
-        type=int,
-        default=5,
-        help="restarts of a dead engine core allowed within 10 minutes; past them the "
-        "server exits 1 (0: the first death is final)",
-    )
-    g.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=30.0,
-        help="seconds SIGTERM waits for in-flight requests before closing (a second exits now)",
-    )
-    g.add_argument("--max-n", type=int, default=16, help="most completions per prompt (n)")
-    g.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=8 << 20,
-        help="largest request body; larger ones get 413",
-    )
-    g.add_argument(
-        "--allow-special-tokens-in-content",
-        action="store_true",
-        help="encode control-token spellings (e.g. <|im_start|>) inside chat messages as "
-        "control tokens; by default they are text, so user text cannot forge a turn",
-    )
-    add_http_args(parser)
-
-
-def _names(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        number = kind(value)
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-        return number
-
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
-    return parse
-
-
-def add_http_args(parser: argparse.ArgumentParser) -> None:
-    """Connection hygiene and browser safety (server/connections.py, server/security.py)."""
-    g = parser.add_argument_group("connections and browser safety")
-    g.add_argument(
-        "--header-timeout",
-        type=_positive(float),
-        metavar="SECONDS",
-        default=10.0,
-        help="seconds a request head may take from its first byte to its last (then 408)",
-    )
-    g.add_argument(
-        "--body-timeout",
-        type=_positive(float),
-        metavar="SECONDS",
-        default=60.0,
-        help="seconds a request body may take to arrive after its head (then 408)",
-    )
-    g.add_argument(
-        "--keep-alive-timeout",
-        "--timeout-keep-alive",
-        type=_positive(float),
-        metavar="SECONDS",
-        default=5.0,
-        help="seconds an idle keep-alive connection stays open (uvicorn's and vLLM's default "
-        "is 5 too; behind a load balancer, set it above the balancer's idle timeout)",
-    )
-    g.add_argument(
-        "--max-connections",
-        type=_positive(int),
-        metavar="N",
-        default=1024,
-        help="open connections at most; past it the longest-idle one is closed, or the new "
-        "one gets 503",
-    )
-    g.add_argument(
-        "--allowed-hosts",
-        type=_names,
-        action="extend",
-        default=[],
-        metavar="NAME[,NAME...]",
-        help="Host names accepted besides loopback ones when bound to loopback (DNS "
-        "rebinding protection; '*' turns the check off), e.g. behind a local reverse proxy",
-    )
-    g.add_argument(
-        "--allowed-origins",
-        type=_names,
-        action="extend",
-        default=[],
-        metavar="ORIGIN[,ORIGIN...]",
-        help="browser origins allowed to call the API (CORS; '*' for any); default: none, "
-        "and requests carrying another Origin get 403",
-    )
-
-
 def _serve(ns: argparse.Namespace) -> int:
     from server.serve import run_server
 
-    return run_server(ns)
+    return run_server(ns, engine_args_from(ns))
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -315,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxserve", description="A pure-JAX LLM engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    # the server's own flags live with the server (server/args.py)
+    from server.args import add_server_args
+
     add_server_args(srv)
     add_engine_args(srv)
     add_distributed_args(srv)

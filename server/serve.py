@@ -1,6 +1,7 @@
 """Runs the server: load the engine, listen, and drain on SIGTERM.
 
-Entry point: `run_server(ns)` with the namespace of `jaxserve serve` (jaxserve/cli.py).
+Entry point: `run_server(ns, engine_args)`: the server's flags (server/args.py) as parsed by
+`jaxserve serve` (jaxserve/cli.py), and the EngineArgs the CLI built from the engine's flags.
 
 NOTE on shutdown: the first SIGTERM (or Ctrl-C) sets draining (readyz answers 503, so a load
 balancer stops sending traffic; new generation requests get 503), then waits up to
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import signal
 
+from jaxserve.config import EngineArgs
 from jaxserve.engine.client import EngineClient
 from server.app import make_app
 from server.connections import ConnectionLimits, ensure_fd_limit, start_http
@@ -28,13 +30,12 @@ _ENGINE_SHUTDOWN_TIMEOUT_S = 10.0
 _CLOSE_GRACE_S = 0.5
 
 
-async def create_engine(ns: argparse.Namespace) -> EngineClient:
+async def create_engine(ns: argparse.Namespace, engine_args: EngineArgs) -> EngineClient:
     # Imported here: the engine pulls in jax, which the server's own tests never need.
-    from jaxserve.cli import engine_args_from
     from jaxserve.engine.async_llm import AsyncLLM
 
     return await AsyncLLM.create(
-        engine_args_from(ns),
+        engine_args,
         max_waiting_requests=ns.max_waiting_requests,
         served_model_name=ns.served_model_name,
         max_core_restarts=ns.max_core_restarts,
@@ -50,11 +51,19 @@ def connection_limits_from(ns: argparse.Namespace) -> ConnectionLimits:
     )
 
 
-async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> int:
+async def serve(
+    ns: argparse.Namespace,
+    engine: EngineClient | None = None,
+    engine_args: EngineArgs | None = None,
+) -> int:
+    """Serves until a signal (or the engine gives up); `engine`, or one made from
+    `engine_args`."""
     limits = connection_limits_from(ns)  # bad flags fail before minutes of engine start-up
     ensure_fd_limit(limits.max_connections)
     if engine is None:
-        engine = await create_engine(ns)
+        if engine_args is None:
+            raise ValueError("serve() needs an engine or the EngineArgs to make one")
+        engine = await create_engine(ns, engine_args)
     app = make_app(
         engine,
         api_key=ns.api_key,
@@ -122,9 +131,9 @@ async def serve(ns: argparse.Namespace, engine: EngineClient | None = None) -> i
     return rc
 
 
-def run_server(ns: argparse.Namespace) -> int:
+def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     """`jaxserve serve`: blocks until SIGTERM/SIGINT, then drains and returns 0."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(serve(ns))
+    return asyncio.run(serve(ns, engine_args=engine_args))

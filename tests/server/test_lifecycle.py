@@ -10,7 +10,7 @@ import socket
 
 import aiohttp
 
-from jaxserve.cli import add_server_args
+from server.args import add_server_args
 from server.serve import serve
 from tests.server.fake_engine import FakeEngine
 
