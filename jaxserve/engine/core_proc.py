@@ -5,8 +5,8 @@ no forked JAX runtime, no inherited event loop). The process builds EngineCore (
 warmup), sends Ready, then loops: drain the input socket (without blocking while there is
 work, blocking up to HEARTBEAT_INTERVAL_S when idle), run one core.step(), send its Outputs,
 run at most one slice of a queued embedding (engine/embed_queue.py), and send a Heartbeat at
-least every HEARTBEAT_INTERVAL_S. It exits 0 on Shutdown or when its
-parent dies, and non-zero after a fatal error (which it reports first as a fatal Error).
+least every HEARTBEAT_INTERVAL_S. It exits 0 on Shutdown or when its parent dies, and non-zero
+after a fatal error (which it reports first as a fatal Error).
 
 NOTE on health probes: a probe is a real one-token greedy generation (prompt: one token), added
 to the scheduler as an *urgent* request: at the front of the waiting queue, and allowed into one
