@@ -14,12 +14,14 @@ request), and a prompt's KV would take blocks from the serving cache; a side pat
 scratch cache and its own small programs changes neither the step nor the scheduler, and a
 failure in it cannot touch a running request's state.
 
-The chunk size: 128 tokens, never more than max_num_batched_tokens (so a slice never costs more
-than the largest step). Measured on smollm2-135m, f32, this 2-core CPU under load: a 128-token
-slice over a 2048-token bucket takes 2.2-2.9 s (0.5 s of it the MLPs, the rest attention over
-the bucket), 256 tokens 3.6-6.4 s; the API's /livez calls a core stuck after 5 s without a
-heartbeat, so 256 leaves no margin on a loaded CPU. On accelerators a 128-token slice is
-milliseconds, and a 2048-token embedding is 16 loop turns.
+The chunk size, capped by max_num_batched_tokens (so a slice never costs more than the largest
+step): 64 tokens on CPU, 512 on accelerators. Measured on smollm2-135m, f32, this 2-core CPU
+under load (other jobs running): a 2048-token embedding in 64-token slices took 24 s in all,
+each slice at most 1.5 s; in 128-token slices 42 s, slices up to 4.2 s (attention over the
+2048-token bucket is most of a late slice). /livez calls a core stuck after 5 s without a
+heartbeat, so 128 leaves no margin on a loaded CPU. On an accelerator a slice is a few ms of
+weight reads either way; 512 (the default step budget) is a guess not measured here, where
+the only device is the CPU.
 
 Order: FIFO, one job at a time, so at most one scratch cache exists (the largest is one
 max_model_len request's KV); a queued job holds only its token ids. A job whose API caller went
@@ -36,21 +38,27 @@ import time
 from jaxserve.engine import ipc
 from jaxserve.engine.core import EngineCore
 from jaxserve.engine.dp import DPEngineCore
-from jaxserve.runner.embedder import DEFAULT_CHUNK_SIZE, Embedder, EmbedJob
+from jaxserve.runner.embedder import Embedder, EmbedJob
 from jaxserve.runner.model_runner import num_lowerings
 
 logger = logging.getLogger(__name__)
+
+# Tokens per slice by platform (see the module NOTE).
+CPU_CHUNK_SIZE = 64
+ACCELERATOR_CHUNK_SIZE = 512
 
 
 class EmbedQueue:
     """Embed requests waiting in the core process; run_slice() advances the oldest one."""
 
-    def __init__(
-        self, core: EngineCore | DPEngineCore, *, chunk_size: int = DEFAULT_CHUNK_SIZE
-    ) -> None:
+    def __init__(self, core: EngineCore | DPEngineCore, *, chunk_size: int | None = None) -> None:
         """Compiles the embedder now when the core was warmed up (enable_warmup), so that no
-        embedding compiles after warmup; otherwise it is built on the first embedding."""
+        embedding compiles after warmup; otherwise it is built on the first embedding.
+        `chunk_size`: tokens per slice (default: by platform, see the module NOTE)."""
         self._core = core
+        if chunk_size is None:
+            is_cpu = core.runner.devices[0].platform == "cpu"
+            chunk_size = CPU_CHUNK_SIZE if is_cpu else ACCELERATOR_CHUNK_SIZE
         max_batched = core.schedulers[0].scheduler_config.max_num_batched_tokens
         self.chunk_size = min(chunk_size, max_batched)
         self._embedder: Embedder | None = None

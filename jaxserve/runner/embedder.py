@@ -39,8 +39,8 @@ from jaxserve.model.llama import forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.runner.step_inputs import _powers_of_two
 
-# Tokens per slice when the caller does not say (engine/embed_queue.py says why this size).
-DEFAULT_CHUNK_SIZE = 128
+# Tokens per slice when the caller does not say (engine/embed_queue.py picks by platform).
+DEFAULT_CHUNK_SIZE = 64
 
 
 def _embed_chunk(

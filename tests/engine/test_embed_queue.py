@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from jaxserve.config import EngineArgs
+from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.engine import ipc
-from jaxserve.engine.core import EngineCore
 from jaxserve.engine.embed_queue import EmbedQueue
+from jaxserve.model.loader import load_model, resolve_dtype
+from jaxserve.runner.model_runner import ModelRunner
 
-ENGINE = dict(max_model_len=128, max_num_batched_tokens=32, max_num_seqs=4)
+
+def make_core(model_dir, *, warmed_up: bool) -> SimpleNamespace:
+    """What EmbedQueue reads of an EngineCore: a real runner (whose step is never compiled
+    here: `warmed_up` stands for its warmup), max_model_len and the scheduler config."""
+    dtype = resolve_dtype("float32")
+    loaded = load_model(str(model_dir), dtype)
+    sched = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=128)
+    runner = ModelRunner(
+        loaded.spec,
+        loaded.params,
+        dtype=dtype,
+        num_blocks=16,
+        cache_config=CacheConfig(),
+        scheduler_config=sched,
+    )
+    runner.is_warmed_up = warmed_up
+    scheduler = SimpleNamespace(scheduler_config=sched)
+    return SimpleNamespace(runner=runner, max_model_len=128, schedulers=[scheduler])
 
 
 @pytest.fixture(scope="module")
 def core(tiny_model_dir):
-    c = EngineCore(EngineArgs(model=str(tiny_model_dir), **ENGINE), show_progress=False)
-    yield c
-    c.close()
+    return make_core(tiny_model_dir, warmed_up=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +67,7 @@ def test_fifo_in_bounded_slices_without_compiling(core, queue):
     direct = queue._get_embedder()
     np.testing.assert_allclose(replies[0].embedding, direct.embed(long), atol=1e-7)
     np.testing.assert_allclose(replies[1].embedding, direct.embed(short), atol=1e-7)
-    assert core.num_compiles_after_warmup == 0
+    assert core.runner.num_compiles_after_warmup == 0
     assert queue.run_slice() is None and not queue.has_work
 
 
@@ -83,18 +101,13 @@ def test_a_compile_after_warmup_is_counted(core, queue):
     queue._get_embedder()._chunk_fn.clear_cache()  # as if warmup had missed this program
     queue.add("c", [1, 2, 3])
     drain(queue)
-    assert core.num_compiles_after_warmup >= 1
+    assert core.runner.num_compiles_after_warmup >= 1
     core.runner.num_compiles_after_warmup = 0  # the module's other tests read it
 
 
 def test_without_warmup_it_compiles_lazily(tiny_model_dir):
-    args = EngineArgs(model=str(tiny_model_dir), enable_warmup=False, **ENGINE)
-    core = EngineCore(args, show_progress=False)
-    try:
-        queue = EmbedQueue(core)
-        assert not queue.is_warmed_up and queue._embedder is None
-        queue.add("e", [1, 2, 3])
-        replies, _ = drain(queue)
-        assert isinstance(replies[0], ipc.EmbedResult) and len(replies[0].embedding) == 64
-    finally:
-        core.close()
+    queue = EmbedQueue(make_core(tiny_model_dir, warmed_up=False))
+    assert not queue.is_warmed_up and queue._embedder is None
+    queue.add("e", [1, 2, 3])
+    replies, _ = drain(queue)
+    assert isinstance(replies[0], ipc.EmbedResult) and len(replies[0].embedding) == 64
