@@ -88,17 +88,7 @@ class EmbedQueue:
             if runner.multihost:
                 # its jit would run on process 0 alone over a mesh the followers share
                 raise ValueError("embeddings are not supported on a multi-host deployment yet")
-            self._embedder = Embedder(
-                runner.spec,  # the execution spec: kv heads as the (TP) params hold them
-                runner.params,
-                dtype=runner.dtype,
-                block_size=runner.block_size,
-                max_model_len=self._core.max_model_len,
-                chunk_size=self.chunk_size,
-                attention_backend=runner.attention_backend,
-                mesh=runner.mesh,
-                device=runner.devices[0],
-            )
+            self._embedder = Embedder.for_runner(runner, self._core.max_model_len, self.chunk_size)
         return self._embedder
 
     def add(self, req_id: str, token_ids: list[int]) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,9 @@ from jaxserve.model.attention import AttentionMetadata, KVCache
 from jaxserve.model.llama import forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.runner.step_inputs import _powers_of_two
+
+if TYPE_CHECKING:
+    from jaxserve.runner.model_runner import ModelRunner
 
 # Tokens per slice when the caller does not say (engine/embed_queue.py picks by platform).
 DEFAULT_CHUNK_SIZE = 64
@@ -172,6 +175,23 @@ class Embedder:
             self._zeros,
             static_argnames=("num_blocks",),
             out_shardings=(self._cache_sharding, self._acc_sharding),
+        )
+
+    @classmethod
+    def for_runner(
+        cls, runner: ModelRunner, max_model_len: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> Embedder:
+        """An embedder over `runner`'s params, on its device or TP mesh."""
+        return cls(
+            runner.spec,  # the execution spec: kv heads as the (TP) params hold them
+            runner.params,
+            dtype=runner.dtype,
+            block_size=runner.block_size,
+            max_model_len=max_model_len,
+            chunk_size=chunk_size,
+            attention_backend=runner.attention_backend,
+            mesh=runner.mesh,
+            device=runner.devices[0],
         )
 
     def _zeros(self, num_blocks: int) -> tuple[KVCache, jax.Array]:
