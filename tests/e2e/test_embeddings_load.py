@@ -136,7 +136,16 @@ async def drive(url: str) -> None:
 
 
 def test_embeddings_do_not_block_streams_or_livez(tmp_path):
-    server = Server(tmp_path, "--max-model-len", str(MAX_LEN), "--max-num-seqs", "8")
+    # 64-token steps: fewer step buckets to warm up, and the slice size on CPU anyway
+    args = [
+        "--max-model-len",
+        str(MAX_LEN),
+        "--max-num-seqs",
+        "8",
+        "--max-num-batched-tokens",
+        "64",
+    ]
+    server = Server(tmp_path, *args)
     try:
         asyncio.run(drive(server.url))
         assert server.metric("jaxserve_num_compiles_after_warmup") == 0
