@@ -4,8 +4,9 @@ AsyncLLM starts `run_engine_core` with multiprocessing's "spawn" context (a fres
 no forked JAX runtime, no inherited event loop). The process builds EngineCore (weights,
 warmup), sends Ready, then loops: drain the input socket (without blocking while there is
 work, blocking up to HEARTBEAT_INTERVAL_S when idle), run one core.step(), send its Outputs,
-and send a Heartbeat at least every HEARTBEAT_INTERVAL_S. It exits 0 on Shutdown or when its
-parent dies, and non-zero after a fatal error (which it reports first as a fatal Error).
+run at most one slice of a queued embedding (engine/embed_queue.py), and send a Heartbeat at
+least every HEARTBEAT_INTERVAL_S. It exits 0 on Shutdown or when its parent dies, and non-zero
+after a fatal error (which it reports first as a fatal Error).
 
 NOTE on health probes: a probe is a real one-token greedy generation (prompt: one token), added
 to the scheduler as an *urgent* request: at the front of the waiting queue, and allowed into one
@@ -43,8 +44,8 @@ from jaxserve.core.outputs import EngineCoreOutputs
 from jaxserve.engine import ipc
 from jaxserve.engine.core import EngineCore
 from jaxserve.engine.dp import DPEngineCore, make_engine_core
+from jaxserve.engine.embed_queue import EmbedQueue
 from jaxserve.request import Request
-from jaxserve.runner.embedder import Embedder
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class EngineCoreProc:
         self._probes: dict[str, tuple[str, float]] = {}
         # probe_id -> replicas that have not answered yet (a probe passes when all have)
         self._probe_waiting: dict[str, int] = {}
-        self._embedder: Embedder | None = None
+        # embeddings, run a slice per loop turn (compiled here when the core was warmed up)
+        self._embeds = EmbedQueue(core)
         self._last_heartbeat = 0.0
         # set when the loop ended because the parent process died
         self.is_orphaned = False
@@ -131,7 +133,7 @@ class EngineCoreProc:
             block_size=core.runner.block_size,
             max_num_seqs=core.schedulers[0].scheduler_config.max_num_seqs,
             startup_seconds=core.startup_seconds,
-            warmup_seconds=core.warmup_seconds,
+            warmup_seconds=core.warmup_seconds + self._embeds.warmup_seconds,
         )
 
     def send(self, message: msgspec.Struct) -> None:
@@ -141,7 +143,7 @@ class EngineCoreProc:
         """The busy loop; returns the exit code."""
         self.send(self._ready)
         while True:
-            is_busy = self.core.has_unfinished_requests()
+            is_busy = self.core.has_unfinished_requests() or self._embeds.has_work
             # Idle: block on the socket, but wake up in time for the next heartbeat.
             if self.inp.poll(0 if is_busy else int(ipc.HEARTBEAT_INTERVAL_S * 1000)):
                 if self._drain_input():
@@ -157,6 +159,8 @@ class EngineCoreProc:
                     self.send(ipc.Error(message=message, fatal=True, traceback=tb))
                     return 1
                 self._send_outputs(outputs)
+            if (reply := self._embeds.run_slice()) is not None:  # at most one bounded slice
+                self.send(reply)
             now = time.monotonic()
             if now - self._last_heartbeat >= ipc.HEARTBEAT_INTERVAL_S:
                 if os.getppid() != self.parent_pid:
@@ -231,21 +235,8 @@ class EngineCoreProc:
         self._probe_waiting[probe_id] = self.core.num_replicas
 
     def _embed(self, message: ipc.Embed) -> None:
-        if self._embedder is None:
-            runner = self.core.runner
-            if runner.multihost:
-                # its jit would run on process 0 alone over a mesh the followers share
-                raise ValueError("embeddings are not supported on a multi-host deployment yet")
-            self._embedder = Embedder(
-                runner.spec,  # the execution spec: kv heads as the (TP) params hold them
-                runner.params,
-                dtype=runner.dtype,
-                block_size=runner.block_size,
-                max_model_len=self.core.max_model_len,
-                attention_backend=runner.attention_backend,
-            )
-        embedding = self._embedder.embed(message.token_ids)
-        self.send(ipc.EmbedResult(req_id=message.req_id, embedding=embedding))
+        """Queues it; the loop runs it a slice per turn (engine/embed_queue.py)."""
+        self._embeds.add(message.req_id, message.token_ids)
 
     def _send_outputs(self, outputs: EngineCoreOutputs) -> None:
         user_outputs = []

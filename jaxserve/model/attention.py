@@ -85,7 +85,9 @@ def xla_paged_attention(
     floats per layer, and on CPU that memory traffic, not the math, was the cost. Walking the
     block table a chunk at a time keeps each gathered piece small. Chunks past a request's
     length are fully masked and leave the running max, sum and output bit-for-bit unchanged,
-    so the result does not depend on the block-table bucket (batched == alone).
+    so the result does not depend on the block-table bucket (batched == alone). With one
+    request row (R == 1, static: the embedder's chunks, or max_num_seqs=1) every token reads
+    the same blocks, so each chunk of them is gathered once and shared, not copied per token.
     """
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -96,16 +98,24 @@ def xla_paged_attention(
     blocks_per_chunk = max(1, _KEYS_PER_CHUNK // bs)
     num_chunks = -(-b // blocks_per_chunk)
     chunk_keys = blocks_per_chunk * bs
-    tables = md.block_tables[md.token_req_idx]  # [T, B]
-    tables = jnp.pad(tables, ((0, 0), (0, num_chunks * blocks_per_chunk - b)))
+    one_request = md.block_tables.shape[0] == 1
+    pad = num_chunks * blocks_per_chunk - b
+    if one_request:
+        tables = jnp.pad(md.block_tables, ((0, 0), (0, pad)))  # [1, B]: shared by every token
+        kv_shape: tuple[int, ...] = (chunk_keys, hkv, d)
+        qk, pv = "tkgd,skd->tkgs", "tkgs,skd->tkgd"
+    else:
+        tables = jnp.pad(md.block_tables[md.token_req_idx], ((0, 0), (0, pad)))  # [T, B]
+        kv_shape = (t, chunk_keys, hkv, d)
+        qk, pv = "tkgd,tskd->tkgs", "tkgs,tskd->tkgd"
     qg = q.reshape(t, hkv, group, d).astype(jnp.float32) * sm_scale
 
     def step(carry, j):
         m_prev, l_prev, acc = carry  # [T, K, G], [T, K, G], [T, K, G, D]
         blocks = jax.lax.dynamic_slice_in_dim(tables, j * blocks_per_chunk, blocks_per_chunk, 1)
-        k = k_cache[blocks].reshape(t, chunk_keys, hkv, d).astype(jnp.float32)
-        v = v_cache[blocks].reshape(t, chunk_keys, hkv, d).astype(jnp.float32)
-        scores = jnp.einsum("tkgd,tskd->tkgs", qg, k)
+        k = k_cache[blocks].reshape(kv_shape).astype(jnp.float32)
+        v = v_cache[blocks].reshape(kv_shape).astype(jnp.float32)
+        scores = jnp.einsum(qk, qg, k)
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         key_pos = j * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
@@ -117,7 +127,7 @@ def xla_paged_attention(
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(scores - m_new[..., None])
         l_new = alpha * l_prev + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("tkgs,tskd->tkgd", p, v)
+        acc = acc * alpha[..., None] + jnp.einsum(pv, p, v)
         return (m_new, l_new, acc), None
 
     # Every token sees at least key 0 of its request (position >= 0), so m is finite after

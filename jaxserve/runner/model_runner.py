@@ -54,6 +54,11 @@ def _on_duration_event(event: str, duration: float, **kwargs: object) -> None:
 jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
 
 
+def num_lowerings() -> int:
+    """XLA lowerings in this process so far (engine/embed_queue.py counts its own with it)."""
+    return _lowerings
+
+
 def _step(
     params: object,
     kv_cache: KVCache,
@@ -218,7 +223,7 @@ class ModelRunner:
         self.multihost = self.mesh is not None and distributed.spans_processes(self.devices)
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
-        # XLA lowerings seen during execute() after warmup; must stay 0
+        # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
         self.num_compiles_after_warmup = 0
         self.num_steps = 0
 

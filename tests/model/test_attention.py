@@ -84,3 +84,20 @@ def test_sees_only_its_own_keys():
     clean = fn(q, k, v, pos, md)
     k2, v2 = k.at[poison].set(1e4), v.at[poison].set(-1e4)
     assert np.array_equal(np.asarray(fn(q, k2, v2, pos, md)), np.asarray(clean))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_one_request_row_matches_many(window):
+    # R == 1 gathers each chunk of blocks once for all tokens; the same request as row 0 of a
+    # two-row table (the per-token gather) must attend the same way.
+    q, k, v, pos, md = ragged_batch([9], [30], hq=6, hkv=2)
+    two = AttentionMetadata(
+        slot_mapping=md.slot_mapping,
+        token_req_idx=md.token_req_idx,
+        block_tables=jnp.concatenate([md.block_tables, jnp.zeros_like(md.block_tables)]),
+        kv_lens=jnp.asarray([30, 0], jnp.int32),
+        cu_q_lens=jnp.asarray([0, 9, 9], jnp.int32),
+    )
+    fn = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=0.3, sliding_window=window))
+    one_row, two_rows = np.asarray(fn(q, k, v, pos, md)), np.asarray(fn(q, k, v, pos, two))
+    assert np.array_equal(one_row, two_rows)  # the same products, summed in the same order

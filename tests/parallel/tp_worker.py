@@ -108,13 +108,7 @@ def run_llm(model: str, tp: int, prompts: list) -> dict:
         runner = llm.engine.core.runner
         per_device = runner.kv_cache_bytes_per_device
         # the server's /v1/embeddings path over the same (sharded, kv-repeated) params
-        embedder = Embedder(
-            runner.spec,
-            runner.params,
-            dtype=runner.dtype,
-            block_size=runner.block_size,
-            max_model_len=llm.engine.core.max_model_len,
-        )
+        embedder = Embedder.for_runner(runner, llm.engine.core.max_model_len)
         embedding = embedder.embed(prompts[0]["prompt_token_ids"]) if tokens_prompts else None
         wq = runner.params.layers.wq
         return {
