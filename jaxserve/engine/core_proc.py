@@ -72,13 +72,14 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
         # multi-host: the API process exported JAX_* variables; start jax.distributed first
         distributed.initialize()
         core = make_engine_core(args, show_progress=False)
+        # inside the try too: building the loop warms the embedder up (it compiles)
+        proc = EngineCoreProc(core, inp, out, codec, parent_pid)
     except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
         msg = f"engine core failed to start: {type(e).__name__}: {e}"
         error = ipc.Error(message=msg, fatal=True, traceback=traceback.format_exc())
         out.send(codec.encode(error))
         _close(ctx, inp, out)
         sys.exit(1)
-    proc = EngineCoreProc(core, inp, out, codec, parent_pid)
     rc = proc.run()
     # frees the device memory now; multi-host: releases the followers from their loop (and
     # lets jax.distributed's shutdown barrier at exit complete)
