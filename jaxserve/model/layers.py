@@ -7,7 +7,9 @@ frequencies are computed on the host in float32 exactly as HF computes `inv_freq
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,10 @@ from jaxserve.model.attention import AttentionMetadata, xla_paged_attention
 from jaxserve.model.spec import ModelSpec, RopeScaling
 
 ATTENTION_BACKENDS = ("xla", "pallas")
+# One layer's attention over the paged cache, as the model calls it:
+# (q [T, Hq, D], k_cache, v_cache [N, bs, Hkv, D], positions i32[T], md, *, sm_scale,
+# sliding_window) -> [T, Hq, D]. The runner builds it (make_attention, then shard_map under TP).
+AttentionFn = Callable[..., jax.Array]
 
 
 def rms_norm(
@@ -93,6 +99,13 @@ def swiglu_mlp(
         return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
+def make_attention(backend: str, *, interpret: bool = False) -> AttentionFn:
+    """The attention for `backend`; `interpret`: run the Pallas kernel interpreted (on CPU)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return functools.partial(paged_attention, backend=backend, interpret=interpret)
+
+
 def paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim] one layer
@@ -103,6 +116,7 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None,
     backend: str,
+    interpret: bool = False,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Picks the attention implementation; the cache already holds this step's K/V."""
     if backend == "xla":
@@ -111,7 +125,13 @@ def paged_attention(
         )
     if backend == "pallas":
         return pallas_paged_attention(
-            q, k_cache, v_cache, md, sm_scale=sm_scale, sliding_window=sliding_window
+            q,
+            k_cache,
+            v_cache,
+            md,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            interpret=interpret,
         )
     raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
@@ -124,8 +144,9 @@ def pallas_paged_attention(
     *,
     sm_scale: float,
     sliding_window: int | None,
+    interpret: bool = False,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
-    """The platform's Pallas kernel; on CPU the TPU kernel runs in interpret mode (tests)."""
+    """The platform's Pallas kernel; `interpret` (CPU): the TPU kernel interpreted (tests)."""
     # Imported here: pallas_kernels pulls in Pallas/Mosaic, which the xla path never needs.
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -142,5 +163,5 @@ def pallas_paged_attention(
         num_seqs,
         sm_scale=sm_scale,
         sliding_window=sliding_window,
-        interpret=jax.default_backend() == "cpu",
+        interpret=interpret,
     )

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from jaxserve.model import layers
 from jaxserve.model.attention import AttentionMetadata, KVCache, write_kv
@@ -128,14 +127,16 @@ def forward(
     md: AttentionMetadata,
     kv_cache: KVCache,
     *,
-    attention_backend: str = "xla",
-    mesh: Mesh | None = None,
+    attention: layers.AttentionFn | None = None,
 ) -> tuple[jax.Array, KVCache]:  # ([T, E] after the final norm, updated cache)
     """Runs every layer over one flat ragged token batch; returns hidden states and the cache.
 
-    `mesh`: the tensor-parallel mesh the params and cache are sharded over (None: one device);
-    the attention then runs per device on its kv heads (sharding.shard_map_attention).
+    `attention`: what each layer attends with (default: the xla backend on one device); the
+    runner passes the backend it chose, wrapped in shard_map under tensor parallelism
+    (sharding.attention_for), so this module knows nothing of meshes.
     """
+    if attention is None:
+        attention = layers.make_attention("xla")
     x = params.embed[input_ids]  # [T, E]
     cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(spec))  # f32[T, head_dim]
     body = functools.partial(
@@ -145,8 +146,7 @@ def forward(
         md=md,
         cos=cos,
         sin=sin,
-        backend=attention_backend,
-        mesh=mesh,
+        attention=attention,
     )
     idx = jnp.arange(spec.num_layers, dtype=jnp.int32)
     (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), (params.layers, idx))
@@ -155,7 +155,7 @@ def forward(
     return x, KVCache(k=k, v=v)
 
 
-def _layer(carry, xs, *, spec, positions, md, cos, sin, backend, mesh):
+def _layer(carry, xs, *, spec, positions, md, cos, sin, attention):
     x, k_all, v_all = carry  # [T, E], [L, num_blocks, block_size, num_kv_heads, head_dim] x2
     lp, i = xs  # LayerParams of this layer (leading axis removed), i32[]
     t = x.shape[0]
@@ -184,11 +184,6 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, backend, mesh):
         k_flat = write_kv(k_flat, k, slots)
         v_flat = write_kv(v_flat, v, slots)
         layer_md = dataclasses.replace(md, block_tables=md.block_tables + i * nb)
-        attention = layers.paged_attention
-        if mesh is not None:
-            from jaxserve.model import sharding  # deferred: sharding imports this module
-
-            attention = sharding.shard_map_attention(attention, mesh)
         o = attention(
             q,
             k_flat,
@@ -197,7 +192,6 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, backend, mesh):
             layer_md,
             sm_scale=hd**-0.5,
             sliding_window=spec.sliding_window,
-            backend=backend,
         )  # [T, num_q_heads, head_dim]
         k_all = k_flat.reshape(k_all.shape)
         v_all = v_flat.reshape(v_all.shape)

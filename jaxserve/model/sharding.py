@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxserve.model import layers
 from jaxserve.model.attention import KVCache
 from jaxserve.model.llama import LayerParams, Params, param_shapes
 from jaxserve.model.spec import ModelSpec
@@ -193,6 +194,13 @@ def place_params(spec: ModelSpec, params: Params, mesh: Mesh) -> Params:
     return jax.tree.map(_place, params, shardings)
 
 
+def attention_for(backend: str, mesh: Mesh | None, platform: str) -> layers.AttentionFn:
+    """The attention a step on `platform`'s devices runs: `backend`'s, per device over kv
+    heads when the model is sharded over `mesh`; the Pallas kernel interpreted on CPU."""
+    attention = layers.make_attention(backend, interpret=platform == "cpu")
+    return attention if mesh is None else shard_map_attention(attention, mesh)
+
+
 def shard_map_attention(
     attention: Callable[..., jax.Array],
     mesh: Mesh,
@@ -241,6 +249,7 @@ __all__ = [
     "named",
     "param_shardings",
     "place_params",
+    "attention_for",
     "shard_map_attention",
     "tp_spec",
     "valid_tp_sizes",

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.model import sharding
 from jaxserve.model.attention import AttentionMetadata, KVCache
+from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.runner.step_inputs import _powers_of_two
@@ -56,8 +57,7 @@ def _embed_chunk(
     *,
     spec: ModelSpec,
     block_size: int,
-    attention_backend: str,
-    mesh: Mesh | None,
+    attention: AttentionFn,
 ) -> tuple[KVCache, jax.Array]:
     c = input_ids.shape[0]
     num_blocks = kv_cache.k.shape[1] - 1
@@ -79,8 +79,7 @@ def _embed_chunk(
         positions,
         md,
         kv_cache,
-        attention_backend=attention_backend,
-        mesh=mesh,
+        attention=attention,
     )  # [C, E]
     mask = is_real[:, None].astype(jnp.float32)
     return kv_cache, acc + (hidden.astype(jnp.float32) * mask).sum(0)
@@ -140,15 +139,16 @@ class Embedder:
         self.chunk_size = chunk_size
         # scratch cache sizes in KV blocks, one compiled program each
         self.block_buckets = _powers_of_two(1, -(-max_model_len // block_size))
+        if mesh is None and device is None:
+            device = jax.devices()[0]
+        platform = device.platform if mesh is None else mesh.devices.flat[0].platform
         chunk = functools.partial(
             _embed_chunk,
             spec=spec,
             block_size=block_size,
-            attention_backend=attention_backend,
-            mesh=mesh,
+            attention=sharding.attention_for(attention_backend, mesh, platform),
         )
         if mesh is None:
-            device = device if device is not None else jax.devices()[0]
             self._cache_sharding: Any = jax.sharding.SingleDeviceSharding(device)
             self._acc_sharding: Any = self._cache_sharding
             self._chunk_fn = jax.jit(chunk, donate_argnames=("kv_cache", "acc"))

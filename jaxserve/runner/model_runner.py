@@ -25,6 +25,7 @@ from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sharding
 from jaxserve.model.attention import KVCache
+from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
@@ -65,18 +66,11 @@ def _step(
     inputs: StepInputs,
     *,
     spec: ModelSpec,
-    attention_backend: str,
+    attention: AttentionFn,
     mesh: Mesh | None,
 ) -> tuple[KVCache, SamplerOutput]:
     hidden, kv_cache = forward(
-        params,
-        spec,
-        inputs.input_ids,
-        inputs.positions,
-        inputs.attn,
-        kv_cache,
-        attention_backend=attention_backend,
-        mesh=mesh,
+        params, spec, inputs.input_ids, inputs.positions, inputs.attn, kv_cache, attention=attention
     )
     # Logits only for each request's last token: [R, V] instead of [T, V].
     logits = compute_logits(params, spec, hidden[inputs.logits_indices])
@@ -89,9 +83,13 @@ def _step(
     return kv_cache, sample(logits.astype(jnp.float32), inputs.sampling)
 
 
-def make_step_fn(spec: ModelSpec, attention_backend: str, mesh: Mesh | None) -> Any:
-    """The one jitted step; `spec` is the execution spec (sharding.tp_spec) under a mesh."""
-    step = functools.partial(_step, spec=spec, attention_backend=attention_backend, mesh=mesh)
+def make_step_fn(
+    spec: ModelSpec, attention_backend: str, mesh: Mesh | None, *, platform: str | None = None
+) -> Any:
+    """The one jitted step; `spec` is the execution spec (sharding.tp_spec) under a mesh;
+    `platform`: its devices' (default: jax's default backend)."""
+    attention = sharding.attention_for(attention_backend, mesh, platform or jax.default_backend())
+    step = functools.partial(_step, spec=spec, attention=attention, mesh=mesh)
     if mesh is None:
         return jax.jit(step, donate_argnames=("kv_cache",))
     kv_sh = sharding.kv_cache_sharding(mesh)
@@ -185,6 +183,8 @@ class ModelRunner:
         if devices is None:
             devices = jax.devices()[:tensor_parallel_size]
         self.devices = list(devices)
+        # the devices' platform ("cpu": a Pallas kernel runs interpreted)
+        self.platform = self.devices[0].platform
         if tensor_parallel_size > 1:
             self.mesh: Mesh | None = sharding.make_mesh(tensor_parallel_size, self.devices)
             spec = sharding.tp_spec(spec, tensor_parallel_size)
@@ -208,7 +208,7 @@ class ModelRunner:
         )
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
-        self._step_fn = make_step_fn(spec, attention_backend, self.mesh)
+        self._step_fn = make_step_fn(spec, attention_backend, self.mesh, platform=self.platform)
         self._kv_cache_shape = shape
         if self.mesh is None:
             # Commit params and cache to the device: jit keys its cache on committed-ness, and
@@ -243,7 +243,7 @@ class ModelRunner:
         """Rebuilds the step for another attention backend (auto's fallback when the Pallas
         kernel fails to compile); a KV cache a failed call consumed is allocated again."""
         self.attention_backend = backend
-        self._step_fn = make_step_fn(self.spec, backend, self.mesh)
+        self._step_fn = make_step_fn(self.spec, backend, self.mesh, platform=self.platform)
         if self.kv_cache.k.is_deleted() or self.kv_cache.v.is_deleted():
             self.kv_cache = self._new_kv_cache()
 

@@ -39,10 +39,10 @@ def pallas_fails(monkeypatch):
 
     real = model_runner.make_step_fn
 
-    def make_step_fn(spec, attention_backend, mesh):
+    def make_step_fn(spec, attention_backend, mesh, **kwargs):
         if attention_backend == "pallas":
             return _FailingStep()
-        return real(spec, attention_backend, mesh)
+        return real(spec, attention_backend, mesh, **kwargs)
 
     monkeypatch.setattr(core_module, "resolve_attention_backend", resolve)
     monkeypatch.setattr(model_runner, "make_step_fn", make_step_fn)

@@ -116,7 +116,7 @@ def test_explicit_pallas_on_a_config_the_kernel_takes():
 def test_pallas_step_updates_cache_in_place():
     # The KV update stays the donated XLA scatter under the pallas backend: the step's output
     # cache is the input buffer and no layer-sized copy appears (kernel reads the flat view).
-    from jaxserve.model import llama
+    from jaxserve.model import layers, llama
     from jaxserve.model.attention import AttentionMetadata
 
     spec = _spec(head_dim=16)
@@ -130,7 +130,8 @@ def test_pallas_step_updates_cache_in_place():
     )
 
     def step(params, ids, pos, md, kv_cache):
-        return llama.forward(params, spec, ids, pos, md, kv_cache, attention_backend="pallas")
+        pallas = layers.make_attention("pallas", interpret=True)
+        return llama.forward(params, spec, ids, pos, md, kv_cache, attention=pallas)
 
     params = llama.init_params(spec, jax.random.key(0))
     ids = jnp.zeros((4,), jnp.int32)

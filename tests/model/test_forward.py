@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model import llama
+from jaxserve.model import layers, llama
 from jaxserve.model.attention import AttentionMetadata
 
 from .helpers import single_request_md, tiny_spec
@@ -61,12 +61,11 @@ def test_pallas_backend_matches_xla_and_unknown_backend_rejected():
     )
     args = (params, SPEC, jnp.arange(1, 6), jnp.arange(5), md)
     want, want_cache = llama.forward(*args, llama.init_kv_cache(SPEC, 4, 8))
-    got, got_cache = llama.forward(
-        *args, llama.init_kv_cache(SPEC, 4, 8), attention_backend="pallas"
-    )
+    pallas = layers.make_attention("pallas", interpret=True)
+    got, got_cache = llama.forward(*args, llama.init_kv_cache(SPEC, 4, 8), attention=pallas)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     # layer 0's K is computed before any attention; later layers' K inherit float noise
     np.testing.assert_array_equal(got_cache.k[0], want_cache.k[0])
     np.testing.assert_allclose(got_cache.v, want_cache.v, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="attention_backend"):
-        llama.forward(*args, llama.init_kv_cache(SPEC, 4, 8), attention_backend="flash")
+        layers.make_attention("flash")
