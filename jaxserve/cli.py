@@ -130,7 +130,9 @@ def _distributed(ns: argparse.Namespace) -> int | None:
     if not cfg.enabled:
         return None
     if cfg.process_id != 0:
-        distributed.run_follower(engine_args_from(ns), cfg)
+        from jaxserve.engine.follower import run_follower
+
+        run_follower(engine_args_from(ns), cfg)
         return 0
     if ns.command == "serve":
         # the engine core runs in its own process: it initialises from these variables

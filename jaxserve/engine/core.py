@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 
 import jax
 
-from jaxserve import distributed
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
@@ -22,6 +21,7 @@ from jaxserve.model import sharding
 from jaxserve.model.loader import LoadedModel, load_model, resolve_dtype
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
+from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_cache import enable_persistent_compilation_cache
 from jaxserve.runner.model_runner import ModelRunner, determine_num_blocks
 
@@ -117,9 +117,9 @@ class EngineCore:
             params_bytes,
             devices=list(mesh.devices.flat) if mesh is not None else devices,
         )
-        if mesh is not None and distributed.spans_processes(list(mesh.devices.flat)):
+        if mesh is not None and step_broadcast.spans_processes(list(mesh.devices.flat)):
             # every process must allocate the same cache: process 0's count wins
-            num_blocks = distributed.broadcast_int(num_blocks)
+            num_blocks = step_broadcast.broadcast_int(num_blocks)
         self.runner = ModelRunner(
             spec,
             self.model.params,

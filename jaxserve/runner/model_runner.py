@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jaxserve import distributed
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sharding
@@ -29,6 +28,7 @@ from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
+from jaxserve.runner import step_broadcast
 from jaxserve.runner.sampler import SamplerOutput, sample
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
 from jaxserve.runner.step_inputs import Buckets, StepInputs, build_step_inputs, dummy_step_inputs
@@ -219,8 +219,8 @@ class ModelRunner:
             self.params = sharding.place_params(self.model_spec, params, self.mesh)
         self.kv_cache = self._new_kv_cache()
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
-        # that own the rest of the mesh (jaxserve.distributed); they run the same step.
-        self.multihost = self.mesh is not None and distributed.spans_processes(self.devices)
+        # that own the rest of the mesh (engine/follower.py); they run the same step.
+        self.multihost = self.mesh is not None and step_broadcast.spans_processes(self.devices)
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
         # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
@@ -270,19 +270,16 @@ class ModelRunner:
     def _run_step(self, inputs: StepInputs) -> SamplerOutput:
         if self.multihost:
             if self.is_leader:
-                distributed.send_step(inputs)
-            inputs = distributed.to_global(inputs, self.mesh)
+                step_broadcast.send_step(inputs)
+            inputs = step_broadcast.to_global(inputs, self.mesh)
         self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
         return out
 
-    def follow(self) -> None:
-        """A follower process's loop: runs process 0's steps until it closes its engine."""
-        if not self.multihost or self.is_leader:
-            raise RuntimeError("follow() is for processes other than 0 of a multi-host mesh")
-        while (inputs := distributed.receive_step(self.penalty_len)) is not None:
-            inputs = distributed.to_global(inputs, self.mesh)
-            self.kv_cache, _ = self._step_fn(self.params, self.kv_cache, inputs)
-            self.num_steps += 1
+    def run_followed_step(self, inputs: StepInputs) -> None:
+        """A follower process: runs one step process 0 broadcast (engine/follower.py's loop)."""
+        inputs = step_broadcast.to_global(inputs, self.mesh)
+        self.kv_cache, _ = self._step_fn(self.params, self.kv_cache, inputs)
+        self.num_steps += 1
 
     def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
         """Optimized HLO of the step for one bucket (T, R, B); default: the largest decode-ish
@@ -380,7 +377,7 @@ class ModelRunner:
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""
         if self.multihost and self.is_leader and self._step_fn is not None:
-            distributed.send_stop()  # the followers leave their loop and free theirs
+            step_broadcast.send_stop()  # the followers leave their loop and free theirs
         for leaf in jax.tree.leaves((self.params, self.kv_cache)):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
