@@ -1,7 +1,8 @@
 """The app factory: make_app(engine) -> an aiohttp Application serving the OpenAI API.
 
 Routes are listed in ROUTES (and described in openapi.py, which a test keeps complete).
-Generation lives in generation.py; this module holds the small endpoints and the wiring.
+Generation lives in generation.py (its choices in choices.py, the request plumbing both use in
+request_io.py); this module holds the small endpoints and the wiring.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from aiohttp import web
 import jaxserve
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
-from server import generation, health, openapi, protocol, responses, validate
+from server import generation, health, openapi, protocol, request_io, responses, validate
 from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
-from server.generation import check_model, read_body, render_chat
+from server.request_io import check_model, read_body, render_chat
 from server.security import POLICY_KEY, BrowserPolicy, add_cors_headers, security_middleware
 from server.state import STATE_KEY, ServerState
 
@@ -58,7 +59,7 @@ async def embeddings(request: web.Request) -> web.Response:
     check_model(state, req.model)
     if req.user is not None:
         logger.debug("embeddings from user %r", req.user)
-    all_ids = await generation.tokenize_all(state, req.inputs)
+    all_ids = await request_io.tokenize_all(state, req.inputs)
     for i, ids in enumerate(all_ids):
         param = "input" if len(req.inputs) == 1 else f"input[{i}]"
         if len(ids) > state.engine.max_model_len:
@@ -72,7 +73,7 @@ async def embeddings(request: web.Request) -> web.Response:
             try:
                 vector = await state.engine.embed(ids)
             except Exception as e:
-                raise generation.engine_error(e, frozenset({"input"})) from None
+                raise request_io.engine_error(e, frozenset({"input"})) from None
             if req.encoding_format == "base64":
                 packed = struct.pack(f"<{len(vector)}f", *vector)
                 embedding: list[float] | str = base64.b64encode(packed).decode()
@@ -95,7 +96,7 @@ async def tokenize(request: web.Request) -> web.Response:
     req = validate.parse_tokenize(await read_body(request))
     check_model(state, req.model)
     if req.prompt is not None:
-        tokens = await generation.tokenize_text(state, req.prompt, req.add_special_tokens)
+        tokens = await request_io.tokenize_text(state, req.prompt, req.add_special_tokens)
     else:
         assert req.messages is not None
         tokens = await render_chat(state, req.messages, req.add_generation_prompt)
@@ -118,7 +119,7 @@ async def detokenize(request: web.Request) -> web.Response:
             f"tokens[{bad}]",
         )
     # ~4 characters a token: long id lists decode off the event loop, as long texts encode
-    text = await generation.off_loop(4 * len(req.tokens), lambda: tokenizer.decode(req.tokens))
+    text = await request_io.off_loop(4 * len(req.tokens), lambda: tokenizer.decode(req.tokens))
     return web.json_response({"prompt": text})
 
 

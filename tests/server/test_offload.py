@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from server import generation
+from server import request_io
 
 BIG = "hello world " * 50_000  # 600 KB: ~0.7 s to render and encode with the fake tokenizer
 
@@ -41,7 +41,7 @@ def encode_threads(engine):
 )
 async def test_only_small_text_is_tokenized_on_the_loop(client, encode_threads, path, body):
     loop_thread = threading.get_ident()
-    for size, on_loop in ((10, True), (generation.OFFLOAD_CHARS + 1, False)):
+    for size, on_loop in ((10, True), (request_io.OFFLOAD_CHARS + 1, False)):
         encode_threads.clear()
         text = "x" * size
         sent = {k: _fill(v, text) for k, v in body.items()}
@@ -60,7 +60,7 @@ async def test_only_short_id_lists_are_decoded_on_the_loop(client, engine):
         return decode(*args, **kwargs)
 
     engine.tokenizer.decode = recording
-    for num_tokens, on_loop in ((10, True), (generation.OFFLOAD_CHARS, False)):
+    for num_tokens, on_loop in ((10, True), (request_io.OFFLOAD_CHARS, False)):
         threads.clear()
         r = await client.post("/detokenize", json={"tokens": [72] * num_tokens})
         assert (await r.json())["prompt"] == "i" * num_tokens

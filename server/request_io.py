@@ -1,0 +1,134 @@
+"""What every handler does with a request around the engine: read the body, check the model,
+tokenize or render the prompt (off the event loop when long), and map engine errors to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
+from jaxserve.tokenizer import apply_chat_template
+from server import validate
+from server.errors import APIError, bad_request, param_from_message
+from server.fanout import EnginePrompt
+from server.state import STATE_KEY, ServerState
+
+T = TypeVar("T")
+
+# Seconds a client should wait after a 429: the queue drains as running requests finish.
+RETRY_AFTER_S = 1
+# Text longer than this many characters (a prompt, or a chat's messages in all) is tokenized
+# and rendered off the event loop: a 2 KB prompt encodes in well under a millisecond, a 7 MB
+# chat body takes seconds, and /livez must answer meanwhile.
+OFFLOAD_CHARS = 2048
+
+
+def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
+    """What the engine raised -> the HTTP error the client gets (unknown types re-raise)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineOverloadedError):
+        return APIError(
+            429,
+            f"the server is overloaded ({e}); retry later",
+            code="overloaded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if isinstance(e, EngineDeadError):
+        return APIError(
+            503,
+            f"the engine is unavailable: {e}; retry later",
+            code="engine_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if isinstance(e, ValueError):
+        return bad_request(str(e), param_from_message(str(e), fields))
+    raise e
+
+
+async def read_body(request: web.Request) -> bytes:
+    # request.read() enforces client_max_size (413) before the body is held in memory, but
+    # only as bytes arrive: a Content-Length over it is refused now, not after a wait for
+    # bytes that may never come
+    max_size = request.app[STATE_KEY].limits.max_body_bytes
+    if request.content_length is not None and request.content_length > max_size:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_size, actual_size=request.content_length)
+    return await request.read()
+
+
+async def off_loop(num_chars: int, fn: Callable[[], T]) -> T:
+    """fn() here when the text is small; in the default executor when it is not."""
+    if num_chars <= OFFLOAD_CHARS:
+        return fn()
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+async def tokenize_text(
+    state: ServerState, text: str, add_special_tokens: bool = True
+) -> list[int]:
+    tokenizer = state.engine.tokenizer
+    return await off_loop(
+        len(text), lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    )
+
+
+async def tokenize_all(state: ServerState, prompts: list[validate.RawPrompt]) -> list[list[int]]:
+    """Token ids of every prompt (ids pass through), in one trip off the loop if long."""
+    tokenizer = state.engine.tokenizer
+
+    def encode() -> list[list[int]]:
+        return [list(tokenizer.encode(p)) if isinstance(p, str) else p for p in prompts]
+
+    return await off_loop(sum(len(p) for p in prompts if isinstance(p, str)), encode)
+
+
+def check_prompt_len(state: ServerState, ids: list[int], param: str) -> None:
+    max_len = state.engine.max_model_len
+    if len(ids) >= max_len:
+        raise bad_request(
+            f"{param} has {len(ids)} tokens; with max_model_len={max_len} at most "
+            f"{max_len - 1} prompt tokens leave room to generate",
+            param,
+        )
+
+
+def decode_prompt(tokenizer: Any, prompt: EnginePrompt) -> str:
+    try:
+        return tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+    except Exception:  # ids outside the tokenizer's vocab: the engine rejects them next
+        raise bad_request("prompt holds token ids outside the vocabulary", "prompt") from None
+
+
+async def render_chat(
+    state: ServerState, messages: list[dict], add_generation_prompt: bool
+) -> list[int]:
+    """The chat template's prompt ids (off the event loop for long conversations)."""
+    tokenizer = state.engine.tokenizer
+    try:
+        return await off_loop(
+            validate.message_chars(messages),
+            lambda: apply_chat_template(
+                tokenizer,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                allow_special_tokens_in_content=state.allow_special_tokens_in_content,
+            ),
+        )
+    except ValueError as e:
+        raise bad_request(str(e), param_from_message(str(e), {"messages"}) or "messages") from None
+    except Exception as e:  # a template error (jinja raise_exception) on these messages
+        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
