@@ -107,6 +107,11 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+# Temperatures at or below this are greedy (vLLM's _SAMPLING_EPS): dividing by a tinier one
+# only risks overflow, and the result is the argmax anyway. The sampler reads it too.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     # number of completions for the prompt; they share the prompt's KV blocks
@@ -194,7 +199,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """The one greedy rule (the sampler applies the same threshold on device)."""
+        return self.temperature <= GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

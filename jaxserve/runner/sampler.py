@@ -16,11 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxserve.sampling_params import MAX_LOGPROBS
-
-# Temperatures at or below this are greedy (vLLM's _SAMPLING_EPS): dividing by a tinier one
-# only risks overflow, and the result is the argmax anyway.
-SAMPLING_EPS = 1e-5
+from jaxserve.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS
 
 
 @jax.tree_util.register_dataclass
@@ -28,7 +24,7 @@ SAMPLING_EPS = 1e-5
 class SamplingMetadata:
     """Per-row sampling parameters as arrays (R = padded rows; padding rows are greedy)."""
 
-    # f32[R] softmax temperature; <= SAMPLING_EPS means greedy
+    # f32[R] softmax temperature; <= GREEDY_TEMPERATURE means greedy
     temperature: jax.Array
     # i32[R] keep the k most likely tokens; 0 = off
     top_k: jax.Array
@@ -175,7 +171,7 @@ def _random_sample(
     md: SamplingMetadata,
 ) -> jax.Array:  # i32[R]
     _, v = logits.shape
-    is_greedy = md.temperature <= SAMPLING_EPS
+    is_greedy = md.temperature <= GREEDY_TEMPERATURE
     temperature = jnp.where(is_greedy, 1.0, md.temperature)
     logits = logits / temperature[:, None]
     needs_sort = jnp.any(~is_greedy & ((md.top_k > 0) | (md.top_p < 1.0)))
@@ -255,7 +251,7 @@ def sample(
     logits = apply_banned(logits, md.banned_token_ids)
 
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    is_greedy = md.temperature <= SAMPLING_EPS
+    is_greedy = md.temperature <= GREEDY_TEMPERATURE
     token_ids = lax.cond(
         jnp.all(is_greedy),
         lambda x: greedy_ids,
