@@ -3,101 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import sys
 import time
+import types
+import typing
 
-from jaxserve.config import DEFAULT_MODEL, EngineArgs
+from jaxserve.config import EngineArgs
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """field name -> the comment lines just above it in the class body (its --help text)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (a frozen build): flags still work, unexplained
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("#").strip())
+            continue
+        name = text.split(":", 1)[0]
+        if name in names and pending:
+            comments[name] = " ".join(pending)
+        pending = []
+    return comments
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Older spellings kept working: field -> extra option strings.
+_ALIASES = {"enable_warmup": ["--warmup"]}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineArgs field: its name, type, default and (Literal) choices; the
+    help is the field's comment. Booleans get --x / --no-x."""
     g = parser.add_argument_group("engine")
-    g.add_argument(
-        "--model", default=DEFAULT_MODEL, help="built-in name, HF dir, .gguf, or converted dir"
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)",
-    )
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest prompt + output (default: min(model context, 2048))",
-    )
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=512,
-        help="token budget of one step (prefill chunks + decodes)",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    mem = g.add_mutually_exclusive_group()
-    mem.add_argument(
-        "--kv-cache-memory",
-        type=int,
-        default=None,
-        help="bytes of KV cache (the CPU way to size it)",
-    )
-    mem.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of accelerator memory for weights + KV cache",
-    )
-    g.add_argument(
-        "--no-enable-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
-        help="turn prefix caching off",
-    )
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "xla", "pallas"],
-        help="attention implementation (auto: by platform)",
-    )
-    g.add_argument(
-        "--data-parallel-size",
-        type=int,
-        default=1,
-        help="engine replicas, each on its own tensor-parallel-size devices",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for requests that give none")
-    g.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="devices to shard weights and KV cache over (must suit the model's heads)",
-    )
-    g.add_argument(
-        "--no-warmup",
-        dest="enable_warmup",
-        action="store_false",
-        help="skip compiling every shape bucket at start-up",
-    )
+    hints = typing.get_type_hints(EngineArgs)
+    helps = field_comments(EngineArgs)
+    for f in dataclasses.fields(EngineArgs):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType):  # X | None: optional, parsed as X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        options = [_flag(f.name), *_ALIASES.get(f.name, [])]
+        kw: dict[str, typing.Any] = {"default": f.default, "help": helps.get(f.name, "")}
+        if hint is bool:
+            g.add_argument(*options, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(hint) is typing.Literal:
+            g.add_argument(*options, choices=list(typing.get_args(hint)), **kw)
+        else:
+            g.add_argument(*options, type=hint, **kw)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model,
-        dtype=ns.dtype,
-        max_model_len=ns.max_model_len,
-        max_num_seqs=ns.max_num_seqs,
-        max_num_batched_tokens=ns.max_num_batched_tokens,
-        block_size=ns.block_size,
-        kv_cache_memory=ns.kv_cache_memory,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
-        enable_prefix_caching=ns.enable_prefix_caching,
-        attention_backend=ns.attention_backend,
-        seed=ns.seed,
-        enable_warmup=ns.enable_warmup,
-        tensor_parallel_size=ns.tensor_parallel_size,
-        data_parallel_size=ns.data_parallel_size,
-    )
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)})
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,20 @@
 """Frozen engine configuration, read once from the user's arguments; no I/O happens here.
 
-EngineArgs keeps vLLM's argument names; `EngineArgs.split()` turns it into the per-part configs
-that the scheduler, the KV cache manager and the runner each read.
+EngineArgs is the one declaration of every engine argument (vLLM's names, a comment each: the
+CLI's flags and their help come from it, see jaxserve/cli.py). `model_config()`,
+`cache_config()`, `scheduler_config()` and `parallel_config()` hand each part the fields it
+reads, picked by name, and each part validates its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackend = Literal["auto", "xla", "pallas"]
+SchedulingPolicy = Literal["fcfs", "priority"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -20,8 +27,6 @@ class ModelConfig:
     dtype: str = "auto"
     # longest prompt + output a request may have; None: min(model's context, 2048)
     max_model_len: int | None = None
-    # seed of the engine's RNG, which draws seeds for requests that give none
-    seed: int = 0
     # "auto" | "xla" | "pallas": the attention inside the step; auto = pallas on TPU and CUDA,
     # xla on CPU (where "pallas" runs the TPU kernel in interpret mode: tests only, slow)
     attention_backend: str = "auto"
@@ -75,7 +80,7 @@ class SchedulerConfig:
     # filled in by the engine once the model is known
     max_model_len: int = 2048
     # "fcfs" or "priority" (lower value first, then arrival)
-    policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"
     # split long prompts over several steps
     enable_chunked_prefill: bool = True
 
@@ -86,8 +91,10 @@ class SchedulerConfig:
             )
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be fcfs|priority, got {self.policy!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be fcfs|priority, got {self.scheduling_policy!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,27 +114,47 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class EngineArgs:
-    """Every engine argument under its vLLM name; `LLM(**kwargs)` and the CLI fill this."""
+    """Every engine argument under its vLLM name; `LLM(**kwargs)` and the CLI fill this.
 
+    NOTE: the comment above each field is its --help text (jaxserve/cli.py reads it).
+    """
+
+    # a built-in name (smollm2-135m), a Hugging Face model dir, a .gguf file, or a dir written
+    # by `jaxserve convert`
     model: str = DEFAULT_MODEL
-    tokenizer: str | None = None  # defaults to the model's own tokenizer
-    dtype: str = "auto"
+    # where the tokenizer comes from (same forms as model); default: the model's own
+    tokenizer: str | None = None
+    # weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
+    dtype: Dtype = "auto"
+    # longest prompt + output a request may have (default: min(model context, 2048))
     max_model_len: int | None = None
+    # seed of the engine's RNG, which draws the seeds of requests that give none
     seed: int = 0
-    attention_backend: str = "auto"
+    # the attention inside the step; auto: the Pallas kernels on TPU and CUDA, xla on CPU
+    attention_backend: AttentionBackend = "auto"
+    # tokens per KV block
     block_size: int = 16
+    # bytes of KV cache to allocate (the CPU way to size it)
     kv_cache_memory: int | None = None
+    # fraction of accelerator memory for weights + KV cache
     gpu_memory_utilization: float = 0.9
+    # an explicit number of KV blocks (the null block included); overrides both sizes above
     num_gpu_blocks_override: int | None = None
+    # reuse the KV blocks of identical prompt prefixes
     enable_prefix_caching: bool = True
+    # split long prompts over several steps (within the token budget)
+    enable_chunked_prefill: bool = True
+    # token budget of one step (prefill chunks + decodes)
     max_num_batched_tokens: int = 512
+    # most requests in one step
     max_num_seqs: int = 64
-    scheduling_policy: str = "fcfs"
-    # compile every shape bucket up front (the compile count after warmup must stay 0)
+    # admission order: fcfs, or priority (lower value first, then arrival)
+    scheduling_policy: SchedulingPolicy = "fcfs"
+    # compile every shape bucket at start-up (the compile count after warmup stays 0)
     enable_warmup: bool = True
-    # shard weights and KV cache over this many devices (tensor parallel); see ParallelConfig
+    # devices to shard weights and KV cache over (tensor parallel; must suit the model's heads)
     tensor_parallel_size: int = 1
-    # independent engine replicas, each on its own tensor_parallel_size devices (data parallel)
+    # engine replicas, each on its own tensor_parallel_size devices (data parallel)
     data_parallel_size: int = 1
 
     @classmethod
@@ -141,34 +168,20 @@ class EngineArgs:
     def __post_init__(self) -> None:
         self.parallel_config()  # bad sizes fail here, naming the field
 
+    def _pick(self, part: type) -> dict[str, Any]:
+        """The fields of `part` this EngineArgs holds (same names)."""
+        names = {f.name for f in dataclasses.fields(part)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+
     def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            model=self.model,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            seed=self.seed,
-            attention_backend=self.attention_backend,
-        )
+        return ModelConfig(**self._pick(ModelConfig))
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(
-            block_size=self.block_size,
-            kv_cache_memory=self.kv_cache_memory,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            num_gpu_blocks_override=self.num_gpu_blocks_override,
-            enable_prefix_caching=self.enable_prefix_caching,
-        )
+        return CacheConfig(**self._pick(CacheConfig))
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(
-            tensor_parallel_size=self.tensor_parallel_size,
-            data_parallel_size=self.data_parallel_size,
-        )
+        return ParallelConfig(**self._pick(ParallelConfig))
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
-        return SchedulerConfig(
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=max_model_len,
-            policy=self.scheduling_policy,
-        )
+        """The scheduler's part; max_model_len is the one the engine resolved from the model."""
+        return SchedulerConfig(**{**self._pick(SchedulerConfig), "max_model_len": max_model_len})

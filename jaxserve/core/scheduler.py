@@ -97,7 +97,7 @@ class Scheduler:
         )
         # req_id -> every unfinished request (waiting or running)
         self.requests: dict[str, Request] = {}
-        self.waiting = WaitingQueue(scheduler_config.policy)
+        self.waiting = WaitingQueue(scheduler_config.scheduling_policy)
         # admitted requests in admission order; the last one is the first preempted (fcfs)
         self.running: list[Request] = []
         # finished or aborted since the last schedule(), reported in the next SchedulerOutput

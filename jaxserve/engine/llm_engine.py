@@ -15,6 +15,7 @@ from jaxserve.config import EngineArgs
 from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
+from jaxserve.model.loader import load_tokenizer
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -30,7 +31,10 @@ class LLMEngine:
         """`devices`: the devices this engine replica owns (default jax.devices()[:TP])."""
         self.args = args
         self.core = make_engine_core(args, show_progress=show_progress, devices=devices)
-        self.tokenizer: Any = self.core.model.tokenizer
+        # --tokenizer wins over the model's own (as in the server's API process)
+        self.tokenizer: Any = (
+            load_tokenizer(args.tokenizer) if args.tokenizer else self.core.model.tokenizer
+        )
         spec = self.core.spec
         self.input_processor = InputProcessor(
             self.tokenizer,

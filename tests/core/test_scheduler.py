@@ -26,7 +26,7 @@ def make_scheduler(
             max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
-            policy=policy,
+            scheduling_policy=policy,
             enable_chunked_prefill=enable_chunked_prefill,
         ),
         CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=enable_prefix_caching),

@@ -135,7 +135,7 @@ def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng):
             max_num_batched_tokens=config["max_num_batched_tokens"],
             max_num_seqs=config["max_num_seqs"],
             max_model_len=MAX_MODEL_LEN,
-            policy=config["policy"],
+            scheduling_policy=config["policy"],
             enable_chunked_prefill=config["enable_chunked_prefill"],
         ),
         CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=config["enable_prefix_caching"]),
