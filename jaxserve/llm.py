@@ -374,10 +374,9 @@ def describe(llm: LLM) -> str:
     runner = core.runner
     args = llm.args
     num_params = sum(x.size for x in jax.tree.leaves(runner.params))
-    replicas = getattr(core, "replicas", [core])  # several under data parallel
     devices = " | ".join(
         ", ".join(f"{d.platform}:{d.id}" for d in sorted(r.runner.kv_cache.k.devices(), key=id_))
-        for r in replicas
+        for r in core.replicas
     )
     buckets = runner.buckets
     num_programs = len(buckets.token_sizes) * len(buckets.block_sizes)

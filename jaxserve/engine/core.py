@@ -193,8 +193,12 @@ class EngineCore:
         return self.model.spec
 
     @property
+    def replicas(self) -> list[EngineCore]:
+        """[self]; DPEngineCore has the same interface (engine/core_interface.py) with several."""
+        return [self]
+
+    @property
     def num_replicas(self) -> int:
-        """1; DPEngineCore has the same interface with several (see engine/dp.py)."""
         return 1
 
     @property

@@ -42,8 +42,8 @@ from jaxserve import distributed
 from jaxserve.config import EngineArgs
 from jaxserve.core.outputs import EngineCoreOutputs
 from jaxserve.engine import ipc
-from jaxserve.engine.core import EngineCore
-from jaxserve.engine.dp import DPEngineCore, make_engine_core
+from jaxserve.engine.core_interface import EngineCoreInterface
+from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.embed_queue import EmbedQueue
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
@@ -101,7 +101,7 @@ class EngineCoreProc:
 
     def __init__(
         self,
-        core: EngineCore | DPEngineCore,
+        core: EngineCoreInterface,
         inp: zmq.Socket,
         out: zmq.Socket,
         codec: ipc.Codec,

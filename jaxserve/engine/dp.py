@@ -28,6 +28,7 @@ from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.router import pick_replica, replica_load
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.engine.core import EngineCore
+from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.model import sharding
 from jaxserve.model.loader import load_model, resolve_dtype
 from jaxserve.request import Request
@@ -63,7 +64,7 @@ def merge_stats(stats: Sequence[SchedulerStats]) -> SchedulerStats:
 
 
 class DPEngineCore:
-    """data_parallel_size EngineCores behind one EngineCore-shaped interface."""
+    """data_parallel_size EngineCores behind one interface (engine/core_interface.py)."""
 
     def __init__(
         self,
@@ -212,7 +213,7 @@ def make_engine_core(
     *,
     show_progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
-) -> EngineCore | DPEngineCore:
+) -> EngineCoreInterface:
     """One EngineCore, or a DPEngineCore of data_parallel_size replicas."""
     if args.data_parallel_size == 1:
         return EngineCore(args, show_progress=show_progress, devices=devices)

@@ -36,8 +36,7 @@ import logging
 import time
 
 from jaxserve.engine import ipc
-from jaxserve.engine.core import EngineCore
-from jaxserve.engine.dp import DPEngineCore
+from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.runner.embedder import Embedder, EmbedJob
 from jaxserve.runner.model_runner import num_lowerings
 
@@ -51,7 +50,7 @@ ACCELERATOR_CHUNK_SIZE = 512
 class EmbedQueue:
     """Embed requests waiting in the core process; run_slice() advances the oldest one."""
 
-    def __init__(self, core: EngineCore | DPEngineCore, *, chunk_size: int | None = None) -> None:
+    def __init__(self, core: EngineCoreInterface, *, chunk_size: int | None = None) -> None:
         """Compiles the embedder now when the core was warmed up (enable_warmup), so that no
         embedding compiles after warmup; otherwise it is built on the first embedding.
         `chunk_size`: tokens per slice (default: by platform, see the module NOTE)."""

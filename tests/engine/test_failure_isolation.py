@@ -11,6 +11,7 @@ import pytest
 
 from jaxserve.config import EngineArgs
 from jaxserve.engine.core import EngineCore
+from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.request import Request
 from jaxserve.runner import step_inputs
 from jaxserve.runner.sampling_metadata import SamplingRow
@@ -28,6 +29,11 @@ def core(tiny_model_dir):
     c = EngineCore(EngineArgs(model=str(tiny_model_dir), **ENGINE), show_progress=False)
     yield c
     c.close()
+
+
+def test_engine_core_has_the_core_interface(core):
+    assert isinstance(core, EngineCoreInterface)
+    assert core.replicas == [core] and core.schedulers == [core.scheduler]
 
 
 def _request(rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> Request:

@@ -44,6 +44,9 @@ def main() -> None:
     with LLM(**common, data_parallel_size=2) as dp:
         result["offline"] = [o.outputs[0].token_ids for o in dp.generate(PROMPTS, params)]
         core = dp.engine.core
+        from jaxserve.engine.core_interface import EngineCoreInterface
+
+        result["is_core_interface"] = isinstance(core, EngineCoreInterface)
         result["offline_routed"] = list(core.requests_per_replica)
         result["devices"] = [
             sorted(d.id for d in r.runner.kv_cache.k.sharding.device_set) for r in core.replicas

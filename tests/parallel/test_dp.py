@@ -41,6 +41,7 @@ def check(result: dict, tp: int) -> None:
     assert result["devices"] == [list(range(tp)), list(range(tp, 2 * tp))]
     # A burst of 8 distinct prompts is spread over both replicas (4 and 4: see the router).
     assert result["offline_routed"] == [4, 4]
+    assert result["is_core_interface"]
     # Probes count too on the server side (one per replica), so both replicas served at least
     # four requests each.
     assert min(result["server_routed"]) >= 4
