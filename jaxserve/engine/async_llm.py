@@ -48,7 +48,7 @@ from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine import ipc
 from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
 from jaxserve.engine.core_proc import PROBE_ID_PREFIX
-from jaxserve.engine.core_process import CoreSupervisor
+from jaxserve.engine.core_supervisor import CoreSupervisor
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.model.loader import load_tokenizer

@@ -12,7 +12,7 @@ from jaxserve.config import EngineArgs
 from jaxserve.engine import ipc
 from jaxserve.engine.async_llm import AsyncLLM, _RequestEntry
 from jaxserve.engine.client import EngineDeadError
-from jaxserve.engine.core_process import RestartBudget, describe_exit
+from jaxserve.engine.core_supervisor import RestartBudget, describe_exit
 
 
 def test_budget_per_window_with_backoff():
