@@ -8,11 +8,7 @@ blocks -> EngineCoreOutputs. Plain host Python: per-step cost is O(scheduled req
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
-from collections import deque
-from collections.abc import Iterator
 
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager, check_kv_capacity, root_block_hash
@@ -24,61 +20,10 @@ from jaxserve.core.outputs import (
     SchedulerOutput,
     SchedulerStats,
 )
+from jaxserve.core.waiting_queue import WaitingQueue
 from jaxserve.request import FinishReason, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
-
-
-class WaitingQueue:
-    """Requests waiting for admission: FCFS, or by (priority, arrival_time) under "priority"."""
-
-    def __init__(self, policy: str) -> None:
-        self.is_priority = policy == "priority"
-        # fcfs: admission order, preempted requests pushed back at the front
-        self._fifo: deque[Request] = deque()
-        # priority: a heap of (priority, arrival_time, insertion count, request)
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._counter = itertools.count()
-
-    def add(self, request: Request) -> None:
-        if self.is_priority:
-            self._push(request)
-        else:
-            self._fifo.append(request)
-
-    def add_front(self, request: Request) -> None:
-        """Requeues a preempted request ahead of the others (under priority, its key decides)."""
-        if self.is_priority:
-            self._push(request)
-        else:
-            self._fifo.appendleft(request)
-
-    def peek(self) -> Request:
-        return self._heap[0][3] if self.is_priority else self._fifo[0]
-
-    def pop(self) -> Request:
-        return heapq.heappop(self._heap)[3] if self.is_priority else self._fifo.popleft()
-
-    def remove(self, request: Request) -> None:
-        """O(len) removal, for aborts only."""
-        if self.is_priority:
-            self._heap = [entry for entry in self._heap if entry[3] is not request]
-            heapq.heapify(self._heap)
-        else:
-            self._fifo.remove(request)
-
-    def __len__(self) -> int:
-        return len(self._heap) if self.is_priority else len(self._fifo)
-
-    def __iter__(self) -> Iterator[Request]:
-        """Requests in admission order (sorts the heap: for tests and debugging)."""
-        if self.is_priority:
-            return (entry[3] for entry in sorted(self._heap, key=lambda e: e[:3]))
-        return iter(self._fifo)
-
-    def _push(self, request: Request) -> None:
-        key = (request.priority, request.arrival_time, next(self._counter), request)
-        heapq.heappush(self._heap, key)
 
 
 class Scheduler:
