@@ -31,6 +31,19 @@ def core(tiny_model_dir):
     c.close()
 
 
+def _fail_staging_of(request_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Staging `request_id`'s sampling row raises (as a value its arrays cannot hold would)."""
+
+    class FailingRow(SamplingRow):
+        @classmethod
+        def from_request(cls, request: Request) -> SamplingRow:
+            if request.request_id == request_id:
+                raise RuntimeError("injected staging failure")
+            return SamplingRow.from_request(request)
+
+    monkeypatch.setattr(step_inputs, "SamplingRow", FailingRow)
+
+
 def test_engine_core_has_the_core_interface(core):
     assert isinstance(core, EngineCoreInterface)
     assert core.replicas == [core] and core.schedulers == [core.scheduler]
@@ -105,15 +118,7 @@ def test_injected_failure_fails_one_request(core, monkeypatch, where):
     ref = _reference(core)
     core.scheduler.reset_prefix_cache()
     if where == "staging":
-
-        class FailingRow(SamplingRow):
-            @classmethod
-            def from_request(cls, request: Request) -> SamplingRow:
-                if request.request_id == "bad":
-                    raise RuntimeError("injected staging failure")
-                return SamplingRow.from_request(request)
-
-        monkeypatch.setattr(step_inputs, "SamplingRow", FailingRow)
+        _fail_staging_of("bad", monkeypatch)
     else:
         kv = core.scheduler.kv_cache_manager
         allocate = kv.allocate_slots
@@ -141,15 +146,7 @@ def test_sibling_on_a_failed_requests_blocks_fails_too_and_cache_stays_clean(cor
     clean, errors = _run(core, [_request("clean", SHARED)])
     assert not errors
     core.scheduler.reset_prefix_cache()
-
-    class FailingRow(SamplingRow):
-        @classmethod
-        def from_request(cls, request: Request) -> SamplingRow:
-            if request.request_id == "bad":
-                raise RuntimeError("injected staging failure")
-            return SamplingRow.from_request(request)
-
-    monkeypatch.setattr(step_inputs, "SamplingRow", FailingRow)
+    _fail_staging_of("bad", monkeypatch)
     tokens, errors = _run(core, [_request("bad", SHARED), _request("sibling", SHARED)])
     assert set(errors) == {"bad", "sibling"}
     assert "failed in this step" in errors["sibling"]
