@@ -2,7 +2,7 @@
 
 schedule() -> SchedulerOutput -> runner.execute() -> ModelRunnerOutput
 -> scheduler.update_from_output() -> EngineCoreOutputs. All host values (lists, ints), never
-device arrays: EngineCoreOutputs crosses a process boundary once the server lands.
+device arrays: EngineCoreOutputs crosses the process boundary to the API server (engine/ipc.py).
 """
 
 from __future__ import annotations
