@@ -82,6 +82,12 @@ class Scheduler:
         )
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.priority != 0 and not urgent and not self.waiting.is_priority:
+            # as vLLM: a priority the policy would ignore is refused, not accepted and ignored
+            raise ValueError(
+                f"priority={request.priority} needs scheduling_policy='priority' "
+                "(this engine schedules fcfs)"
+            )
         if request.cache_salt is not None:
             try:
                 root_block_hash(request)  # what the first prefix-cache lookup computes

@@ -218,6 +218,17 @@ def test_preempted_request_recomputes_from_the_prefix_cache():
     assert (hit_ids, num_hit) == ([3], 4)
 
 
+def test_fcfs_refuses_a_priority_it_would_ignore():
+    scheduler = make_scheduler(policy="fcfs")
+    with pytest.raises(ValueError, match="^priority=3 needs scheduling_policy='priority'"):
+        scheduler.add_request(make_request("p", range(4), priority=3))
+    assert not scheduler.requests and len(scheduler.waiting) == 0  # nothing taken
+    scheduler.add_request(make_request("z", range(4), priority=0))
+    # urgent requests (health probes) keep their own priority under any policy
+    scheduler.add_request(make_request("probe", range(4), priority=-5), urgent=True)
+    assert {r.request_id for r in scheduler.waiting} == {"z", "probe"}
+
+
 def test_priority_policy_admits_by_priority_then_arrival():
     scheduler = make_scheduler(policy="priority", max_num_seqs=1)
     scheduler.add_request(make_request("late_low", range(4), priority=5, arrival_time=1.0))

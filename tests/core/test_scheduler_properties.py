@@ -160,7 +160,8 @@ def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng):
                     eos_token_id=EOS,
                     sampling_seed=0,
                     arrival_time=float(len(added)),
-                    priority=priority,
+                    # fcfs refuses a priority it would ignore
+                    priority=priority if config["policy"] == "priority" else 0,
                     cache_salt=salt,
                     max_tokens=max_tokens,
                 )

@@ -101,7 +101,10 @@ def _int_cases() -> list[Case]:
     # the largest values each field stores are fine
     cases.append(Case("int-top_k-max", C, with_(C, top_k=2**31 - 1), expect=(200,)))
     cases.append(Case("int-seed-max", C, with_(C, seed=2**63 - 1), expect=(200,)))
-    cases.append(Case("int-priority-min", C, with_(C, priority=-(2**31)), expect=(200,)))
+    # the smallest priority the body takes; this server schedules fcfs, which refuses any
+    # priority but 0 rather than ignore it (as vLLM does)
+    cases.append(Case("int-priority-min", C, with_(C, priority=-(2**31)), param="priority"))
+    cases.append(Case("int-priority-zero", C, with_(C, priority=0), expect=(200,)))
     cases.append(Case("int-top_k-minus-1", C, with_(C, top_k=-1), expect=(200,)))
     cases.append(Case("int-top_k-minus-2", C, with_(C, top_k=-2), param="top_k"))
     return cases
