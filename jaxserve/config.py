@@ -83,6 +83,9 @@ class SchedulerConfig:
     scheduling_policy: str = "fcfs"
     # split long prompts over several steps
     enable_chunked_prefill: bool = True
+    # seats of max_num_seqs only urgent requests may take: the engine-core process reserves one
+    # for health probes, so a full batch never delays them (not an engine argument)
+    num_reserved_seqs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens <= 0:
@@ -94,6 +97,10 @@ class SchedulerConfig:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs|priority, got {self.scheduling_policy!r}"
+            )
+        if not 0 <= self.num_reserved_seqs < self.max_num_seqs:
+            raise ValueError(
+                f"num_reserved_seqs must be in [0, max_num_seqs), got {self.num_reserved_seqs}"
             )
 
 

@@ -67,31 +67,59 @@ class DistributedConfig:
             os.environ[ENV_PROCESS_ID] = str(self.process_id)
 
 
-def initialize(config: DistributedConfig | None = None) -> DistributedConfig:
-    """Starts jax.distributed when the config (or the environment) asks for several processes.
+class DistributedGroup:
+    """This process's membership of a jax.distributed group, from start() to shutdown().
 
-    Must run before any jax call that touches devices. Idempotent within a process.
+    It owns what joining changes process-wide: the CPU collectives setting (restored on
+    shutdown) and jax.distributed itself. A one-process config starts nothing.
     """
-    import jax
 
-    config = config or DistributedConfig.resolve()
-    if not config.enabled or jax.distributed.is_initialized():
-        return config
-    # CPU processes need a cross-process collectives backend (GPUs/TPUs bring their own).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=config.coordinator,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-    )
-    logger.info(
-        "jax.distributed: process %d of %d, %d local / %d global devices",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
-    return config
+    def __init__(self, config: DistributedConfig) -> None:
+        # which group and rank
+        self.config = config
+        # the jax.config value start() replaced (None: not started by this object)
+        self._saved_collectives: str | None = None
+
+    def start(self) -> DistributedGroup:
+        """Joins the group (must run before any jax call that touches devices)."""
+        import jax
+
+        if not self.config.enabled or jax.distributed.is_initialized():
+            return self
+        # CPU processes need a cross-process collectives backend (GPUs/TPUs bring their own).
+        self._saved_collectives = jax.config.jax_cpu_collectives_implementation
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=self.config.coordinator,
+            num_processes=self.config.num_processes,
+            process_id=self.config.process_id,
+        )
+        logger.info(
+            "jax.distributed: process %d of %d, %d local / %d global devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_device_count(),
+            jax.device_count(),
+        )
+        return self
+
+    def shutdown(self) -> None:
+        """Leaves the group (a barrier with the other processes) and restores the setting."""
+        if self._saved_collectives is None:
+            return
+        import jax
+
+        jax.distributed.shutdown()
+        jax.config.update("jax_cpu_collectives_implementation", self._saved_collectives)
+        self._saved_collectives = None
 
 
-__all__ = ["DistributedConfig", "initialize"]
+def initialize(config: DistributedConfig | None = None) -> DistributedGroup:
+    """Joins jax.distributed when the config (or the environment) asks for several processes.
+
+    Returns the group; its shutdown() leaves it (at exit, jax's own atexit hook does too).
+    """
+    return DistributedGroup(config or DistributedConfig.resolve()).start()
+
+
+__all__ = ["DistributedConfig", "DistributedGroup", "initialize"]

@@ -179,10 +179,9 @@ class LLM:
             )
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
-        # Validate everything first, so a bad prompt leaves nothing half-queued.
+        # Prompts are checked first; a request refused while adding aborts those before it
+        # (the except below), so a bad one mid-batch leaves nothing queued either way.
         processed = [engine.process_prompt(p) for p in prompts]
-        for p in params:
-            engine.input_processor.check_params(p)
         results: dict[str, RequestOutput] = {}
 
         def keep_final(out: RequestOutput) -> None:
@@ -239,7 +238,6 @@ class LLM:
         engine = self._engine()
         params = SamplingParams() if sampling_params is None else sampling_params
         processed = engine.process_prompt(prompt)
-        engine.input_processor.check_params(params)
         queue: deque[RequestOutput] = deque()
         request_id = self._add(
             processed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -83,6 +84,21 @@ class Request:
         self.block_hashes: list[bytes] = []
         # the stop token id (int) or stop string (str) that ended the request
         self.stop_reason: int | str | None = None
+
+    @classmethod
+    def from_core_request(cls, m: EngineCoreRequest) -> Request:
+        """The core's state of a request message (validate it first: validate_core_request)."""
+        return cls(
+            m.request_id,
+            m.prompt_token_ids,
+            m.sampling_params,
+            m.eos_token_id,
+            sampling_seed=m.sampling_seed,
+            arrival_time=m.arrival_time,
+            priority=m.priority,
+            cache_salt=m.cache_salt,
+            max_tokens=m.max_tokens,
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 
 import jaxserve
+from jaxserve.core.admission import check_embed_len
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
 from server import generation, health, openapi, protocol, request_io, responses, validate
@@ -62,11 +63,10 @@ async def embeddings(request: web.Request) -> web.Response:
     all_ids = await request_io.tokenize_all(state, req.inputs)
     for i, ids in enumerate(all_ids):
         param = "input" if len(req.inputs) == 1 else f"input[{i}]"
-        if len(ids) > state.engine.max_model_len:
-            raise bad_request(
-                f"{param} has {len(ids)} tokens, over max_model_len={state.engine.max_model_len}",
-                param,
-            )
+        try:
+            check_embed_len(len(ids), state.engine.max_model_len, param)
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
     data = []
     with state.admit():
         for i, ids in enumerate(all_ids):

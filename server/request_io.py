@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from jaxserve.core import admission
 from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
 from jaxserve.tokenizer import apply_chat_template
 from server import validate
@@ -97,13 +98,11 @@ async def tokenize_all(state: ServerState, prompts: list[validate.RawPrompt]) ->
 
 
 def check_prompt_len(state: ServerState, ids: list[int], param: str) -> None:
-    max_len = state.engine.max_model_len
-    if len(ids) >= max_len:
-        raise bad_request(
-            f"{param} has {len(ids)} tokens; with max_model_len={max_len} at most "
-            f"{max_len - 1} prompt tokens leave room to generate",
-            param,
-        )
+    """The engine's rule (core/admission.py), here so the 400 names the field as sent."""
+    try:
+        admission.check_prompt_len(len(ids), state.engine.max_model_len, param)
+    except ValueError as e:
+        raise bad_request(str(e), param) from None
 
 
 def decode_prompt(tokenizer: Any, prompt: EnginePrompt) -> str:

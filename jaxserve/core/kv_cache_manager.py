@@ -56,23 +56,6 @@ def update_block_hashes(request: Request, block_size: int) -> None:
         block_hashes.append(parent)
 
 
-def check_kv_capacity(
-    num_prompt_tokens: int, max_tokens: int, max_model_len: int, block_size: int, num_usable: int
-) -> None:
-    """Raises ValueError when the whole cache could never hold this request.
-
-    Admitting such a request could only end in it preempting itself forever. The last sampled
-    token is never computed, so the KV holds at most prompt + max_tokens - 1 tokens.
-    """
-    max_kv_tokens = min(num_prompt_tokens + max_tokens - 1, max_model_len)
-    num_blocks_needed = -(-max_kv_tokens // block_size)
-    if num_blocks_needed > num_usable:
-        raise ValueError(
-            f"prompt + max_tokens need up to {num_blocks_needed} KV blocks, more than the "
-            f"{num_usable} in the cache; lower max_tokens or max_model_len"
-        )
-
-
 class KVCacheManager:
     def __init__(
         self, num_blocks: int, block_size: int, enable_caching: bool, max_model_len: int

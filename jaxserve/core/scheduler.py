@@ -11,7 +11,8 @@ import contextlib
 import logging
 
 from jaxserve.config import CacheConfig, SchedulerConfig
-from jaxserve.core.kv_cache_manager import KVCacheManager, check_kv_capacity, root_block_hash
+from jaxserve.core.admission import check_new_request_id
+from jaxserve.core.kv_cache_manager import KVCacheManager
 from jaxserve.core.outputs import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -49,9 +50,6 @@ class Scheduler:
         self.finished_req_ids: list[str] = []
         # cumulative number of preemptions
         self.num_preemptions = 0
-        # seats (of max_num_seqs) that only urgent requests may take; the multi-process engine
-        # core reserves one for health probes so a full batch never delays them
-        self.num_reserved_seqs = 0
         # ids of the waiting or running requests added with urgent=True
         self._urgent_req_ids: set[str] = set()
         # req_id -> why it failed alone (its bookkeeping or staging raised); reported as an
@@ -61,40 +59,20 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: Request, *, urgent: bool = False) -> None:
-        """Queues a request; a bad one raises ValueError (naming the field) and takes nothing.
+        """Queues a request; ValueError (naming the field) when it cannot be, taking nothing.
 
+        The request meets the admission rules already (EngineCore.add_request ran them); what
+        is left is what only the scheduler knows: its ids in use and its policy.
         urgent=True (health probes): the request goes to the front of the waiting queue
         (under "priority", give it a low priority value too) and may take a reserved seat.
         """
-        num_prompt = request.num_prompt_tokens
-        if num_prompt == 0:
-            raise ValueError("prompt_token_ids must not be empty")
-        if num_prompt > self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt} tokens, more than max_model_len={self.max_model_len}"
-            )
-        check_kv_capacity(
-            num_prompt,
-            request.max_tokens,
-            self.max_model_len,
-            self.block_size,
-            self.kv_cache_manager.num_usable_blocks,
-        )
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        check_new_request_id(request.request_id, self.requests)
         if request.priority != 0 and not urgent and not self.waiting.is_priority:
             # as vLLM: a priority the policy would ignore is refused, not accepted and ignored
             raise ValueError(
                 f"priority={request.priority} needs scheduling_policy='priority' "
                 "(this engine schedules fcfs)"
             )
-        if request.cache_salt is not None:
-            try:
-                root_block_hash(request)  # what the first prefix-cache lookup computes
-            except UnicodeEncodeError:
-                raise ValueError(
-                    "cache_salt must be valid unicode text (no lone surrogates)"
-                ) from None
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         if urgent:
@@ -243,7 +221,7 @@ class Scheduler:
         while len(self.waiting) > 0 and token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting.peek()
             if (
-                len(self.running) >= max_num_seqs - self.num_reserved_seqs
+                len(self.running) >= max_num_seqs - self.scheduler_config.num_reserved_seqs
                 and request.request_id not in self._urgent_req_ids
             ):
                 break  # the seats left are reserved for urgent requests

@@ -36,23 +36,20 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import zmq
 
 from jaxserve.config import EngineArgs
-from jaxserve.core.kv_cache_manager import check_kv_capacity
+from jaxserve.core.admission import check_embed_len, check_new_request_id
 from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine import ipc
 from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
-from jaxserve.engine.core_proc import PROBE_ID_PREFIX
 from jaxserve.engine.core_supervisor import CoreSupervisor
-from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.engine.inflight import InFlight, RequestEntry
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.model.loader import load_tokenizer
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams, as_token_ids
 
 logger = logging.getLogger(__name__)
@@ -61,30 +58,6 @@ logger = logging.getLogger(__name__)
 # --max-core-restarts default).
 DEFAULT_MAX_CORE_RESTARTS = 5
 CORE_RESTART_WINDOW_S = 600.0
-
-
-@dataclass
-class _RequestEntry:
-    """The API-side state of one user request being streamed by generate()."""
-
-    # RequestOutput deltas, or the exception to raise in the consumer
-    queue: asyncio.Queue[RequestOutput | BaseException]
-    prompt: ProcessedPrompt
-    # the core request ids of its completions (n of them)
-    core_ids: list[str]
-    # which core process it was sent to (CoreSupervisor.generation at the time)
-    generation: int
-    # True until its first output arrives (counted against max_waiting_requests)
-    is_waiting: bool = True
-    finished: bool = False
-
-
-@dataclass
-class _Pending:
-    """Futures of embed and probe calls, keyed by their ids."""
-
-    embeds: dict[str, asyncio.Future[list[float]]] = field(default_factory=dict)
-    probes: dict[str, asyncio.Future[ipc.ProbeResult]] = field(default_factory=dict)
 
 
 class AsyncLLM(EngineClient):
@@ -111,9 +84,9 @@ class AsyncLLM(EngineClient):
         self.max_waiting_requests = max_waiting_requests
         self._supervisor = CoreSupervisor(
             args,
-            on_message=self._dispatch,
-            on_death=self._on_death,
-            has_work=lambda: bool(self._requests),
+            on_message=lambda msg: self._inflight.dispatch(msg),
+            on_death=lambda reason: self._inflight.on_death(reason),
+            has_work=lambda: bool(self._inflight.requests),
             hang_timeout_s=hang_timeout_s,
             max_restarts=max_core_restarts,
             restart_window_s=core_restart_window_s,
@@ -122,14 +95,10 @@ class AsyncLLM(EngineClient):
         self.tokenizer: Any = None
         self.ready: ipc.Ready | None = None
         self.input_processor: InputProcessor | None = None
-        self.output_processor: OutputProcessor | None = None
         # set on shutdown
         self._shut_down_reason: str | None = None
-        self._stats = SchedulerStats()
-        self._requests: dict[str, _RequestEntry] = {}
-        # core request id -> user request id (for per-request core Errors)
-        self._core_to_user: dict[str, str] = {}
-        self._pending = _Pending()
+        # what is in the core: requests, embeds, probes (and the dispatch of its messages)
+        self._inflight = InFlight(self._send, self._reaches)
         self._ids = itertools.count()
         self._codec = ipc.client_codec()
         self._supervisor_task: asyncio.Task[None] | None = None
@@ -176,15 +145,11 @@ class AsyncLLM(EngineClient):
             await self.shutdown()
             raise
         r = self.ready
-        self.max_model_len = r.max_model_len
+        self.max_model_len = r.limits.max_model_len
         self.input_processor = InputProcessor(
-            self.tokenizer,
-            vocab_size=r.vocab_size,
-            max_model_len=r.max_model_len,
-            eos_token_id=r.eos_token_id,
-            seed=self.args.seed,
+            self.tokenizer, limits=r.limits, eos_token_id=r.eos_token_id, seed=self.args.seed
         )
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self._inflight.start(self.tokenizer)
         self._supervisor_task = asyncio.create_task(
             self._supervisor.run(), name="jaxserve-core-supervisor"
         )
@@ -207,19 +172,15 @@ class AsyncLLM(EngineClient):
         leaves nothing registered and frees its blocks in the core.
         """
         self._check_alive()
-        assert self.input_processor is not None and self.output_processor is not None
+        assert self.input_processor is not None
+        inflight = self._inflight
         processed = (
             prompt
             if isinstance(prompt, ProcessedPrompt)
             else self.input_processor.process_prompt(prompt)
         )
-        self.input_processor.check_params(params)
-        self._check_fits(processed, params)
-        if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if request_id.startswith(PROBE_ID_PREFIX):
-            raise ValueError(f"request_id must not start with {PROBE_ID_PREFIX!r}")
-        num_waiting = sum(e.is_waiting for e in self._requests.values())
+        check_new_request_id(request_id, inflight.requests)
+        num_waiting = inflight.num_waiting
         if num_waiting >= self.max_waiting_requests:
             raise EngineOverloadedError(
                 f"{num_waiting} requests are waiting (max_waiting_requests="
@@ -230,29 +191,11 @@ class AsyncLLM(EngineClient):
         )
         # Encoded up front: what the wire cannot carry (a lone surrogate, an int past 64
         # bits) is a ValueError naming the field, before anything is registered.
-        messages = [
-            self._encode_request(
-                ipc.AddRequest(
-                    request_id=r.request_id,
-                    prompt_token_ids=r.prompt_token_ids,
-                    params=params,
-                    sampling_seed=r.sampling_seed,
-                    max_tokens=r.max_tokens,
-                    eos_token_id=r.eos_token_id,
-                    priority=priority,
-                    cache_salt=cache_salt,
-                    arrival_time=r.arrival_time,
-                )
-            )
-            for r in requests
-        ]
+        messages = [ipc.encode_request(self._codec, r) for r in requests]
         core_ids = [r.request_id for r in requests]
-        entry = _RequestEntry(asyncio.Queue(), processed, core_ids, self._supervisor.generation)
+        entry = RequestEntry(asyncio.Queue(), processed, core_ids, self._supervisor.generation)
         try:
-            self._requests[request_id] = entry
-            for core_id in core_ids:
-                self._core_to_user[core_id] = request_id
-            self.output_processor.add_request(request_id, processed, params, core_ids, stream=True)
+            inflight.register(request_id, entry, params)
             for data in messages:
                 self._supervisor.send(data)
             while True:
@@ -266,50 +209,28 @@ class AsyncLLM(EngineClient):
             # A consumer that stopped early (disconnect: GeneratorExit / CancelledError), an
             # error, a refusal: forget the request, and free its blocks in the core (at its
             # next loop turn) unless the core ended it already.
-            self._abort(request_id, in_core=not entry.finished)
+            inflight.abort(request_id, in_core=not entry.finished)
             entry.finished = True
-            self._forget(request_id, entry)
+            inflight.forget(request_id, entry)
 
     async def abort(self, request_id: str) -> None:
         """Ends the request in the core; its generate() ends with finish_reason "abort"."""
-        entry = self._requests.get(request_id)
-        self._abort(request_id)
-        if entry is not None and not entry.finished:
-            entry.finished = True
-            outputs = [
-                CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
-                for i in range(len(entry.core_ids))
-            ]
-            entry.queue.put_nowait(
-                RequestOutput(
-                    request_id=request_id,
-                    prompt=entry.prompt.prompt,
-                    prompt_token_ids=entry.prompt.prompt_token_ids,
-                    outputs=outputs,
-                    finished=True,
-                )
-            )
+        self._inflight.end_with_abort(request_id)
 
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """Mean-pooled final hidden state, L2-normalized (see runner/embedder.py)."""
         self._check_alive()
         assert self.ready is not None
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids must not be empty")
-        if len(prompt_token_ids) > self.max_model_len:
-            raise ValueError(
-                f"prompt_token_ids has {len(prompt_token_ids)} tokens, more than "
-                f"max_model_len={self.max_model_len}"
-            )
-        ids = as_token_ids(prompt_token_ids, self.ready.vocab_size, "prompt_token_ids")
+        check_embed_len(len(prompt_token_ids), self.max_model_len, "prompt_token_ids")
+        ids = as_token_ids(prompt_token_ids, self.ready.limits.vocab_size, "prompt_token_ids")
         req_id = f"embed-{next(self._ids)}"
         fut: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._pending.embeds[req_id] = fut
+        self._inflight.pending.embeds[req_id] = fut
         try:
             self._send(ipc.Embed(req_id=req_id, token_ids=ids))
             return await fut
         finally:
-            self._pending.embeds.pop(req_id, None)
+            self._inflight.pending.embeds.pop(req_id, None)
 
     async def check_health(self, timeout: float) -> None:
         """Raises EngineDeadError (dead or restarting core), TimeoutError, or RuntimeError
@@ -317,14 +238,14 @@ class AsyncLLM(EngineClient):
         self._check_alive()
         probe_id = f"probe-{next(self._ids)}"
         fut: asyncio.Future[ipc.ProbeResult] = asyncio.get_running_loop().create_future()
-        self._pending.probes[probe_id] = fut
+        self._inflight.pending.probes[probe_id] = fut
         try:
             self._send(ipc.HealthProbe(probe_id=probe_id))
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise TimeoutError(f"health probe got no token within {timeout} s") from None
         finally:
-            self._pending.probes.pop(probe_id, None)
+            self._inflight.pending.probes.pop(probe_id, None)
 
     @property
     def is_ready(self) -> bool:
@@ -359,7 +280,7 @@ class AsyncLLM(EngineClient):
 
     @property
     def stats(self) -> SchedulerStats:
-        return dataclasses.replace(self._stats, num_core_restarts=self.num_core_restarts)
+        return dataclasses.replace(self._inflight.stats, num_core_restarts=self.num_core_restarts)
 
     @property
     def num_core_restarts(self) -> int:
@@ -383,7 +304,7 @@ class AsyncLLM(EngineClient):
             self._supervisor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor_task
-        self._fail_in_flight(self._shut_down_reason)
+        self._inflight.fail_all(self._shut_down_reason)
         await self._supervisor.stop(timeout, self._codec.encode(ipc.Shutdown()))
 
     async def __aenter__(self) -> AsyncLLM:
@@ -399,150 +320,9 @@ class AsyncLLM(EngineClient):
         if reason is not None:
             raise EngineDeadError(reason)
 
-    def _check_fits(self, prompt: ProcessedPrompt, params: SamplingParams) -> None:
-        """The scheduler's KV-capacity check, done here so it fails before queueing."""
-        assert self.ready is not None and self.input_processor is not None
-        check_kv_capacity(
-            len(prompt.prompt_token_ids),
-            self.input_processor.resolve_max_tokens(prompt, params),
-            self.max_model_len,
-            self.ready.block_size,
-            self.ready.num_blocks - 1,  # the null block is never handed out
-        )
-
-    def _encode_request(self, message: ipc.AddRequest) -> bytes:
-        """The message's bytes; ValueError naming the field the wire cannot carry."""
-        try:
-            return self._codec.encode(message)
-        except (msgspec.EncodeError, OverflowError, UnicodeEncodeError, TypeError) as e:
-            name = _unencodable_field(message)
-            if isinstance(e, UnicodeEncodeError):
-                why = "must be valid unicode text (no lone surrogates)"
-            else:
-                why = f"cannot be sent to the engine ({e})"
-            raise ValueError(f"{name} {why}") from None
-
     def _send(self, message: msgspec.Struct) -> None:
         self._supervisor.send(self._codec.encode(message))
 
-    def _abort(self, request_id: str, *, in_core: bool = True) -> None:
-        """Forgets the request API-side and aborts its unfinished completions in the core
-        (only in the core it was sent to: a new core never sees a dead one's ids)."""
-        if self.output_processor is None:
-            return
-        core_ids = self.output_processor.abort_request(request_id)
-        entry = self._requests.get(request_id)
-        if entry is None:
-            return
-        entry.is_waiting = False
-        if (
-            in_core
-            and core_ids
-            and entry.generation == self._supervisor.generation
-            and self.unavailable_reason is None
-        ):
-            with contextlib.suppress(zmq.ZMQError):
-                self._send(ipc.Abort(request_ids=core_ids))
-
-    def _forget(self, request_id: str, entry: _RequestEntry) -> None:
-        if self._requests.get(request_id) is entry:
-            del self._requests[request_id]
-        for core_id in entry.core_ids:
-            if self._core_to_user.get(core_id) == request_id:
-                del self._core_to_user[core_id]
-
-    def _fail_in_flight(self, reason: str) -> None:
-        """Fails every in-flight request, embed and probe with EngineDeadError(reason)."""
-        for entry in self._requests.values():
-            entry.is_waiting = False
-            if not entry.finished:
-                entry.finished = True
-                entry.queue.put_nowait(EngineDeadError(reason))
-        for fut in [*self._pending.embeds.values(), *self._pending.probes.values()]:
-            if not fut.done():
-                fut.set_exception(EngineDeadError(reason))
-
-    # ---- what the supervisor calls --------------------------------------------------------
-
-    def _on_death(self, reason: str) -> None:
-        """The core died: fail everything that was in it; nothing it knew survives here."""
-        self._fail_in_flight(reason)
-        # (the failed requests' generate() calls clean up after themselves)
-        if self.output_processor is not None:
-            self.output_processor = OutputProcessor(self.tokenizer)
-        self._core_to_user.clear()
-        self._stats = SchedulerStats()
-
-    def _dispatch(self, msg: msgspec.Struct) -> None:
-        if isinstance(msg, ipc.Outputs):
-            self._on_outputs(msg)
-        elif isinstance(msg, ipc.Heartbeat):
-            self._stats = msg.stats
-        elif isinstance(msg, ipc.ProbeResult):
-            fut = self._pending.probes.get(msg.probe_id)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-        elif isinstance(msg, ipc.EmbedResult):
-            efut = self._pending.embeds.get(msg.req_id)
-            if efut is not None and not efut.done():
-                efut.set_result(msg.embedding)
-        elif isinstance(msg, ipc.Error):
-            self._on_error(msg)
-
-    def _on_outputs(self, msg: ipc.Outputs) -> None:
-        assert self.output_processor is not None
-        if msg.scheduler_stats is not None:
-            self._stats = msg.scheduler_stats
-        processed = self.output_processor.process_outputs(msg.outputs)
-        for core_id, stop_str in processed.stopped_by_string.items():
-            self._send(ipc.Finish(request_id=core_id, stop_reason=stop_str))
-        for out in processed.request_outputs:
-            entry = self._requests.get(out.request_id)
-            if entry is None or entry.finished:
-                continue
-            entry.is_waiting = False
-            entry.finished = out.finished
-            entry.queue.put_nowait(out)
-
-    def _on_error(self, msg: ipc.Error) -> None:
-        """A per-request Error (fatal ones end _watch); ValueError when the request was bad."""
-        if msg.traceback:
-            logger.error("engine core error: %s\n%s", msg.message, msg.traceback.rstrip())
-        exc: Exception = (
-            ValueError(msg.message) if msg.is_invalid_request else RuntimeError(msg.message)
-        )
-        rid = msg.request_id
-        if rid is None:
-            return
-        for futures in (self._pending.embeds, self._pending.probes):
-            fut = futures.get(rid)
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-                return
-        user_id = self._core_to_user.get(rid)
-        entry = self._requests.get(user_id) if user_id is not None else None
-        if entry is not None and not entry.finished:
-            self._abort(user_id)  # its siblings (n > 1) too
-            entry.finished = True
-            entry.queue.put_nowait(exc)
-
-
-def _unencodable_field(message: ipc.AddRequest) -> str:
-    """The name (as a client sends it) of the first field msgpack cannot encode."""
-    encoder = msgspec.msgpack.Encoder()
-    for name in message.__struct_fields__:
-        value = getattr(message, name)
-        try:
-            encoder.encode(value)
-            continue
-        except Exception:  # noqa: BLE001 - any failure names this field
-            pass
-        if name != "params":
-            return name
-        for f in dataclasses.fields(value):
-            try:
-                encoder.encode(getattr(value, f.name))
-            except Exception:  # noqa: BLE001
-                return f.name
-        return "sampling_params"
-    return "request"
+    def _reaches(self, generation: int) -> bool:
+        """The core of that generation is the one running and takes messages."""
+        return generation == self._supervisor.generation and self.unavailable_reason is None

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import jax
 
 from jaxserve.config import EngineArgs
+from jaxserve.core.admission import EngineCoreRequest, RequestLimits, validate_core_request
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.model import sharding
@@ -22,7 +23,7 @@ from jaxserve.model.loader import LoadedModel, load_model, resolve_dtype
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import step_broadcast
-from jaxserve.runner.compile_cache import enable_persistent_compilation_cache
+from jaxserve.runner.compile_cache import PersistentCompileCache
 from jaxserve.runner.model_runner import ModelRunner, determine_num_blocks
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,15 @@ class EngineCore:
         loaded: LoadedModel | None = None,
         show_progress: bool = True,
         devices: Sequence[jax.Device] | None = None,
+        num_reserved_seqs: int = 0,
     ) -> None:
-        """`devices`: the devices this engine replica owns (default jax.devices()[:TP])."""
+        """`devices`: the devices this engine replica owns (default jax.devices()[:TP]).
+
+        num_reserved_seqs: seats only urgent requests (health probes) may take.
+        """
         start = time.perf_counter()
-        enable_persistent_compilation_cache()
+        # the jax.config settings of the persistent compile cache, until close()
+        self.compile_cache = PersistentCompileCache()
         model_config = args.model_config()
         tp = args.parallel_config().tensor_parallel_size
         self.dtype = resolve_dtype(model_config.dtype)
@@ -107,7 +113,9 @@ class EngineCore:
                 )
         self.max_model_len = max_model_len
         cache_config = args.cache_config()
-        scheduler_config = args.scheduler_config(max_model_len)
+        scheduler_config = dataclasses.replace(
+            args.scheduler_config(max_model_len), num_reserved_seqs=num_reserved_seqs
+        )
         params_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model.params))
         num_blocks = determine_num_blocks(
             sharding.tp_spec(spec, tp),
@@ -142,6 +150,13 @@ class EngineCore:
         # would hold the weights twice (vllm#21073-like "memory never comes back").
         self.model = dataclasses.replace(self.model, params=None)
         self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
+        # what every request is checked against (core/admission.py)
+        self.limits = RequestLimits(
+            vocab_size=spec.vocab_size,
+            max_model_len=max_model_len,
+            block_size=cache_config.block_size,
+            num_usable_blocks=self.scheduler.kv_cache_manager.num_usable_blocks,
+        )
         self.warmup_seconds = self._warmup(
             model_config.attention_backend, args.enable_warmup, show_progress
         )
@@ -206,14 +221,23 @@ class EngineCore:
         return [self.scheduler]
 
     def add_request(
-        self, request: Request, *, urgent: bool = False, replica: int | None = None
+        self, request: EngineCoreRequest, *, urgent: bool = False, replica: int | None = None
     ) -> None:
         """urgent=True: ahead of the waiting queue, may take a reserved seat (health probes).
 
         replica: ignored here (one replica); DPEngineCore uses it to pin a request.
-        A request whose part of a step could not be staged (a value its arrays cannot hold)
-        raises ValueError naming the field here, before it is queued.
+        A bad request raises ValueError naming the field, before anything is taken.
         """
+        self.admit(self.to_request(request, is_probe=urgent), urgent=urgent)
+
+    def to_request(self, message: EngineCoreRequest, *, is_probe: bool = False) -> Request:
+        """The one place a request message is checked and decoded into the core's state."""
+        validate_core_request(message, self.limits, is_probe=is_probe)
+        return Request.from_core_request(message)
+
+    def admit(self, request: Request, *, urgent: bool = False) -> None:
+        """Queues a checked request. A request whose part of a step could not be staged (a
+        value its arrays cannot hold) raises ValueError naming the field, before it is queued."""
         self.runner.check_request(request)
         self.scheduler.add_request(request, urgent=urgent)
 
@@ -270,4 +294,5 @@ class EngineCore:
     def close(self) -> None:
         """Frees the device buffers (weights and KV cache); the engine is unusable after."""
         self.runner.close()
+        self.compile_cache.close()
         self.model = None  # type: ignore[assignment]

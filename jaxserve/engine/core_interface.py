@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from jaxserve.core.admission import EngineCoreRequest, RequestLimits
     from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
     from jaxserve.core.scheduler import Scheduler
     from jaxserve.engine.core import EngineCore
     from jaxserve.model.loader import LoadedModel
     from jaxserve.model.spec import ModelSpec
-    from jaxserve.request import Request
     from jaxserve.runner.model_runner import ModelRunner
 
 
@@ -28,6 +28,8 @@ class EngineCoreInterface(Protocol):
     spec: ModelSpec
     # the resolved longest prompt + output
     max_model_len: int
+    # the sizes every request is checked against (core/admission.py)
+    limits: RequestLimits
     # replica 0's runner (every replica has the same shapes, blocks and buckets)
     runner: ModelRunner
     # seconds from construction to ready, and of that, warmup (summed over replicas)
@@ -48,9 +50,9 @@ class EngineCoreInterface(Protocol):
         ...
 
     def add_request(
-        self, request: Request, *, urgent: bool = False, replica: int | None = None
+        self, request: EngineCoreRequest, *, urgent: bool = False, replica: int | None = None
     ) -> None:
-        """Queues a request (ValueError naming the field when it cannot be served)."""
+        """Checks and queues a request (ValueError naming the field, nothing taken)."""
         ...
 
     def abort_requests(self, request_ids: Iterable[str]) -> None: ...

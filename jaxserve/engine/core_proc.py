@@ -9,10 +9,11 @@ least every HEARTBEAT_INTERVAL_S. It exits 0 on Shutdown or when its parent dies
 after a fatal error (which it reports first as a fatal Error).
 
 NOTE on health probes: a probe is a real one-token greedy generation (prompt: one token), added
-to the scheduler as an *urgent* request: at the front of the waiting queue, and allowed into one
-sequence seat that user requests may not take (`Scheduler.num_reserved_seqs = 1`). We reserve a
-seat rather than let the probe exceed max_num_seqs because the request bucket R is capped at
-max_num_seqs (a power of two by default), so a 65th row would need a larger compiled program.
+to the scheduler as an *urgent* request: at the front of the waiting queue, and allowed into
+one sequence seat that user requests may not take (`SchedulerConfig.num_reserved_seqs`). We
+reserve a seat rather than let the probe exceed max_num_seqs because the request bucket R is
+capped at max_num_seqs (a power of two by default), so a 65th row would need a larger compiled
+program.
 The price is one seat of max_num_seqs for users (none when max_num_seqs == 1: then a probe may
 wait for a seat). A probe still shares the step's token budget and the KV blocks, so under a
 prefill chunk that takes the whole budget it waits one step.
@@ -40,18 +41,16 @@ import zmq
 
 from jaxserve import distributed
 from jaxserve.config import EngineArgs
+from jaxserve.core.admission import PROBE_ID_PREFIX, EngineCoreRequest
 from jaxserve.core.outputs import EngineCoreOutputs
 from jaxserve.engine import ipc
 from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.embed_queue import EmbedQueue
-from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Probe request ids start with this; AsyncLLM refuses user request ids that do.
-PROBE_ID_PREFIX = "__jaxserve_probe__:"
 _PROBE_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
 
@@ -70,8 +69,10 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
     codec = ipc.core_codec()
     try:
         # multi-host: the API process exported JAX_* variables; start jax.distributed first
-        distributed.initialize()
-        core = make_engine_core(args, show_progress=False)
+        group = distributed.initialize()
+        # one seat for health probes (see the module NOTE); none to spare with one seat
+        probe_seats = 1 if args.max_num_seqs > 1 else 0
+        core = make_engine_core(args, show_progress=False, num_reserved_seqs=probe_seats)
         # inside the try too: building the loop warms the embedder up (it compiles)
         proc = EngineCoreProc(core, inp, out, codec, parent_pid)
     except BaseException as e:  # noqa: BLE001 - start-up failures of any kind are reported
@@ -84,6 +85,7 @@ def run_engine_core(args: EngineArgs, paths: ipc.IpcPaths, parent_pid: int) -> N
     # frees the device memory now; multi-host: releases the followers from their loop (and
     # lets jax.distributed's shutdown barrier at exit complete)
     core.close()
+    group.shutdown()
     _close(ctx, inp, out)
     if proc.is_orphaned:
         paths.cleanup()  # the parent died without its shutdown(); nobody else will
@@ -112,10 +114,6 @@ class EngineCoreProc:
         self.out = out
         self.codec = codec
         self.parent_pid = parent_pid
-        spec = core.spec
-        for scheduler in core.schedulers:
-            if scheduler.scheduler_config.max_num_seqs > 1:
-                scheduler.num_reserved_seqs = 1  # the probe seat (see the module NOTE)
         # probe request id -> (probe_id, arrival time); one per replica and probe
         self._probes: dict[str, tuple[str, float]] = {}
         # probe_id -> replicas that have not answered yet (a probe passes when all have)
@@ -126,13 +124,8 @@ class EngineCoreProc:
         # set when the loop ended because the parent process died
         self.is_orphaned = False
         self._ready = ipc.Ready(
-            vocab_size=spec.vocab_size,
-            eos_token_id=spec.eos_token_id,
-            max_model_len=core.max_model_len,
-            hidden_size=spec.hidden_size,
-            num_blocks=core.runner.num_blocks,
-            block_size=core.runner.block_size,
-            max_num_seqs=core.schedulers[0].scheduler_config.max_num_seqs,
+            limits=core.limits,
+            eos_token_id=core.spec.eos_token_id,
             startup_seconds=core.startup_seconds,
             warmup_seconds=core.warmup_seconds + self._embeds.warmup_seconds,
         )
@@ -197,9 +190,9 @@ class EngineCoreProc:
         """One message; a failure becomes an Error for that request, never a dead loop."""
         request_id: str | None = None
         try:
-            if isinstance(message, ipc.AddRequest):
+            if isinstance(message, EngineCoreRequest):
                 request_id = message.request_id
-                self.core.add_request(_to_request(message))
+                self.core.add_request(message)
             elif isinstance(message, ipc.Abort):
                 self.core.abort_requests(message.request_ids)
             elif isinstance(message, ipc.Finish):
@@ -222,13 +215,13 @@ class EngineCoreProc:
         token = self.core.spec.eos_token_id or 0
         for replica in range(self.core.num_replicas):
             core_id = f"{PROBE_ID_PREFIX}{probe_id}#{replica}"
-            request = Request(
-                core_id,
-                [token],
-                _PROBE_PARAMS,
-                None,
+            request = EngineCoreRequest(
+                request_id=core_id,
+                prompt_token_ids=[token],
+                sampling_params=_PROBE_PARAMS,
+                eos_token_id=None,
                 sampling_seed=0,
-                priority=-(1 << 62),  # first under the "priority" policy too
+                priority=-(1 << 62),  # first under the "priority" policy too (a probe may)
                 max_tokens=1,
             )
             self.core.add_request(request, urgent=True, replica=replica)
@@ -290,19 +283,3 @@ def _salvage_id(data: bytes) -> str | None:
             if isinstance(raw.get(key), str):
                 return raw[key]
     return None
-
-
-def _to_request(m: ipc.AddRequest) -> Request:
-    if m.request_id.startswith(PROBE_ID_PREFIX):
-        raise ValueError(f"request_id must not start with {PROBE_ID_PREFIX!r}")
-    return Request(
-        m.request_id,
-        m.prompt_token_ids,
-        m.params,
-        m.eos_token_id,
-        sampling_seed=m.sampling_seed,
-        arrival_time=m.arrival_time,
-        priority=m.priority,
-        cache_salt=m.cache_salt,
-        max_tokens=m.max_tokens,
-    )

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 
 from jaxserve.config import EngineArgs
+from jaxserve.core.admission import EngineCoreRequest, RequestLimits, check_new_request_id
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.router import pick_replica, replica_load
 from jaxserve.core.scheduler import Scheduler
@@ -31,7 +32,6 @@ from jaxserve.engine.core import EngineCore
 from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.model import sharding
 from jaxserve.model.loader import load_model, resolve_dtype
-from jaxserve.request import Request
 
 
 def replica_device_slices(
@@ -72,6 +72,7 @@ class DPEngineCore:
         *,
         show_progress: bool = True,
         devices: Sequence[jax.Device] | None = None,
+        num_reserved_seqs: int = 0,
     ) -> None:
         """devices: the pool to slice (default: every visible device)."""
         if jax.process_count() > 1:
@@ -87,7 +88,13 @@ class DPEngineCore:
         mesh = sharding.make_mesh(tp, slices[0]) if tp > 1 else None
         loaded = load_model(args.model, resolve_dtype(args.dtype), mesh=mesh)
         self.replicas: list[EngineCore] = [
-            EngineCore(args, loaded=loaded, show_progress=show_progress, devices=devices)
+            EngineCore(
+                args,
+                loaded=loaded,
+                show_progress=show_progress,
+                devices=devices,
+                num_reserved_seqs=num_reserved_seqs,
+            )
             for devices in slices
         ]
         # request id -> index of the replica that owns it, until it finishes or is aborted
@@ -123,6 +130,10 @@ class DPEngineCore:
         return self.replicas[0].max_model_len
 
     @property
+    def limits(self) -> RequestLimits:
+        return self.replicas[0].limits
+
+    @property
     def runner(self) -> Any:
         """Replica 0's runner (every replica has the same shapes, blocks and buckets)."""
         return self.replicas[0].runner
@@ -151,14 +162,14 @@ class DPEngineCore:
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(
-        self, request: Request, *, urgent: bool = False, replica: int | None = None
+        self, request: EngineCoreRequest, *, urgent: bool = False, replica: int | None = None
     ) -> None:
         """Routes and queues a request; `replica` pins it (health probes check each one)."""
-        if request.request_id in self._owner:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        check_new_request_id(request.request_id, self._owner)
+        state = self.replicas[0].to_request(request, is_probe=urgent)  # replicas are alike
         if replica is None:
-            replica = pick_replica([replica_load(s, request) for s in self.schedulers])
-        self.replicas[replica].add_request(request, urgent=urgent)
+            replica = pick_replica([replica_load(s, state) for s in self.schedulers])
+        self.replicas[replica].admit(state, urgent=urgent)
         self._owner[request.request_id] = replica
         self.requests_per_replica[replica] += 1
 
@@ -213,8 +224,10 @@ def make_engine_core(
     *,
     show_progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
+    num_reserved_seqs: int = 0,
 ) -> EngineCoreInterface:
     """One EngineCore, or a DPEngineCore of data_parallel_size replicas."""
-    if args.data_parallel_size == 1:
-        return EngineCore(args, show_progress=show_progress, devices=devices)
-    return DPEngineCore(args, show_progress=show_progress, devices=devices)
+    cls = EngineCore if args.data_parallel_size == 1 else DPEngineCore
+    return cls(
+        args, show_progress=show_progress, devices=devices, num_reserved_seqs=num_reserved_seqs
+    )

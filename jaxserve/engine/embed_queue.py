@@ -38,7 +38,6 @@ import time
 from jaxserve.engine import ipc
 from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.runner.embedder import Embedder, EmbedJob
-from jaxserve.runner.model_runner import num_lowerings
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,8 @@ class EmbedQueue:
             return None
         req_id, job = self._jobs[0]
         assert self._embedder is not None  # add() built it
-        before = num_lowerings()
+        compiles = self._core.runner.compiles
+        before = compiles.count
         try:
             embedding = self._embedder.run_slice(job)
         except Exception as e:  # noqa: BLE001 - the scratch cache is the job's own
@@ -110,7 +110,7 @@ class EmbedQueue:
             message = f"embedding failed: {type(e).__name__}: {e}"
             return ipc.Error(message=message, request_id=req_id)
         finally:
-            compiled = num_lowerings() - before
+            compiled = compiles.count - before
             if self.is_warmed_up and compiled:
                 runner = self._core.runner
                 runner.num_compiles_after_warmup += compiled

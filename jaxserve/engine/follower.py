@@ -21,13 +21,14 @@ def run_follower(args: EngineArgs, config: DistributedConfig) -> None:
     Returns when process 0 closes its engine. Start it with the same engine arguments as
     process 0 (the CLI: the same `jaxserve serve|generate ...` line with --process-id i).
     """
-    initialize(config)
+    group = initialize(config)
     # warmup is driven by process 0's broadcasts, like every other step
     core = EngineCore(dataclasses.replace(args, enable_warmup=False), show_progress=False)
     try:
         follow(core.runner)
     finally:
         core.close()
+        group.shutdown()
 
 
 def follow(runner: ModelRunner) -> None:

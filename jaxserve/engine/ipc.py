@@ -5,15 +5,17 @@ msgpack with a schema and decoded with a typed decoder: a message that does not 
 schema raises `msgspec.ValidationError` instead of turning into an arbitrary object. Nothing on
 this wire is ever pickled (a pickle from a socket is code execution; a schema is a contract).
 
-The dataclasses that already cross the scheduler boundary (SamplingParams, EngineCoreOutput,
-TokenLogprobs, SchedulerStats) travel as they are: msgspec encodes dataclasses field by field
-and decoding rebuilds them through `__init__`/`__post_init__`, so SamplingParams validates again
-on the core side. The transport is one pyzmq PUSH/PULL pair per direction over `ipc://` unix
-sockets in a private temp dir (see `IpcPaths`).
+A request is the core's own message, `EngineCoreRequest` (core/admission.py), sent as the API
+side made it. The dataclasses that already cross the scheduler boundary (SamplingParams,
+EngineCoreOutput, TokenLogprobs, SchedulerStats) travel as they are: msgspec encodes
+dataclasses field by field and decoding rebuilds them through `__init__`/`__post_init__`, so
+SamplingParams validates again on the core side. The transport is one pyzmq PUSH/PULL pair per
+direction over `ipc://` unix sockets in a private temp dir (see `IpcPaths`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,29 +23,10 @@ from dataclasses import dataclass
 
 import msgspec
 
+from jaxserve.core.admission import EngineCoreRequest, RequestLimits
 from jaxserve.core.outputs import EngineCoreOutput, SchedulerStats
-from jaxserve.sampling_params import SamplingParams
 
 # ---- API process -> engine core ----------------------------------------------------------
-
-
-class AddRequest(msgspec.Struct, tag=True):
-    """One core request (a user request with n > 1 sends n of them, ids f"{id}:{i}")."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    # validated again by SamplingParams.__post_init__ when decoded
-    params: SamplingParams
-    # the seed the request samples with (drawn by the API process when the user gave none)
-    sampling_seed: int
-    # max_tokens resolved against max_model_len by the InputProcessor
-    max_tokens: int
-    eos_token_id: int | None
-    priority: int = 0
-    # extra key of the prefix-cache block hashes
-    cache_salt: str | None = None
-    # time.monotonic() in the API process; only compared with other requests' arrival times
-    arrival_time: float | None = None
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -76,7 +59,7 @@ class Shutdown(msgspec.Struct, tag=True):
     """Stop the loop and exit 0."""
 
 
-ToCore = AddRequest | Abort | Finish | HealthProbe | Embed | Shutdown
+ToCore = EngineCoreRequest | Abort | Finish | HealthProbe | Embed | Shutdown
 
 # ---- engine core -> API process ----------------------------------------------------------
 
@@ -84,15 +67,9 @@ ToCore = AddRequest | Abort | Finish | HealthProbe | Embed | Shutdown
 class Ready(msgspec.Struct, tag=True):
     """Sent once, after the weights are loaded and warmup is done."""
 
-    vocab_size: int
+    # what the API process checks requests against before sending them (the core again)
+    limits: RequestLimits
     eos_token_id: int | None
-    max_model_len: int
-    hidden_size: int
-    # KV blocks including the null block, and tokens per block (the API process rejects
-    # requests whose prompt + max_tokens could never fit, before queueing them)
-    num_blocks: int
-    block_size: int
-    max_num_seqs: int
     startup_seconds: float
     warmup_seconds: float
 
@@ -163,6 +140,41 @@ class Codec:
     def decode(self, data: bytes) -> msgspec.Struct:
         """Raises msgspec.ValidationError / DecodeError on anything outside the schema."""
         return self._decoder.decode(data)
+
+
+def encode_request(codec: Codec, message: EngineCoreRequest) -> bytes:
+    """The request's bytes; ValueError naming the field the wire cannot carry (a lone
+    surrogate, an int past 64 bits), so it fails before anything is registered."""
+    try:
+        return codec.encode(message)
+    except (msgspec.EncodeError, OverflowError, UnicodeEncodeError, TypeError) as e:
+        name = _unencodable_field(message)
+        if isinstance(e, UnicodeEncodeError):
+            why = "must be valid unicode text (no lone surrogates)"
+        else:
+            why = f"cannot be sent to the engine ({e})"
+        raise ValueError(f"{name} {why}") from None
+
+
+def _unencodable_field(message: EngineCoreRequest) -> str:
+    """The name (as a client sends it) of the first field msgpack cannot encode."""
+    encoder = msgspec.msgpack.Encoder()
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        try:
+            encoder.encode(value)
+            continue
+        except Exception:  # noqa: BLE001 - any failure names this field
+            pass
+        if name != "sampling_params":
+            return name
+        for f in dataclasses.fields(value):
+            try:
+                encoder.encode(getattr(value, f.name))
+            except Exception:  # noqa: BLE001
+                return f.name
+        return "sampling_params"
+    return "request"
 
 
 def core_codec() -> Codec:

@@ -35,12 +35,10 @@ class LLMEngine:
         self.tokenizer: Any = (
             load_tokenizer(args.tokenizer) if args.tokenizer else self.core.model.tokenizer
         )
-        spec = self.core.spec
         self.input_processor = InputProcessor(
             self.tokenizer,
-            vocab_size=spec.vocab_size,
-            max_model_len=self.core.max_model_len,
-            eos_token_id=spec.eos_token_id,
+            limits=self.core.limits,
+            eos_token_id=self.core.spec.eos_token_id,
             seed=args.seed,
         )
         self.output_processor = OutputProcessor(self.tokenizer)

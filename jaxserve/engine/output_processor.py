@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from jaxserve.core.admission import check_new_request_id
 from jaxserve.core.outputs import EngineCoreOutput, TokenLogprobs
 from jaxserve.engine.processor import ProcessedPrompt
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -71,8 +72,7 @@ class OutputProcessor:
         *,
         stream: bool = False,
     ) -> None:
-        if request_id in self._states:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        check_new_request_id(request_id, self._states)
         completions = {}
         for i, core_id in enumerate(core_ids):
             detok = IncrementalDetokenizer(

@@ -1,7 +1,8 @@
-"""Input processing: prompt -> validated token ids -> one core Request per completion (n).
+"""Input processing: prompt -> validated token ids -> one EngineCoreRequest per completion (n).
 
-Everything a user can get wrong is checked here, before a request reaches the scheduler, and
-raises ValueError naming the field; the engine never sees a bad request.
+Everything a user can get wrong is checked here, before a request is queued or registered, and
+raises ValueError naming the field; the rules themselves are core/admission.py's (the core runs
+them again on what it receives).
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jaxserve.request import Request
-from jaxserve.sampling_params import (
-    PRIORITY_RANGE,
-    SamplingParams,
-    as_token_ids,
-    check_text,
-    is_int,
+from jaxserve.core.admission import (
+    EngineCoreRequest,
+    RequestLimits,
+    check_prompt_len,
+    validate_core_request,
 )
+from jaxserve.sampling_params import SamplingParams, as_token_ids, check_text, is_int
 
 # A prompt: text, or vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."}.
 PromptType = str | Mapping[str, Any]
@@ -37,14 +37,13 @@ class InputProcessor:
         self,
         tokenizer: Any,
         *,
-        vocab_size: int,
-        max_model_len: int,
+        limits: RequestLimits,
         eos_token_id: int | None,
         seed: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+        # the engine's sizes (vocabulary, max_model_len, KV capacity) requests must fit
+        self.limits = limits
         self.eos_token_id = eos_token_id
         # draws the seeds of requests that give none (so every request's sampling is seeded)
         self._rng = random.Random(seed)
@@ -60,7 +59,7 @@ class InputProcessor:
                 raw = prompt["prompt_token_ids"]
                 if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
                     raise ValueError("prompt_token_ids must be a list of token ids")
-                ids = as_token_ids(raw, self.vocab_size, "prompt_token_ids")
+                ids = as_token_ids(raw, self.limits.vocab_size, "prompt_token_ids")
                 text = prompt.get("prompt")
                 if text is not None:
                     check_text(text, "prompt")
@@ -72,26 +71,8 @@ class InputProcessor:
             raise ValueError(
                 f"prompt must be a string or a dict with prompt_token_ids, got {type(prompt)}"
             )
-        if not ids:
-            raise ValueError("prompt must not be empty (it has 0 tokens)")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, which leaves no room to generate within "
-                f"max_model_len={self.max_model_len}"
-            )
+        check_prompt_len(len(ids), self.limits.max_model_len)
         return ProcessedPrompt(prompt=text, prompt_token_ids=list(ids))
-
-    def check_params(self, params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(params)}")
-        for tid in params.stop_token_ids:
-            if tid >= self.vocab_size:
-                raise ValueError(f"stop_token_ids holds {tid}, outside [0, {self.vocab_size})")
-
-    def resolve_max_tokens(self, prompt: ProcessedPrompt, params: SamplingParams) -> int:
-        """max_tokens capped by the room max_model_len leaves (None: all of it)."""
-        room = self.max_model_len - len(prompt.prompt_token_ids)
-        return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def make_requests(
         self,
@@ -102,28 +83,28 @@ class InputProcessor:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
-    ) -> list[Request]:
-        """One core request per completion; children of n > 1 get ids f"{request_id}:{i}"."""
-        self.check_params(params)
-        if not is_int(priority) or priority not in PRIORITY_RANGE:
-            raise ValueError(
-                f"priority must be an integer in {PRIORITY_RANGE.describe()}, got {priority!r}"
-            )
+    ) -> list[EngineCoreRequest]:
+        """One core request per completion; children of n > 1 get ids f"{request_id}:{i}".
+
+        Raises ValueError naming the field when the request breaks an admission rule.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params)}")
+        if not is_int(priority):  # its range is an admission rule
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         priority = int(priority)
-        if cache_salt is not None:
-            check_text(cache_salt, "cache_salt")
-        max_tokens = self.resolve_max_tokens(prompt, params)
+        max_tokens = self.limits.resolve_max_tokens(len(prompt.prompt_token_ids), params.max_tokens)
         base_seed = params.seed if params.seed is not None else None
         requests = []
         for i in range(params.n):
             # With a user seed, child i uses seed + i so the n completions differ but repeat.
             seed = base_seed + i if base_seed is not None else self._rng.getrandbits(31)
             requests.append(
-                Request(
-                    request_id if params.n == 1 else f"{request_id}:{i}",
-                    prompt.prompt_token_ids,
-                    params,
-                    self.eos_token_id,
+                EngineCoreRequest(
+                    request_id=request_id if params.n == 1 else f"{request_id}:{i}",
+                    prompt_token_ids=prompt.prompt_token_ids,
+                    sampling_params=params,
+                    eos_token_id=self.eos_token_id,
                     sampling_seed=seed % (1 << 31),
                     arrival_time=arrival_time,
                     priority=priority,
@@ -131,4 +112,6 @@ class InputProcessor:
                     max_tokens=max_tokens,
                 )
             )
+        # the n completions differ only in id and seed: one check covers them all
+        validate_core_request(requests[0], self.limits)
         return requests

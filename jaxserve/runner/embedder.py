@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxserve.core.admission import check_embed_len
 from jaxserve.model import sharding
 from jaxserve.model.attention import AttentionMetadata, KVCache
 from jaxserve.model.layers import AttentionFn
@@ -209,10 +210,7 @@ class Embedder:
     def start(self, token_ids: list[int]) -> EmbedJob:
         """A job for `token_ids` (nothing runs yet); ValueError on a bad length."""
         n = len(token_ids)
-        if not 0 < n <= self.max_model_len:
-            raise ValueError(
-                f"token_ids must hold 1 to max_model_len={self.max_model_len} tokens, got {n}"
-            )
+        check_embed_len(n, self.max_model_len, "token_ids")
         blocks = next(b for b in self.block_buckets if b * self.block_size >= n)
         return EmbedJob(
             token_ids=np.asarray(token_ids, dtype=np.int32),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
 from jaxserve.runner import step_broadcast
+from jaxserve.runner.compile_counter import CompileCounter
 from jaxserve.runner.sampler import SamplerOutput, sample
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
 from jaxserve.runner.step_inputs import Buckets, StepInputs, build_step_inputs, dummy_step_inputs
@@ -38,26 +38,6 @@ logger = logging.getLogger(__name__)
 # On CPU, with no kv_cache_memory given, the cache holds max_num_seqs full-length requests
 # but never more than this many bytes.
 _DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-
-# Counts XLA lowerings in this process (each is a program compiled or fetched from the
-# persistent cache); the runner reads it around execute() to count compiles after warmup.
-_lowerings = 0
-_lowerings_lock = threading.Lock()
-
-
-def _on_duration_event(event: str, duration: float, **kwargs: object) -> None:
-    global _lowerings
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-        with _lowerings_lock:
-            _lowerings += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
-
-
-def num_lowerings() -> int:
-    """XLA lowerings in this process so far (engine/embed_queue.py counts its own with it)."""
-    return _lowerings
 
 
 def _step(
@@ -225,6 +205,8 @@ class ModelRunner:
         self.is_warmed_up = False
         # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
         self.num_compiles_after_warmup = 0
+        # counts this process's lowerings until close() (read around each step)
+        self.compiles = CompileCounter()
         self.num_steps = 0
 
     def _new_kv_cache(self) -> KVCache:
@@ -330,11 +312,11 @@ class ModelRunner:
         inputs = staged.inputs
         if inputs is None:
             return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
-        before = _lowerings
+        before = self.compiles.count
         out = self._run_step(inputs)
         token_ids = _host(out.token_ids)
-        if self.is_warmed_up and _lowerings != before:
-            self.num_compiles_after_warmup += _lowerings - before
+        if self.is_warmed_up and self.compiles.count != before:
+            self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(
                 "step compiled after warmup (T, R, B = %d, %d, %d)",
                 inputs.num_tokens,
@@ -381,6 +363,7 @@ class ModelRunner:
         for leaf in jax.tree.leaves((self.params, self.kv_cache)):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
+        self.compiles.close()
         self.params = None
         self.kv_cache = None  # type: ignore[assignment]
         self._step_fn = None  # type: ignore[assignment]

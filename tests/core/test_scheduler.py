@@ -324,28 +324,6 @@ def test_finish_requests_for_a_stop_string():
         scheduler.finish_requests(["a"], RequestStatus.RUNNING)
 
 
-def test_empty_prompt_is_refused():
-    scheduler = make_scheduler()
-    with pytest.raises(ValueError, match="prompt_token_ids must not be empty"):
-        scheduler.add_request(make_request("a", []))
-
-
-def test_prompt_over_max_model_len_is_refused_before_taking_a_block():
-    scheduler = make_scheduler(max_model_len=16)
-    with pytest.raises(ValueError, match="prompt has 17 tokens.*max_model_len=16"):
-        scheduler.add_request(make_request("a", range(17)))
-    assert scheduler.kv_cache_manager.num_free_blocks == 63
-    assert not scheduler.has_unfinished_requests()
-    scheduler.add_request(make_request("a", range(16)))  # the id was not taken
-
-
-def test_request_larger_than_the_whole_cache_is_refused():
-    scheduler = make_scheduler(num_blocks=4)  # 3 usable blocks: 12 tokens
-    with pytest.raises(ValueError, match="KV blocks"):
-        scheduler.add_request(make_request("a", range(10), max_tokens=4))
-    scheduler.add_request(make_request("b", range(10), max_tokens=3))
-
-
 def test_duplicate_request_id_is_refused():
     scheduler = make_scheduler()
     scheduler.add_request(make_request("a", range(3)))

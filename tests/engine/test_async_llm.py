@@ -238,8 +238,9 @@ async def test_refusals_leave_nothing_registered(engine):
                 await anext(gen)
             assert "Traceback" not in str(err.value)
             await gen.aclose()
-        assert not engine._requests and not engine._core_to_user, field
-        assert not engine.output_processor.has_unfinished_requests()
+        inflight = engine._inflight
+        assert not inflight.requests and not inflight.core_to_user, field
+        assert not inflight.output_processor.has_unfinished_requests()
     await wait_for(lambda: engine.stats.num_waiting_reqs == 0 and engine.stats.kv_cache_usage == 0)
     await collect(engine, PROMPT, GREEDY, "after-refusals")
     await engine.check_health(timeout=10.0)
@@ -270,7 +271,7 @@ async def test_killed_core_is_restarted(tiny_model_dir):
         await collect(llm, PROMPT, GREEDY, "after-restart")
         await llm.check_health(timeout=10.0)
         await wait_for(lambda: llm.stats.kv_cache_usage == 0.0 and llm.stats.num_core_restarts == 1)
-        assert not llm._requests
+        assert not llm._inflight.requests
     finally:
         await llm.shutdown()
 

@@ -12,9 +12,9 @@ import logging
 import pytest
 
 from jaxserve.config import EngineArgs
+from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.engine import core as core_module
 from jaxserve.engine.core import EngineCore
-from jaxserve.request import Request
 from jaxserve.runner import model_runner
 from jaxserve.sampling_params import SamplingParams
 
@@ -64,7 +64,16 @@ def test_auto_falls_back_to_xla_with_one_error_line(
         line = errors[0].getMessage()
         assert "attention_backend=auto" in line and WHY in line and "\n" not in line
         params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-        core.add_request(Request("r", [5, 6, 7], params, None, sampling_seed=0, max_tokens=5))
+        core.add_request(
+            EngineCoreRequest(
+                request_id="r",
+                prompt_token_ids=[5, 6, 7],
+                sampling_params=params,
+                eos_token_id=None,
+                sampling_seed=0,
+                max_tokens=5,
+            )
+        )
         tokens = []
         while core.has_unfinished_requests():
             tokens += [t for o in core.step().outputs for t in o.new_token_ids]

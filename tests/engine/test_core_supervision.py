@@ -10,9 +10,10 @@ import pytest
 
 from jaxserve.config import EngineArgs
 from jaxserve.engine import ipc
-from jaxserve.engine.async_llm import AsyncLLM, _RequestEntry
+from jaxserve.engine.async_llm import AsyncLLM
 from jaxserve.engine.client import EngineDeadError
 from jaxserve.engine.core_supervisor import RestartBudget, describe_exit
+from jaxserve.engine.inflight import RequestEntry
 
 
 def test_budget_per_window_with_backoff():
@@ -58,8 +59,8 @@ class _FatalCore:
 
 async def test_fatal_error_is_logged_with_traceback_and_clients_get_a_short_reason(caplog):
     llm = AsyncLLM(EngineArgs(model="unused"))
-    entry = _RequestEntry(asyncio.Queue(), None, ["r:0"], generation=0)
-    llm._requests["r"] = entry
+    entry = RequestEntry(asyncio.Queue(), None, ["r:0"], generation=0)
+    llm._inflight.requests["r"] = entry
     supervisor = llm._supervisor
     supervisor.core, supervisor.pid = _FatalCore(), 4242
 

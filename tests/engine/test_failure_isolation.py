@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from jaxserve.config import EngineArgs
+from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.engine.core import EngineCore
 from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.request import Request
@@ -49,8 +50,15 @@ def test_engine_core_has_the_core_interface(core):
     assert core.replicas == [core] and core.schedulers == [core.scheduler]
 
 
-def _request(rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> Request:
-    return Request(rid, prompt, params, None, sampling_seed=0, max_tokens=params.max_tokens)
+def _request(rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> EngineCoreRequest:
+    return EngineCoreRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling_params=params,
+        eos_token_id=None,
+        sampling_seed=0,
+        max_tokens=params.max_tokens,
+    )
 
 
 def _unchecked_top_k(top_k: int) -> SamplingParams:
@@ -60,13 +68,13 @@ def _unchecked_top_k(top_k: int) -> SamplingParams:
     return params
 
 
-def _run(core: EngineCore, requests: list[Request], *, check: bool = True):
+def _run(core: EngineCore, requests: list[EngineCoreRequest], *, check: bool = True):
     """Adds the requests (check=False: straight to the scheduler) and steps until idle."""
     for r in requests:
         if check:
             core.add_request(r)
         else:
-            core.scheduler.add_request(r)
+            core.scheduler.add_request(Request.from_core_request(r))
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     errors: dict[str, str] = {}
     for _ in range(200):

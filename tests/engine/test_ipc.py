@@ -7,16 +7,19 @@ import pickle
 import msgspec
 import pytest
 
+from jaxserve.core.admission import EngineCoreRequest, RequestLimits
 from jaxserve.core.outputs import EngineCoreOutput, SchedulerStats, TokenLogprobs
 from jaxserve.engine import ipc
 from jaxserve.request import FinishReason
 from jaxserve.sampling_params import SamplingParams
 
 TO_CORE = [
-    ipc.AddRequest(
+    EngineCoreRequest(
         request_id="r1:0",
         prompt_token_ids=[1, 2, 3],
-        params=SamplingParams(temperature=0.5, stop=["\n"], stop_token_ids=[7], seed=3, n=2),
+        sampling_params=SamplingParams(
+            temperature=0.5, stop=["\n"], stop_token_ids=[7], seed=3, n=2
+        ),
         sampling_seed=3,
         max_tokens=10,
         eos_token_id=2,
@@ -24,10 +27,10 @@ TO_CORE = [
         cache_salt="salt",
         arrival_time=12.5,
     ),
-    ipc.AddRequest(
+    EngineCoreRequest(
         request_id="r2",
         prompt_token_ids=[5],
-        params=SamplingParams(),
+        sampling_params=SamplingParams(),
         sampling_seed=0,
         max_tokens=1,
         eos_token_id=None,
@@ -44,13 +47,10 @@ STATS = SchedulerStats(
 )
 FROM_CORE = [
     ipc.Ready(
-        vocab_size=100,
+        limits=RequestLimits(
+            vocab_size=100, max_model_len=128, block_size=16, num_usable_blocks=32
+        ),
         eos_token_id=2,
-        max_model_len=128,
-        hidden_size=64,
-        num_blocks=33,
-        block_size=16,
-        max_num_seqs=8,
         startup_seconds=1.5,
         warmup_seconds=0.0,
     ),
@@ -100,14 +100,14 @@ def test_from_core_round_trip(message):
 
 def test_sampling_params_decode_as_the_dataclass_and_validate_again():
     decoded = ipc.core_codec().decode(ipc.client_codec().encode(TO_CORE[0]))
-    assert isinstance(decoded.params, SamplingParams)
-    assert decoded.params.stop == ("\n",)
+    assert isinstance(decoded.sampling_params, SamplingParams)
+    assert decoded.sampling_params.stop == ("\n",)
     raw = msgspec.msgpack.encode(
         {
-            "type": "AddRequest",
+            "type": "EngineCoreRequest",
             "request_id": "r",
             "prompt_token_ids": [1],
-            "params": {"top_p": 5.0},
+            "sampling_params": {"top_p": 5.0},
             "sampling_seed": 0,
             "max_tokens": 1,
             "eos_token_id": None,
@@ -155,7 +155,9 @@ def test_ipc_paths_are_private_and_cleaned_up():
 def test_salvage_id_of_a_bad_message():
     from jaxserve.engine.core_proc import _salvage_id
 
-    bad = msgspec.msgpack.encode({"type": "AddRequest", "request_id": "r9", "params": {}})
+    bad = msgspec.msgpack.encode(
+        {"type": "EngineCoreRequest", "request_id": "r9", "sampling_params": {}}
+    )
     assert _salvage_id(bad) == "r9"
     assert _salvage_id(b"\xc1") is None
     assert _salvage_id(msgspec.msgpack.encode([1])) is None

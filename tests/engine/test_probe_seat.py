@@ -15,8 +15,8 @@ def make_request(request_id: str) -> Request:
 
 
 def test_reserved_seat_admits_only_urgent_requests():
-    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_model_len=64), CacheConfig(), 20)
-    sched.num_reserved_seqs = 1
+    config = SchedulerConfig(max_num_seqs=2, max_model_len=64, num_reserved_seqs=1)
+    sched = Scheduler(config, CacheConfig(), 20)
     sched.add_request(make_request("a"))
     sched.add_request(make_request("b"))
     sched.schedule()

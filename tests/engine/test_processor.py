@@ -1,9 +1,10 @@
-"""InputProcessor on its own: prompts -> checked token ids -> one core Request per completion."""
+"""InputProcessor on its own: prompts -> checked ids -> one EngineCoreRequest per completion."""
 
 from __future__ import annotations
 
 import pytest
 
+from jaxserve.core.admission import RequestLimits
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt
 from jaxserve.sampling_params import SamplingParams
 
@@ -19,9 +20,10 @@ class ByteTokenizer:
 
 
 def _processor(seed: int = 0) -> InputProcessor:
-    return InputProcessor(
-        ByteTokenizer(), vocab_size=VOCAB, max_model_len=MAX_LEN, eos_token_id=2, seed=seed
+    limits = RequestLimits(
+        vocab_size=VOCAB, max_model_len=MAX_LEN, block_size=4, num_usable_blocks=MAX_LEN // 4
     )
+    return InputProcessor(ByteTokenizer(), limits=limits, eos_token_id=2, seed=seed)
 
 
 def test_text_and_token_prompts():
@@ -62,18 +64,20 @@ def test_prompt_length_leaves_room_to_generate():
 def test_max_tokens_is_capped_by_the_room_left():
     p = _processor()
     prompt = p.process_prompt("abcd")  # 4 tokens: 12 left
-    assert p.resolve_max_tokens(prompt, SamplingParams(max_tokens=None)) == 12
-    assert p.resolve_max_tokens(prompt, SamplingParams(max_tokens=5)) == 5
-    assert p.resolve_max_tokens(prompt, SamplingParams(max_tokens=50)) == 12
-    [req] = p.make_requests("r", prompt, SamplingParams(max_tokens=50))
-    assert req.max_tokens == 12 and req.eos_token_id == 2
+    for asked, got in ((None, 12), (5, 5), (50, 12)):
+        [req] = p.make_requests("r", prompt, SamplingParams(max_tokens=asked))
+        assert req.max_tokens == got and req.eos_token_id == 2
 
 
-def test_stop_token_ids_must_be_in_the_vocabulary():
-    with pytest.raises(ValueError, match="stop_token_ids holds 300"):
-        _processor().check_params(SamplingParams(stop_token_ids=[300]))
+def test_requests_breaking_an_admission_rule_are_refused():
+    p = _processor()
+    prompt = p.process_prompt("ab")
+    with pytest.raises(ValueError, match=r"stop_token_ids\[0\] must be a token id"):
+        p.make_requests("r", prompt, SamplingParams(stop_token_ids=[300]))
     with pytest.raises(ValueError, match="sampling_params must be SamplingParams"):
-        _processor().check_params({"temperature": 0})
+        p.make_requests("r", prompt, {"temperature": 0})
+    with pytest.raises(ValueError, match="request_id must not start with"):
+        p.make_requests("__jaxserve_probe__:x", prompt, SamplingParams())
 
 
 def test_n_completions_get_their_own_ids_and_seeds():
@@ -100,7 +104,7 @@ def test_unseeded_requests_draw_seeds_from_the_engine_seed():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"priority": 2**31}, "priority"),
+        ({"priority": 2**31}, "priority must be an integer in"),
         ({"priority": True}, "priority"),
         ({"priority": 1.5}, "priority"),
         ({"cache_salt": "s\ud800"}, "cache_salt"),
