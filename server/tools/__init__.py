@@ -1,7 +1,7 @@
 """Tool calling and reasoning output for the chat endpoint (issue 12, parts 2 and 4).
 
 Leaf modules, each one concept; the chat handler wires them (see each module's docstring):
-  definitions.py  `tools` / `tool_choice` / `parallel_tool_calls` checked -> FunctionTool, ToolChoice
+  definitions.py  `tools`, `tool_choice`, `parallel_tool_calls` checked -> ToolRequest
   calls.py        ToolCall, ParsedToolCalls, StreamDelta, ids, finish_reason
   hermes.py       `<tool_call>{...}</tool_call>` parser (non-streaming and streaming)
   llama3_json.py  Llama-3.1 `{"name": ..., "parameters": ...}` parser

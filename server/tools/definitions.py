@@ -75,14 +75,16 @@ def _check_parameters(schema: Any, field: str) -> dict[str, Any]:
         raise ValueError(f"{field} must be a JSON Schema object, got {type(schema).__name__}")
     if schema.get("type") != "object":
         raise ValueError(
-            f'{field} must describe an object (\"type\": \"object\"): arguments are always '
+            f'{field} must describe an object ("type": "object"): arguments are always '
             "a JSON object"
         )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "".join(f"[{p!r}]" for p in e.path)
-        raise ValueError(f"{field} is not a valid JSON Schema: {e.message} (at {where or '/'})") from None
+        raise ValueError(
+            f"{field} is not a valid JSON Schema: {e.message} (at {where or '/'})"
+        ) from None
     return schema
 
 

@@ -65,7 +65,9 @@ def forced_tool_grammar(
     if not choice.is_forced:
         return None
     candidates = [
-        (i, t) for i, t in enumerate(tools) if choice.mode == "required" or t.name == choice.function_name
+        (i, t)
+        for i, t in enumerate(tools)
+        if choice.mode == "required" or t.name == choice.function_name
     ]
     if not candidates:
         raise ValueError("tool_choice needs tools")
@@ -76,7 +78,8 @@ def forced_tool_grammar(
         error = llguidance.LLMatcher.validate_grammar(f"start: {rule.split(':', 1)[1]}")
         if error:
             raise ValueError(
-                f"tools[{i}].function.parameters cannot be enforced for tool_choice: {error.strip()}"
+                f"tools[{i}].function.parameters cannot be enforced for tool_choice: "
+                + error.strip()
             )
         rules.append(rule)
     prefix, suffix = parser.forced_call_prefix, parser.forced_call_suffix

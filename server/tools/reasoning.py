@@ -60,7 +60,9 @@ def reasoning_tags_from_tokenizer(
     that are not "special", so skip_special_tokens=True keeps them). A tokenizer that marks
     them special would drop them: check_tags_survive_decoding() says so at startup.
     """
-    return ReasoningTags(start, end, _single_token_id(tokenizer, start), _single_token_id(tokenizer, end))
+    return ReasoningTags(
+        start, end, _single_token_id(tokenizer, start), _single_token_id(tokenizer, end)
+    )
 
 
 def check_tags_survive_decoding(tokenizer: Any, tags: ReasoningTags) -> None:
@@ -85,7 +87,11 @@ def prompt_opens_reasoning(
     """Whether the rendered prompt leaves a `<think>` open (its last start tag comes after its
     last end tag), so the output begins inside the reasoning. By token id when the tags are
     single tokens and ids are given, else by the prompt's text."""
-    if prompt_token_ids is not None and tags.start_token_id is not None and tags.end_token_id is not None:
+    if (
+        prompt_token_ids is not None
+        and tags.start_token_id is not None
+        and tags.end_token_id is not None
+    ):
         ids = list(prompt_token_ids)
         last_start = max((i for i, t in enumerate(ids) if t == tags.start_token_id), default=-1)
         last_end = max((i for i, t in enumerate(ids) if t == tags.end_token_id), default=-1)

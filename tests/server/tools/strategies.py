@@ -26,7 +26,7 @@ json_values = st.recursive(
 )
 arguments = st.dictionaries(st.text(max_size=6), json_values, max_size=3)
 names = st.sampled_from(NAMES * 3 + ["unknown_fn", ""])
-plain = st.text(alphabet=st.sampled_from(list("ab <>/{}\n\t \";:,é😀_")), max_size=12)
+plain = st.text(alphabet=st.sampled_from(list('ab <>/{}\n\t ";:,é😀_')), max_size=12)
 whitespace = st.text(alphabet=st.sampled_from([" ", "\n", "\t"]), max_size=3)
 
 
@@ -61,10 +61,10 @@ def _noise(tags: list[str], call_key: str) -> st.SearchStrategy[str]:
                 "NaN",
                 "[]",
                 '{"name": 1}',
-                '{"name": "f", "%s": {"x": NaN}}' % call_key,
-                '{"name": "f", "%s": "{\\"a\\": 1}"}' % call_key,
-                '{"name": "f", "%s": {"s": "\\ud800"}}' % call_key,
-                '{"name": "f", "%s": [1]}' % call_key,
+                '{"name": "f", "' + call_key + '": {"x": NaN}}',
+                '{"name": "f", "' + call_key + '": "{\\"a\\": 1}"}',
+                '{"name": "f", "' + call_key + '": {"s": "\\ud800"}}',
+                '{"name": "f", "' + call_key + '": [1]}',
                 '{"name": "search"}',
             ]
         ),
@@ -112,6 +112,8 @@ def llama3_outputs() -> st.SearchStrategy[str]:
 
     noise = st.lists(_noise([PYTHON_TAG, ";", "{"], "parameters"), max_size=6).map("".join)
     return st.one_of(llama3_turn(), llama3_turn(), noise)
+
+
 @st.composite
 def splits(draw, text: str) -> list[str]:
     """`text` cut at random points (empty deltas included: a step may add no text)."""

@@ -95,9 +95,15 @@ def walk(ll_tokenizer, grammar: str, seed: int, max_steps: int = 400) -> list[in
 @pytest.mark.parametrize("parser_cls", PARSERS)
 @pytest.mark.parametrize(
     "tool_choice,parallel",
-    [("required", True), ("required", False), ({"type": "function", "function": {"name": "add"}}, True)],
+    [
+        ("required", True),
+        ("required", False),
+        ({"type": "function", "function": {"name": "add"}}, True),
+    ],
 )
-def test_forced_calls_parse_and_validate(tokenizer, ll_tokenizer, parser_cls, tool_choice, parallel):
+def test_forced_calls_parse_and_validate(
+    tokenizer, ll_tokenizer, parser_cls, tool_choice, parallel
+):
     req = parse_tool_request(TOOLS, tool_choice, parallel)
     parser = parser_cls(req.tool_names)
     grammar = forced_tool_grammar(parser, req.tools, req.choice, is_parallel=req.is_parallel)
@@ -126,7 +132,9 @@ def test_forced_calls_parse_and_validate(tokenizer, ll_tokenizer, parser_cls, to
 def test_nothing_forced_for_auto_and_none():
     for choice in ("auto", "none"):
         req = parse_tool_request(TOOLS, choice)
-        assert forced_tool_grammar(HermesToolParser(), req.tools, req.choice, is_parallel=True) is None
+        assert (
+            forced_tool_grammar(HermesToolParser(), req.tools, req.choice, is_parallel=True) is None
+        )
 
 
 def test_a_schema_llguidance_cannot_enforce_names_the_tool():

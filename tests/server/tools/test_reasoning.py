@@ -88,3 +88,30 @@ def test_token_id_helpers():
     assert reasoning_end_index(tags, [5, 8, 9], starts_in_reasoning=True) == 2
     with pytest.raises(ValueError, match="single token"):
         reasoning_end_index(ReasoningTags(), [1], starts_in_reasoning=True)
+
+
+def test_tags_from_tokenizer(tokenizer):
+    import copy
+
+    from server.tools.reasoning import check_tags_survive_decoding, reasoning_tags_from_tokenizer
+
+    # SmolLM2 spells <think> with several tokens: matched by text only
+    tags = reasoning_tags_from_tokenizer(tokenizer)
+    assert (tags.start_token_id, tags.end_token_id) == (None, None)
+    # a tokenizer with them as added (non-special) tokens, as Qwen3's: found by id
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens([THINK_START, THINK_END])
+    tags = reasoning_tags_from_tokenizer(tok)
+    assert tags.start_token_id == tok.convert_tokens_to_ids(THINK_START)
+    assert tags.end_token_id == tok.convert_tokens_to_ids(THINK_END) != tags.start_token_id
+    check_tags_survive_decoding(tok, tags)
+    ids = tok.encode("<think>\nhmm</think>\n\nYes", add_special_tokens=False)
+    assert (
+        reasoning_end_index(tags, ids, starts_in_reasoning=False)
+        == ids.index(tags.end_token_id) + 1
+    )
+    # marked special, skip_special_tokens=True would drop them: refused at startup
+    tok2 = copy.deepcopy(tokenizer)
+    tok2.add_special_tokens({"additional_special_tokens": [THINK_START, THINK_END]})
+    with pytest.raises(ValueError, match="drops"):
+        check_tags_survive_decoding(tok2, reasoning_tags_from_tokenizer(tok2))
