@@ -92,6 +92,9 @@ class HermesToolCallStream(ToolCallStream):
         self._piece_has_text = False
         # a whitespace piece held before the open `<tool_call>`: content if the call is not
         self._ws_before_call = ""
+        # call mode: `</tool_call>` cannot start before this offset of the body (already
+        # searched), so each delta costs its own length, not the body's
+        self._scan_from = 0
 
     def feed(self, text: str) -> StreamDelta:
         self._buf += text
@@ -108,8 +111,9 @@ class HermesToolCallStream(ToolCallStream):
         out = StreamDelta()
         while True:
             if self._is_in_call:
-                j = self._buf.find(END)
+                j = self._buf.find(END, self._scan_from)
                 if j < 0 and not is_final:
+                    self._scan_from = max(len(self._buf) - len(END) + 1, 0)
                     return out
                 body = self._buf[:j] if j >= 0 else self._buf
                 call = self.parser.parse_call(body)
@@ -121,6 +125,7 @@ class HermesToolCallStream(ToolCallStream):
                     raw = START + body + (END if j >= 0 else "")
                     self._release_text(out, self._ws_before_call + raw)
                 self._ws_before_call, self._buf, self._is_in_call = "", rest, False
+                self._scan_from = 0
                 if j < 0:
                     return out
                 continue

@@ -87,6 +87,8 @@ class Llama3JsonToolCallStream(ToolCallStream):
         self._buf = ""
         # decided: the turn is content (everything streams from now on)
         self._is_content = False
+        # decided: the turn may be calls (held whole until finish)
+        self._is_candidate = False
 
     def feed(self, text: str) -> StreamDelta:
         out = StreamDelta()
@@ -94,8 +96,13 @@ class Llama3JsonToolCallStream(ToolCallStream):
             self._release(out, text)
             return out
         self._buf += text
+        if self._is_candidate:
+            return out
         s = self._buf.lstrip()
-        if not s or s.startswith("{") or s.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(s):
+        if s.startswith("{") or s.startswith(PYTHON_TAG):
+            self._is_candidate = True
+            return out
+        if not s or PYTHON_TAG.startswith(s):
             return out
         self._is_content = True
         self._release(out, self._buf)
