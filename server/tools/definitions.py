@@ -29,6 +29,8 @@ class FunctionTool:
     description: str | None
     # the arguments' JSON Schema; always {"type": "object", ...}
     parameters: dict[str, Any]
+    # calls must follow the schema even under tool_choice "auto" (grammar.py enforces it)
+    is_strict: bool = False
 
     def to_openai(self) -> dict[str, Any]:
         """The tool as OpenAI spells it (what chat templates and the tools prompt take)."""
@@ -36,6 +38,8 @@ class FunctionTool:
         if self.description is not None:
             function["description"] = self.description
         function["parameters"] = self.parameters
+        if self.is_strict:
+            function["strict"] = True
         return {"type": "function", "function": function}
 
 
@@ -66,6 +70,13 @@ class ToolRequest:
     @property
     def tool_names(self) -> list[str]:
         return [t.name for t in self.tools]
+
+    @property
+    def needs_grammar(self) -> bool:
+        """Calls are forced, or a strict tool's calls must follow its schema."""
+        return self.choice.is_forced or (
+            self.choice.mode == "auto" and any(t.is_strict for t in self.tools)
+        )
 
 
 def _check_parameters(schema: Any, field: str) -> dict[str, Any]:
@@ -119,7 +130,10 @@ def parse_tools(tools: Any) -> list[FunctionTool]:
         if description is not None and not isinstance(description, str):
             raise ValueError(f"{field}.function.description must be a string")
         parameters = _check_parameters(function.get("parameters"), f"{field}.function.parameters")
-        out.append(FunctionTool(name, description, parameters))
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise ValueError(f"{field}.function.strict must be a boolean")
+        out.append(FunctionTool(name, description, parameters, strict is True))
     return out
 
 

@@ -1,6 +1,7 @@
-"""tool_choice "required" / a named function -> a Lark grammar (llguidance's dialect) that
-forces the tool-call parser's own format, so every forced call parses and its arguments
-validate against the function's schema.
+"""Tool requests that need constrained decoding -> a Lark grammar (llguidance's dialect) in
+the tool-call parser's own format, so every call parses and its arguments validate against
+the function's schema: tool_choice "required" / a named function (forced calls), and
+tool_choice "auto" with `strict` tools (free text, but each opened call is held to it).
 
 The grammar is text for the structured-output layer (jaxserve/structured_output/), which
 compiles it like any `grammar` request; it accepts exactly:
@@ -23,7 +24,7 @@ from typing import Any
 import llguidance
 
 from server.tools.base import ToolParser
-from server.tools.definitions import FunctionTool, ToolChoice
+from server.tools.definitions import FunctionTool, ToolChoice, ToolRequest
 
 # A forced turn holds at most this many calls (a bound, so sampling cannot loop forever).
 MAX_PARALLEL_CALLS = 8
@@ -55,6 +56,35 @@ def call_schema(tool: FunctionTool, arguments_key: str = "arguments") -> dict[st
     }
 
 
+def _call_rules(
+    parser: ToolParser, tools: list[tuple[int, FunctionTool]], *, is_lenient: bool = False
+) -> list[str]:
+    """One `call_<i>: %json {...}` rule per (index, tool); checked by llguidance, so a schema
+    it cannot enforce is a ValueError naming tools[i].function.parameters. is_lenient: a
+    non-strict tool's arguments are any object (strict auto: only strict tools are held to
+    their schemas)."""
+    rules = []
+    for i, tool in tools:
+        if is_lenient and not tool.is_strict:
+            tool = FunctionTool(tool.name, tool.description, {"type": "object"})
+        schema = call_schema(tool, parser.forced_arguments_key)
+        body = f"%json {json.dumps(schema)}"
+        error = llguidance.LLMatcher.validate_grammar(f"start: {body}")
+        if error:
+            raise ValueError(
+                f"tools[{i}].function.parameters cannot be enforced by a grammar: " + error.strip()
+            )
+        rules.append(f"call_{i}: {body}")
+    return rules
+
+
+def _one_call(parser: ToolParser, indexes: list[int]) -> str:
+    """The `one_call` rule: PREFIX (call_i | call_j ...) SUFFIX."""
+    calls = " | ".join(f"call_{i}" for i in indexes)
+    parts = (_lit(parser.forced_call_prefix), f"({calls})", _lit(parser.forced_call_suffix))
+    return "one_call: " + " ".join(p for p in parts if p)
+
+
 def forced_tool_grammar(
     parser: ToolParser, tools: list[FunctionTool], choice: ToolChoice, *, is_parallel: bool
 ) -> str | None:
@@ -71,26 +101,12 @@ def forced_tool_grammar(
     ]
     if not candidates:
         raise ValueError("tool_choice needs tools")
-    rules = []
-    for i, tool in candidates:
-        schema = call_schema(tool, parser.forced_arguments_key)
-        rule = f"call_{i}: %json {json.dumps(schema)}"
-        error = llguidance.LLMatcher.validate_grammar(f"start: {rule.split(':', 1)[1]}")
-        if error:
-            raise ValueError(
-                f"tools[{i}].function.parameters cannot be enforced for tool_choice: "
-                + error.strip()
-            )
-        rules.append(rule)
-    prefix, suffix = parser.forced_call_prefix, parser.forced_call_suffix
-    call = " | ".join(f"call_{i}" for i, _ in candidates)
-    wrapped = " ".join(p for p in (_lit(prefix), f"({call})", _lit(suffix)) if p)
     num_calls = MAX_PARALLEL_CALLS if is_parallel and choice.mode == "required" else 1
     more = f" ({_lit(parser.forced_call_separator)} one_call){{0,{num_calls - 1}}}"
     lines = [
         "start: one_call" + (more if num_calls > 1 else ""),
-        f"one_call: {wrapped}",
-        *rules,
+        _one_call(parser, [i for i, _ in candidates]),
+        *_call_rules(parser, candidates),
     ]
     return "\n".join(lines) + "\n"
 
@@ -98,3 +114,41 @@ def forced_tool_grammar(
 def _lit(text: str) -> str:
     """A Lark string literal ("" -> no literal at all)."""
     return json.dumps(text) if text else ""
+
+
+def strict_auto_tool_grammar(parser: ToolParser, tools: list[FunctionTool]) -> str:
+    """tool_choice "auto" with strict tools: free text, but every `<tool_call>` the model
+    opens must hold a valid call (a strict tool's arguments follow its schema, any other
+    tool's are an object). The trigger is lazy (llguidance matches it in the text, however
+    it is tokenized), as llguidance's StructTag does. Hermes format only: a Llama-3.1 turn
+    is calls or text from its first character, which a lazy trigger cannot express."""
+    from server.tools.hermes import HermesToolParser
+
+    if not isinstance(parser, HermesToolParser):
+        first = next(i for i, t in enumerate(tools) if t.is_strict)
+        raise ValueError(
+            f"tools[{first}].function.strict with tool_choice 'auto' needs the hermes "
+            f"tool-call format (this server parses {parser.name}); use tool_choice 'required'"
+        )
+    indexed = list(enumerate(tools))
+    calls = " | ".join(f"call_{i}" for i, _ in indexed)
+    lines = [
+        "start: tagged_call* TEXT",
+        "tagged_call: call_trigger call_body",
+        f"call_trigger[lazy]: TEXT {_lit(parser.forced_call_prefix.rstrip())}",
+        f'call_body: "\\n"? ({calls}) "\\n"? {_lit(parser.forced_call_suffix.lstrip())}',
+        "TEXT: /(.|\\n)*/",
+        *_call_rules(parser, indexed, is_lenient=True),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def tool_grammar(parser: ToolParser, request: ToolRequest) -> str | None:
+    """The grammar a tool request needs (None: none, the output is only parsed)."""
+    if request.choice.is_forced:
+        return forced_tool_grammar(
+            parser, request.tools, request.choice, is_parallel=request.is_parallel
+        )
+    if request.needs_grammar:
+        return strict_auto_tool_grammar(parser, request.tools)
+    return None

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.tools.definitions import parse_tool_request
-from server.tools.grammar import MAX_PARALLEL_CALLS, forced_tool_grammar
+from server.tools.grammar import MAX_PARALLEL_CALLS, forced_tool_grammar, tool_grammar
 from server.tools.hermes import HermesToolParser
 from server.tools.llama3_json import Llama3JsonToolParser
 
@@ -63,13 +63,17 @@ TOOLS = [
 PARSERS = [HermesToolParser, Llama3JsonToolParser]
 
 
-def walk(ll_tokenizer, grammar: str, seed: int, max_steps: int = 400) -> list[int]:
-    """Random allowed tokens (EOS rarely while others are allowed) until the matcher stops."""
+def walk(
+    ll_tokenizer, grammar: str, seed: int, max_steps: int = 400, prefix_ids: list[int] = ()
+) -> list[int]:
+    """`prefix_ids`, then random allowed tokens (EOS half the time it is allowed) until the
+    matcher stops."""
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
     assert not matcher.is_error(), matcher.get_error()
+    assert matcher.consume_tokens(list(prefix_ids)), matcher.get_error()
     rng = random.Random(seed)
     eos = ll_tokenizer.eos_token
-    ids: list[int] = []
+    ids: list[int] = list(prefix_ids)
     for _ in range(max_steps):
         if matcher.is_stopped():
             return ids
@@ -152,3 +156,48 @@ def test_a_schema_llguidance_cannot_enforce_names_the_tool():
     req = parse_tool_request(tools, "required")
     with pytest.raises(ValueError, match=r"^tools\[1\]\.function\.parameters"):
         forced_tool_grammar(HermesToolParser(), req.tools, req.choice, is_parallel=True)
+
+
+def _strict(tool: dict) -> dict:
+    return {"type": "function", "function": {**tool["function"], "strict": True}}
+
+
+def test_strict_tools_under_auto_hold_every_opened_call(tokenizer, ll_tokenizer):
+    """tool_choice "auto" with strict tools: the text is free, but a `<tool_call>` the model
+    opens (here: the walk is started inside one) always ends as a valid call."""
+    req = parse_tool_request([_strict(t) for t in TOOLS], "auto")
+    assert req.needs_grammar
+    parser = HermesToolParser(req.tool_names)
+    grammar = tool_grammar(parser, req)
+    assert grammar is not None and tool_grammar(parser, parse_tool_request(TOOLS)) is None
+    prefix = "Let me look that up.\n<tool_call>\n"
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    for seed in range(6):
+        ids = walk(ll_tokenizer, grammar, seed, prefix_ids=prefix_ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        parsed = parser.parse(text, "call_x")
+        assert parsed.content.startswith("Let me look that up.") and parsed.tool_calls, text
+        for call in parsed.tool_calls:
+            jsonschema.validate(
+                json.loads(call.arguments), req.tools[req.tool_names.index(call.name)].parameters
+            )
+    # a call the schema forbids is refused by the matcher
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
+    bad = tokenizer.encode(
+        prefix + '{"name": "get_weather", "arguments": {"city": 3', add_special_tokens=False
+    )
+    assert not matcher.consume_tokens(bad) or matcher.is_error()
+    # a non-strict tool's arguments are any object
+    lax_req = parse_tool_request([_strict(TOOLS[0]), TOOLS[2]], "auto")
+    matcher = llguidance.LLMatcher(ll_tokenizer, tool_grammar(parser, lax_req))
+    lax = prefix + '{"name": "now", "arguments": {"anything": [1, "x"]}}\n</tool_call> ok'
+    assert matcher.consume_tokens(tokenizer.encode(lax, add_special_tokens=False))
+    # plain text with no call is fine
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
+    assert matcher.consume_tokens(tokenizer.encode("No call needed.", add_special_tokens=False))
+
+
+def test_strict_auto_needs_hermes():
+    req = parse_tool_request([TOOLS[2], _strict(TOOLS[0])], "auto")
+    with pytest.raises(ValueError, match=r"^tools\[1\]\.function\.strict"):
+        tool_grammar(Llama3JsonToolParser(req.tool_names), req)
