@@ -44,7 +44,9 @@ class ToolCallStream(ABC):
         """The content released so far (None when empty), as ParsedToolCalls.content."""
         return "".join(self._content) or None
 
-    def _release(self, delta: StreamDelta, content: str = "", call: tuple[str, str] | None = None):
+    def _release(
+        self, delta: StreamDelta, content: str = "", call: tuple[str, str] | None = None
+    ) -> None:
         """Adds content and/or one parsed (name, arguments) call to `delta`."""
         if content:
             delta.content += content
@@ -81,6 +83,8 @@ class ToolParser(ABC):
     forced_call_separator: ClassVar[str]
     # the key of the arguments object in a forced call ("arguments" or "parameters")
     forced_arguments_key: ClassVar[str]
+    # the tags the parser must see in the text (parsers.needs_special_tokens checks them)
+    tags: ClassVar[tuple[str, ...]]
 
     def _check_name(self, name: object) -> bool:
         return (

@@ -95,9 +95,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# json's decoder without Python's NaN / Infinity extensions (they are not JSON)
+STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def loads_strict(text: str) -> Any:
-    """json.loads without Python's NaN / Infinity extensions (they are not JSON)."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """json.loads, refusing NaN / Infinity."""
+    return STRICT_JSON.decode(text)
 
 
 def arguments_json(arguments: Any) -> str | None:

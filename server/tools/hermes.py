@@ -36,6 +36,7 @@ class HermesToolParser(ToolParser):
     forced_call_suffix = "\n" + END
     forced_call_separator = "\n"
     forced_arguments_key = "arguments"
+    tags = (START, END)
 
     def parse_call(self, body: str) -> tuple[str, str] | None:
         """One call's body -> (name, arguments JSON), or None when it is not a valid call."""

@@ -14,13 +14,10 @@ until the output ends (it is all calls or all content); any other turn streams a
 
 from __future__ import annotations
 
-import json
-
 from server.tools.base import ToolCallStream, ToolParser
-from server.tools.calls import ParsedToolCalls, StreamDelta, _reject_constant, arguments_json
+from server.tools.calls import STRICT_JSON, ParsedToolCalls, StreamDelta, arguments_json
 
 PYTHON_TAG = "<|python_tag|>"
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -29,6 +26,9 @@ class Llama3JsonToolParser(ToolParser):
     forced_call_suffix = ""
     forced_call_separator = "; "
     forced_arguments_key = "parameters"
+    # the parser reads a turn with or without <|python_tag|> (a special token that
+    # skip_special_tokens=True drops), so it needs no tag kept
+    tags = ()
 
     def parse_calls(self, text: str) -> list[tuple[str, str]] | None:
         """The calls of a whole turn, or None when it is not (only) calls."""
@@ -47,7 +47,7 @@ class Llama3JsonToolParser(ToolParser):
                 if pos == len(s):
                     break
             try:
-                obj, pos = _DECODER.raw_decode(s, pos)
+                obj, pos = STRICT_JSON.raw_decode(s, pos)
             except ValueError:
                 return None
             if not isinstance(obj, dict) or not self._check_name(obj.get("name")):

@@ -11,6 +11,8 @@ not asked for; --tool-call-parser names one explicitly.
 
 from __future__ import annotations
 
+from typing import Any
+
 from server.tools.base import ToolParser
 from server.tools.hermes import START, HermesToolParser
 from server.tools.llama3_json import PYTHON_TAG, Llama3JsonToolParser
@@ -42,3 +44,15 @@ def resolve_tool_parser(
             f"--tool-call-parser must be one of {list(TOOL_PARSER_CHOICES)}, got {name!r}"
         )
     return TOOL_PARSERS[name]
+
+
+def needs_special_tokens(tokenizer: Any, parser: type[ToolParser]) -> bool:
+    """Whether one of the parser's tags is a special token of this tokenizer, which
+    decoding with skip_special_tokens=True would drop (Hermes-2-Pro's <tool_call>):
+    requests with tools must then be detokenized with skip_special_tokens=False, as vLLM's
+    hermes parser does. Qwen2.5's tags are plain added tokens: False."""
+    for tag in parser.tags:
+        ids = tokenizer.encode(tag, add_special_tokens=False)
+        if tokenizer.decode(ids, skip_special_tokens=True) != tag:
+            return True
+    return False

@@ -12,7 +12,7 @@ import pytest
 from server.tools.definitions import parse_tool_request
 from server.tools.hermes import HermesToolParser
 from server.tools.llama3_json import Llama3JsonToolParser
-from server.tools.parsers import detect_tool_parser, resolve_tool_parser
+from server.tools.parsers import detect_tool_parser, needs_special_tokens, resolve_tool_parser
 from server.tools.prompting import (
     TOOLS_PROMPT_FOOTER,
     TOOLS_PROMPT_HEADER,
@@ -97,6 +97,19 @@ def test_parser_names():
     assert detect_tool_parser("{{ tools }}[TOOL_CALLS]", renders_tools=True) is None
     with pytest.raises(ValueError, match="^--tool-call-parser must be one of"):
         resolve_tool_parser("mistral", "", renders_tools=True)
+
+
+def test_needs_special_tokens(tokenizer):
+    import copy
+
+    assert not needs_special_tokens(tokenizer, HermesToolParser)
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<tool_call>", "</tool_call>"])  # as Qwen2.5's: plain added tokens
+    assert not needs_special_tokens(tok, HermesToolParser)
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    assert needs_special_tokens(tok, HermesToolParser)
+    assert not needs_special_tokens(tok, Llama3JsonToolParser)
 
 
 def _render(tokenizer, template, messages, tools):
