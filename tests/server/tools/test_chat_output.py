@@ -3,7 +3,7 @@ random outputs mixing think tags and tool-call blocks and random splittings."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.tools.calls import ToolCall
@@ -39,7 +39,7 @@ def fold(stream: ChatOutputStream, deltas: list[str]) -> ChatMessage:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.booleans(), st.booleans(), st.booleans())
 def test_stream_equals_parse(data, has_tools, has_reasoning, starts):
     parsers = ChatOutputParsers(
@@ -81,3 +81,41 @@ def test_message_and_finish_reason():
         "role": "assistant",
         "content": "Hi",
     }
+
+
+def test_openai_sdk_folds_the_stream():
+    """The official client's stream accumulator reads our deltas (several tool-call items per
+    chunk included) into the same message as the non-streamed parse."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    parsers = ChatOutputParsers(HermesToolParser(NAMES), ReasoningParser())
+    text = (
+        "<think>Two lookups.</think>Checking.\n"
+        '<tool_call>{"name": "search", "arguments": {"q": "a"}}</tool_call>\n'
+        '<tool_call>{"name": "f", "arguments": {"x": [1, {"y": null}]}}</tool_call>'
+    )
+    state = ChatCompletionStreamState()
+
+    def send(delta: dict, finish_reason: str | None = None) -> None:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        state.handle_chunk(
+            ChatCompletionChunk.model_validate(
+                {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+                | {"choices": [choice]}
+            )
+        )
+
+    send({"role": "assistant", "content": ""})
+    stream = ChatOutputStream(parsers, "call_t")
+    for delta in [stream.feed(text[i : i + 7]) for i in range(0, len(text), 7)] + [stream.finish()]:
+        if delta:
+            send(delta)
+    send({}, stream.finish_reason("stop"))
+    got = state.get_final_completion().choices[0]
+    whole = parse_chat_output(parsers, text, "call_t")
+    assert got.finish_reason == "tool_calls"
+    assert got.message.content == whole.content == "Checking.\n"
+    assert [(c.id, c.function.name, c.function.arguments) for c in got.message.tool_calls] == [
+        (c.id, c.name, c.arguments) for c in whole.tool_calls
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.tools.base import ToolParser
@@ -47,7 +47,7 @@ def check_invariants(parser: ToolParser, text: str, parsed: ParsedToolCalls) -> 
         assert parsed.content == (text or None), "no calls: the text is the content, as is"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.booleans())
 def test_hermes_stream_equals_parse(data, is_known_names):
     parser = HermesToolParser(NAMES if is_known_names else None)
@@ -59,7 +59,7 @@ def test_hermes_stream_equals_parse(data, is_known_names):
     assert stream_parse(parser, deltas, "call_t") == parsed
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.booleans())
 def test_llama3_stream_equals_parse(data, is_known_names):
     parser = Llama3JsonToolParser(NAMES if is_known_names else None)

@@ -5,7 +5,7 @@ a tokenizer that has the tags as single tokens."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.tools.reasoning import (
@@ -34,7 +34,7 @@ def stream_split(parser: ReasoningParser, deltas: list[str], starts: bool) -> Pa
     return ParsedReasoning(reasoning or None, content or None)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), st.booleans())
 def test_stream_equals_parse(data, starts):
     text = data.draw(think_outputs)
