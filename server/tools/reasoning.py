@@ -106,7 +106,9 @@ def reasoning_end_index(
 ) -> int | None:
     """Where the answer begins in the output ids: 0 when there is no reasoning, the index
     after the end tag's token once it is out, None while the model is still reasoning (or
-    has produced nothing yet). Needs the end tag as one token (ValueError otherwise)."""
+    has produced nothing yet). Needs the end tag as one token (ValueError otherwise).
+    Reasoning counts only when the first output token is the start tag (as Qwen3 emits it);
+    the text parser also allows whitespace before it, which no tested model writes."""
     if tags.end_token_id is None:
         raise ValueError(f"the reasoning end tag {tags.end!r} is not a single token")
     ids = list(output_token_ids)
