@@ -54,7 +54,7 @@ def json_compile_options(params: StructuredOutputsParams) -> dict[str, Any]:
 def _choice_lark(choices: tuple[str, ...]) -> str:
     # A Lark string literal takes JSON string escapes (quotes, backslashes, newlines and
     # non-ASCII all round-trip); this is what llguidance.grammar_from("choice", ...) does.
-    return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+    return "start: " + " | ".join(json.dumps(c) for c in choices)
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:
@@ -90,11 +90,25 @@ def compile_grammar(
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(ws_grammar)
         if is_error:
             raise _error("whitespace_pattern", f"is not a valid regex: {messages[0]}")
+    if params.choice is not None and ll_tokenizer is not None:
+        _check_producible(params.choice, ll_tokenizer)
     grammar = grammar_text(params)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
     if is_error:
         raise _error(params.kind, f"cannot be compiled: {messages[0]}")
     return grammar
+
+
+def _check_producible(choices: tuple[str, ...], ll_tokenizer: llguidance.LLTokenizer) -> None:
+    # A choice the vocab cannot spell (SmolLM2's has no token for bytes such as 0x16 or 0xF1)
+    # would leave its matcher with no legal token; refuse it up front. Tokenizing and decoding
+    # back is a proof that a spelling exists (it need not be the tokenizer's canonical one).
+    for i, choice in enumerate(choices):
+        spelled = ll_tokenizer.decode_bytes(ll_tokenizer.tokenize_str(choice))
+        if spelled != choice.encode():
+            raise _error(
+                f"choice[{i}]", f"holds characters the model's vocab cannot spell: {choice!r}"
+            )
 
 
 def new_matcher(

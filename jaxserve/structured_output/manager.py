@@ -192,9 +192,12 @@ class StructuredOutputManager:
             # llguidance raises on an id outside its vocab instead of erring the matcher
             entry.error = f"token id {bad[0]} is outside the vocab [0, {self.vocab_size})"
             return False
-        if token_ids and not entry.matcher.consume_tokens(token_ids):
-            entry.error = entry.matcher.get_error() or "a token the grammar does not allow"
-            return False
+        # NOTE: one token at a time: llguidance 1.9's consume_tokens refuses the eos of a
+        # grammar that is complete (is_stopped), which consume_token accepts
+        for token_id in token_ids:
+            if not entry.matcher.consume_token(token_id):
+                entry.error = entry.matcher.get_error() or f"token {token_id} is not allowed"
+                return False
         return True
 
     def is_finished(self, req_id: str) -> bool:
@@ -238,13 +241,21 @@ class StructuredOutputManager:
         with self._lock:
             start = time.perf_counter()
             rows, failed = [], []
+            first_row: dict[str, int] = {}
+            repeats: list[tuple[int, int]] = []  # (row, the earlier row of the same request)
             for r, rid in enumerate(req_ids_by_row):
                 entry = self._requests.get(rid) if rid is not None else None
-                if entry is not None:
-                    has_mask[r] = True
-                    # an errored request may only end: eos alone, as llguidance does itself
-                    # for a matcher in its error state
-                    (failed if entry.error is not None else rows).append((entry.matcher, r))
+                if entry is None:
+                    continue
+                has_mask[r] = True
+                if rid in first_row:
+                    # llguidance borrows each matcher once per parallel fill: copy the row
+                    repeats.append((r, first_row[rid]))
+                    continue
+                first_row[rid] = r
+                # an errored request may only end: eos alone, as llguidance does itself for
+                # a matcher in its error state
+                (failed if entry.error is not None else rows).append((entry.matcher, r))
             out[~has_mask] = ALL_ALLOWED
             for _, r in failed:
                 out[r] = 0
@@ -255,6 +266,8 @@ class StructuredOutputManager:
                     llguidance.numpy.fill_next_token_bitmask_par(
                         self._executor, rows, out.view(np.int32)
                     )
+                for r, earlier in repeats:
+                    out[r] = out[earlier]
                 self.stats.num_fills += 1
                 self.stats.num_rows += len(rows) + len(failed)
                 self.stats.total_s += time.perf_counter() - start
