@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 import llguidance
-import llguidance.hf
 
 from jaxserve.structured_output.params import (
     FIELD_PREFIX,
@@ -137,8 +136,11 @@ def build_ll_tokenizer(
                 f"vocab_size={vocab_size} but the LLTokenizer was built for {tokenizer.vocab_size}"
             )
         return tokenizer
+    # deferred: llguidance.hf imports transformers, which request validation never needs
+    from llguidance.hf import from_tokenizer
+
     try:
-        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_token_id)
+        return from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_token_id)
     except ValueError as e:
         raise ValueError(
             f"cannot build the llguidance tokenizer (vocab_size={vocab_size}): {e}"

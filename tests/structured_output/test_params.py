@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -147,3 +149,14 @@ def test_compile_gives_llguidance_grammar_text() -> None:
     ]:
         grammar = compile_grammar(params)
         assert isinstance(grammar, str) and grammar
+
+
+def test_the_host_side_never_imports_jax() -> None:
+    # the manager runs in the engine core's host loop, next to jaxserve/core (no jax there);
+    # and API-side validation needs neither jax nor transformers
+    code = (
+        "import sys, jaxserve.structured_output.manager as m, jaxserve.structured_output.grammar;"
+        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('jax', 'transformers'));"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
