@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from jaxserve.structured_output.params import StructuredOutputsParams
 
 # Most top-N logprobs a request may ask for (vLLM's max_logprobs default); static in the step.
 MAX_LOGPROBS = 20
@@ -24,6 +26,12 @@ INT32_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
 # Completions per prompt: each is its own engine request, so n is a memory bound, not a dtype one.
 MAX_N = 1024
+# Most logit_bias entries a request may give (a static width of the step's arrays) and the bound
+# on each bias (OpenAI's: -100 bans a token, 100 all but forces it).
+MAX_LOGIT_BIAS = 256
+# Most allowed_token_ids and bad_words a request may give (both become the step's token mask).
+MAX_ALLOWED_TOKEN_IDS = 1 << 16
+MAX_BAD_WORDS = 128
 # Floats go to the device as float32: keep them finite there. Past ~100 a temperature already
 # flattens any model's distribution to float32 precision; past 1e4 a repetition penalty
 # already drives every seen logit to ~0.
@@ -72,6 +80,8 @@ FLOAT_RANGES: dict[str, Range] = {
 TOKEN_ID_RANGE = Range(0, INT32_MAX)
 # Scheduling priority (lower first): int32, as vLLM's.
 PRIORITY_RANGE = Range(-(1 << 31), INT32_MAX)
+# One logit_bias value (OpenAI's bound).
+LOGIT_BIAS_RANGE = Range(-100.0, 100.0)
 _OPTIONAL = frozenset({"seed", "max_tokens", "logprobs"})
 _BOOLS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 
@@ -145,6 +155,21 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # top logprobs per prompt token (plus the prompt token's own); None: none. The first
+    # prompt token has none (nothing predicts it); a request with it skips prefix-cache hits
+    prompt_logprobs: int | None = None
+    # token id -> bias added to its logit before sampling (a dict is accepted; sorted pairs are
+    # stored); at most MAX_LOGIT_BIAS entries, each bias in [-100, 100]
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # only these token ids may be sampled; None: all
+    allowed_token_ids: tuple[int, ...] | None = None
+    # words never generated: a word's last token is banned wherever the output ends with the
+    # rest of it (the API side tokenizes them into bad_words_token_ids)
+    bad_words: tuple[str, ...] = ()
+    # bad_words as token id sequences (filled by the InputProcessor; given directly offline)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # the output must follow this constraint (JSON schema, regex, choice, grammar, JSON object)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Accept lists and single strings the way vLLM does, but store tuples (frozen, hashable).
@@ -152,6 +177,23 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids", int)
         )
+        object.__setattr__(self, "bad_words", _as_tuple(self.bad_words, "bad_words", str))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            ids = _as_tuple(self.allowed_token_ids, "allowed_token_ids", int)
+            if not ids:
+                raise ValueError("allowed_token_ids must hold at least one token id")
+            object.__setattr__(self, "allowed_token_ids", ids)
+        object.__setattr__(
+            self, "bad_words_token_ids", _token_id_sequences(self.bad_words_token_ids)
+        )
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be StructuredOutputsParams, got "
+                f"{type(self.structured_outputs).__name__}"
+            )
         self._validate()
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
@@ -196,6 +238,31 @@ class SamplingParams:
                 )
         if len(self.stop_token_ids) >= MAX_BANNED_TOKEN_IDS:
             raise bad("stop_token_ids", f"may hold at most {MAX_BANNED_TOKEN_IDS - 1} ids")
+        if self.prompt_logprobs is not None and (
+            not is_int(self.prompt_logprobs) or self.prompt_logprobs not in INT_RANGES["logprobs"]
+        ):
+            raise bad(
+                "prompt_logprobs", f"must be an integer in {INT_RANGES['logprobs'].describe()}"
+            )
+        for name, ids in (
+            ("allowed_token_ids", self.allowed_token_ids or ()),
+            ("logit_bias", [t for t, _ in self.logit_bias]),
+            *((f"bad_words_token_ids[{i}]", seq) for i, seq in enumerate(self.bad_words_token_ids)),
+        ):
+            for t in ids:
+                if t not in TOKEN_ID_RANGE:
+                    raise ValueError(f"{name} holds {t}, not a token id")
+        if (
+            self.allowed_token_ids is not None
+            and len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS
+        ):
+            raise bad("allowed_token_ids", f"may hold at most {MAX_ALLOWED_TOKEN_IDS} ids")
+        if len(self.bad_words) > MAX_BAD_WORDS or len(self.bad_words_token_ids) > 2 * MAX_BAD_WORDS:
+            raise bad("bad_words", f"may hold at most {MAX_BAD_WORDS} words")
+        for i, w in enumerate(self.bad_words):
+            if not w:
+                raise bad("bad_words", "must hold non-empty strings")
+            check_text(w, f"bad_words[{i}]")
 
     @property
     def is_greedy(self) -> bool:
@@ -215,6 +282,43 @@ class SamplingParams:
         import dataclasses
 
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """A {token id: bias} dict (or pairs) -> sorted (id, bias) pairs, each bias checked."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, type({}.items()))):
+        raise ValueError(
+            f"logit_bias must be a dict of token id -> bias, got {type(value).__name__}"
+        )
+    pairs: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError("logit_bias must map token ids to numbers")
+        tid, bias = item
+        if not is_int(tid):
+            raise ValueError(f"logit_bias keys must be token ids (integers), got {tid!r}")
+        if not is_number(bias) or not math.isfinite(bias) or bias not in LOGIT_BIAS_RANGE:
+            raise ValueError(
+                f"logit_bias[{tid}] must be a number in {LOGIT_BIAS_RANGE.describe()}, got {bias!r}"
+            )
+        pairs[int(tid)] = float(bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(pairs)}")
+    return tuple(sorted(pairs.items()))
+
+
+def _token_id_sequences(value: object) -> tuple[tuple[int, ...], ...]:
+    seqs = _as_tuple(value, "bad_words_token_ids", Sequence)
+    out = []
+    for i, seq in enumerate(seqs):
+        ids = _as_tuple(seq, f"bad_words_token_ids[{i}]", int)
+        if not ids:
+            raise ValueError(f"bad_words_token_ids[{i}] must not be empty")
+        out.append(ids)
+    return tuple(out)
 
 
 def _as_tuple(value: object, field: str, kind: type) -> tuple:

@@ -98,3 +98,43 @@ def test_with_updates_validates_again():
     assert p.with_updates(max_tokens=4).max_tokens == 4
     with pytest.raises(ValueError, match="max_tokens"):
         p.with_updates(max_tokens=0)
+
+
+def test_the_token_constraint_fields_are_normalized_and_round_trip():
+    import msgspec
+
+    from jaxserve.structured_output.params import StructuredOutputsParams
+
+    p = SamplingParams(
+        logit_bias={5: -100, 3: 2.5},
+        allowed_token_ids=[1, 2],
+        bad_words="hi",
+        bad_words_token_ids=[[7, 8]],
+        prompt_logprobs=2,
+        structured_outputs=StructuredOutputsParams(json={"type": "object"}),
+    )
+    assert p.logit_bias == ((3, 2.5), (5, -100.0)) and p.allowed_token_ids == (1, 2)
+    assert p.bad_words == ("hi",) and p.bad_words_token_ids == ((7, 8),)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams) == p
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logit_bias": {1: 100.5}}, r"logit_bias\[1\] must be a number in \[-100, 100\]"),
+        ({"logit_bias": {"1": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {-1: 1}}, "logit_bias holds -1"),
+        ({"logit_bias": {i: 1 for i in range(257)}}, "at most 256 entries"),
+        ({"logit_bias": [1, 2]}, "logit_bias must map token ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids must hold at least one"),
+        ({"allowed_token_ids": [1, True]}, r"allowed_token_ids\[1\]"),
+        ({"bad_words": [""]}, "bad_words must hold non-empty strings"),
+        ({"bad_words": ["a\ud800"]}, r"bad_words\[0\] holds a lone surrogate"),
+        ({"bad_words_token_ids": [[]]}, r"bad_words_token_ids\[0\] must not be empty"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs must be an integer in"),
+        ({"structured_outputs": {"json": {}}}, "structured_outputs must be StructuredOutputs"),
+    ],
+)
+def test_bad_token_constraints_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
