@@ -17,6 +17,9 @@ class Logprob:
 
 # One generated position: token id -> Logprob, holding the top-N and the sampled token.
 SampleLogprobs = list[dict[int, Logprob]]
+# One per prompt token: its top-N plus the prompt token itself; None for the first (nothing
+# predicts it), as vLLM returns them.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -53,5 +56,8 @@ class RequestOutput:
     finished: bool
     # prompt tokens served from the prefix cache
     num_cached_tokens: int = 0
+    # with SamplingParams.prompt_logprobs: one entry per prompt token (in the first output of a
+    # streamed request, once the whole prompt is computed); else None
+    prompt_logprobs: PromptLogprobs | None = None
     # wall-clock timings: arrival, first token, finish (time.monotonic seconds)
     metrics: dict[str, float] = field(default_factory=dict)
