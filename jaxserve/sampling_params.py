@@ -259,6 +259,10 @@ class SamplingParams:
             raise bad("allowed_token_ids", f"may hold at most {MAX_ALLOWED_TOKEN_IDS} ids")
         if len(self.bad_words) > MAX_BAD_WORDS or len(self.bad_words_token_ids) > 2 * MAX_BAD_WORDS:
             raise bad("bad_words", f"may hold at most {MAX_BAD_WORDS} words")
+        if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
+            # a complete grammar allows nothing but eos: neither could ever be honoured
+            field = "ignore_eos" if self.ignore_eos else "min_tokens"
+            raise bad(field, "cannot be combined with structured_outputs (which ends with eos)")
         for i, w in enumerate(self.bad_words):
             if not w:
                 raise bad("bad_words", "must hold non-empty strings")

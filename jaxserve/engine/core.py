@@ -19,12 +19,13 @@ from jaxserve.core.admission import EngineCoreRequest, RequestLimits, validate_c
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.model import sharding
-from jaxserve.model.loader import LoadedModel, load_model, resolve_dtype
+from jaxserve.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_cache import PersistentCompileCache
 from jaxserve.runner.model_runner import ModelRunner, determine_num_blocks
+from jaxserve.structured_output.token_mask import TokenMasks
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,9 @@ class EngineCore:
         # would hold the weights twice (vllm#21073-like "memory never comes back").
         self.model = dataclasses.replace(self.model, params=None)
         self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
+        # structured output, allowed_token_ids and bad_words, as the step's token bitmask
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else self.model.tokenizer
+        self.token_masks = TokenMasks(tokenizer, spec.vocab_size, spec.eos_token_id)
         # what every request is checked against (core/admission.py)
         self.limits = RequestLimits(
             vocab_size=spec.vocab_size,
@@ -239,16 +243,27 @@ class EngineCore:
         """Queues a checked request. A request whose part of a step could not be staged (a
         value its arrays cannot hold) raises ValueError naming the field, before it is queued."""
         self.runner.check_request(request)
-        self.scheduler.add_request(request, urgent=urgent)
+        self.token_masks.add(request)  # a grammar that cannot compile fails here
+        try:
+            self.scheduler.add_request(request, urgent=urgent)
+        except BaseException:
+            self.token_masks.remove(request.request_id)
+            raise
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
-        self.scheduler.abort_requests(list(request_ids))
+        request_ids = list(request_ids)
+        self.scheduler.abort_requests(request_ids)
+        for rid in request_ids:
+            self.token_masks.remove(rid)
 
     def finish_requests(self, request_ids: Iterable[str], stop_reason: str) -> None:
         """Ends requests whose stop string the detokenizer found (finish_reason "stop")."""
+        request_ids = list(request_ids)
         self.scheduler.finish_requests(
-            list(request_ids), RequestStatus.FINISHED_STOPPED, stop_reason=stop_reason
+            request_ids, RequestStatus.FINISHED_STOPPED, stop_reason=stop_reason
         )
+        for rid in request_ids:
+            self.token_masks.remove(rid)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -269,8 +284,16 @@ class EngineCore:
         # Usage peaks while the step runs (finished requests free their blocks after it).
         usage = self.scheduler.kv_cache_manager.usage
         self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, usage)
-        runner_output = self.runner.execute(scheduler_output)
+        masks = self.token_masks
+        runner_output = self.runner.execute(
+            scheduler_output, fill_mask=masks.fill if masks.num_requests else None
+        )
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if masks.num_requests:
+            for o in outputs.outputs:
+                masks.accept(o.request_id, o.new_token_ids)
+                if o.finished:
+                    masks.remove(o.request_id)
         self.num_steps += 1
         self.step_seconds_total += time.perf_counter() - start
         if outputs.scheduler_stats is not None:

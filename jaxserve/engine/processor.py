@@ -74,6 +74,17 @@ class InputProcessor:
         check_prompt_len(len(ids), self.limits.max_model_len)
         return ProcessedPrompt(prompt=text, prompt_token_ids=list(ids))
 
+    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each word's token ids, as it stands alone and after a space (vLLM's two spellings:
+        the model meets a word mid-text far more often than at the start)."""
+        seqs: list[tuple[int, ...]] = []
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return tuple(seqs)
+
     def make_requests(
         self,
         request_id: str,
@@ -93,6 +104,8 @@ class InputProcessor:
         if not is_int(priority):  # its range is an admission rule
             raise ValueError(f"priority must be an integer, got {priority!r}")
         priority = int(priority)
+        if params.bad_words and not params.bad_words_token_ids:
+            params = params.with_updates(bad_words_token_ids=self._bad_words_ids(params.bad_words))
         max_tokens = self.limits.resolve_max_tokens(len(prompt.prompt_token_ids), params.max_tokens)
         base_seed = params.seed if params.seed is not None else None
         requests = []

@@ -189,7 +189,7 @@ def abstract_step_collectives(
     kv_shape = (*kv_shape, exec_spec.num_kv_heads, exec_spec.head_dim)
     kv = jax.ShapeDtypeStruct(kv_shape, dt, sharding=sharding.named(mesh, "kv_cache"))
     step = make_step_fn(exec_spec, "xla", mesh)
-    inputs = dummy_step_inputs(shape, max_model_len)
+    inputs = dummy_step_inputs(shape, max_model_len, -(-exec_spec.vocab_size // 32))
     text = step.lower(params, KVCache(k=kv, v=kv), inputs).compile().as_text()
     return collective_stats(text, exec_spec.num_layers)
 

@@ -31,7 +31,13 @@ from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_counter import CompileCounter
 from jaxserve.runner.sampler import SamplerOutput, sample
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
-from jaxserve.runner.step_inputs import Buckets, StepInputs, build_step_inputs, dummy_step_inputs
+from jaxserve.runner.step_inputs import (
+    Buckets,
+    FillMask,
+    StepInputs,
+    build_step_inputs,
+    dummy_step_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +186,8 @@ class ModelRunner:
         self.attention_backend = attention_backend
         # Penalties see the whole token history, so their width is max_model_len (static).
         self.penalty_len = scheduler_config.max_model_len
+        # u32 words per row of the step's token bitmask (every step carries one: one program)
+        self.bitmask_width = -(-spec.vocab_size // 32)
         self.buckets = Buckets.make(
             scheduler_config.max_num_batched_tokens,
             scheduler_config.max_num_seqs,
@@ -232,7 +240,9 @@ class ModelRunner:
     def compile_smallest_bucket(self) -> None:
         """Compiles (without running) the step of the smallest bucket: a cheap check that the
         attention backend compiles at all, for engines started without warmup."""
-        inputs = dummy_step_inputs(self.buckets.all_shapes()[0], self.penalty_len)
+        inputs = dummy_step_inputs(
+            self.buckets.all_shapes()[0], self.penalty_len, self.bitmask_width
+        )
         self._step_fn.lower(self.params, self.kv_cache, inputs).compile()
 
     @property
@@ -268,7 +278,7 @@ class ModelRunner:
         bucket (max requests, widest block table). For hlo_stats.collective_stats."""
         if shape is None:
             shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
-        inputs = dummy_step_inputs(shape, self.penalty_len)
+        inputs = dummy_step_inputs(shape, self.penalty_len, self.bitmask_width)
         return self._step_fn.lower(self.params, self.kv_cache, inputs).compile().as_text()
 
     def warmup(self, *, show_progress: bool = True) -> float:
@@ -276,7 +286,7 @@ class ModelRunner:
         start = time.perf_counter()
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
-            inputs = dummy_step_inputs(shape, self.penalty_len)
+            inputs = dummy_step_inputs(shape, self.penalty_len, self.bitmask_width)
             out = self._run_step(inputs)
         jax.block_until_ready(out.token_ids)
         self.is_warmed_up = True
@@ -296,8 +306,11 @@ class ModelRunner:
             )
         check_sampling_row(SamplingRow.from_request(request), self.penalty_len)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Stages, runs and reads back one step.
+    def execute(
+        self, scheduler_output: SchedulerOutput, fill_mask: FillMask | None = None
+    ) -> ModelRunnerOutput:
+        """Stages, runs and reads back one step; fill_mask gives its token bitmask rows
+        (TokenMasks.fill), None when no scheduled request is constrained.
 
         NOTE on failures: staging and reading back are per request (a request that fails
         there is named in ModelRunnerOutput.failed and the others go on); only the device
@@ -306,7 +319,12 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         staged = build_step_inputs(
-            scheduler_output, self.buckets, self.block_size, self.penalty_len
+            scheduler_output,
+            self.buckets,
+            self.block_size,
+            self.penalty_len,
+            bitmask_width=self.bitmask_width,
+            fill_mask=fill_mask,
         )
         failed = dict(staged.failed)
         inputs = staged.inputs

@@ -1,8 +1,10 @@
 """Sampling on device, inside the runner's one jitted step: logits[R, V] -> one token per row.
 
-The order is vLLM's: penalties -> banned ids -> greedy rows take the argmax; the other rows
-divide by temperature, filter (top-k, top-p, min-p) and draw with the Gumbel-max trick, keyed
-by (seed, step) per row, so a seeded request gives the same text whatever its batch-mates.
+The order is vLLM's: penalties -> logit_bias -> banned ids -> the token bitmask (structured
+output, allowed_token_ids, bad_words; runner/token_bitmask.py) -> greedy rows take the argmax;
+the other rows divide by temperature, filter (top-k, top-p, min-p) and draw with the Gumbel-max
+trick, keyed by (seed, step) per row, so a seeded request gives the same text whatever its
+batch-mates.
 Logprobs, ranks and the top-N are taken from the raw model distribution (vLLM's default).
 Everything is pure jnp with static shapes; the expensive parts (sorting, penalty counts,
 top-N, random draws) sit behind lax.cond so a batch that needs none of them pays for none.
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxserve.runner.token_bitmask import apply_token_bitmask
 from jaxserve.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS
 
 
@@ -51,6 +54,15 @@ class SamplingMetadata:
     penalty_prompt_lens: jax.Array
     # i32[R] top-N logprobs wanted; -1 = no logprobs at all
     num_logprobs: jax.Array
+    # i32[R, MAX_LOGIT_BIAS] token ids whose logits get logit_bias_values added; -1 padded
+    logit_bias_ids: jax.Array
+    # f32[R, MAX_LOGIT_BIAS] the biases
+    logit_bias_values: jax.Array
+    # u32[R, ceil(V/32)] allowed tokens of the rows with has_token_bitmask (bit j of word w:
+    # token 32w + j); None only outside the runner (the runner always passes one)
+    token_bitmask: jax.Array | None = None
+    # bool[R] which rows the bitmask constrains
+    has_token_bitmask: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -114,6 +126,17 @@ def apply_banned(
     ids = jnp.where(banned_token_ids >= 0, banned_token_ids, v)
     rows = jnp.broadcast_to(jnp.arange(r)[:, None], ids.shape)
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+
+
+def apply_logit_bias(
+    logits: jax.Array,  # f32[R, V]
+    ids: jax.Array,  # i32[R, NB] -1 padded
+    values: jax.Array,  # f32[R, NB]
+) -> jax.Array:  # f32[R, V]
+    r, v = logits.shape
+    ids = jnp.where(ids >= 0, ids, v)  # padding (and nothing else) lands past V: dropped
+    rows = jnp.broadcast_to(jnp.arange(r)[:, None], ids.shape)
+    return logits.at[rows, ids].add(values, mode="drop")
 
 
 def apply_top_k_top_p(
@@ -248,7 +271,16 @@ def sample(
         | (md.frequency_penalty != 0.0)
     )
     logits = lax.cond(needs_penalties, lambda x: apply_penalties(x, md), lambda x: x, logits)
+    logits = lax.cond(
+        jnp.any(md.logit_bias_ids >= 0),
+        lambda x: apply_logit_bias(x, md.logit_bias_ids, md.logit_bias_values),
+        lambda x: x,
+        logits,
+    )
     logits = apply_banned(logits, md.banned_token_ids)
+    if md.token_bitmask is not None:
+        assert md.has_token_bitmask is not None
+        logits = apply_token_bitmask(logits, md.token_bitmask, md.has_token_bitmask)
 
     greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = md.temperature <= GREEDY_TEMPERATURE

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxserve.request import Request
 from jaxserve.runner.sampler import SamplingMetadata
-from jaxserve.sampling_params import MAX_BANNED_TOKEN_IDS, SamplingParams
+from jaxserve.sampling_params import MAX_BANNED_TOKEN_IDS, MAX_LOGIT_BIAS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -152,15 +152,27 @@ def _all_minus_one(num_rows: int, width: int) -> np.ndarray:
     return a
 
 
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    a = np.zeros(shape, dtype)
+    a.setflags(write=False)
+    return a
+
+
 def build_sampling_metadata(
     rows: Sequence[SamplingRow | None],
     num_rows: int,
     penalty_len: int,
+    *,
+    bitmask_width: int | None = None,
+    token_mask: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SamplingMetadata:
     """SamplingMetadata of numpy arrays for `rows` padded to `num_rows` (None: padding row).
 
     penalty_len (L, a static bucket chosen by the runner) must be >= required_penalty_len(rows);
-    it is only read when some row has penalties.
+    it is only read when some row has penalties. bitmask_width: words per token-bitmask row
+    (the runner always gives it, so every step has the same program); token_mask: this step's
+    (bitmask, has_mask) from TokenMasks.fill, None when no row is constrained.
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in num_rows={num_rows}")
@@ -177,6 +189,8 @@ def build_sampling_metadata(
     prompt_lens = np.zeros(num_rows, np.int32)
     banned: np.ndarray | None = None
     penalty_ids: np.ndarray | None = None
+    bias_ids: np.ndarray | None = None
+    bias_values: np.ndarray | None = None
 
     for i, row in enumerate(rows):
         if row is None:
@@ -199,6 +213,14 @@ def build_sampling_metadata(
                 if banned is None:
                     banned = np.full((num_rows, MAX_BANNED_TOKEN_IDS), -1, np.int32)
                 banned[i, : len(ban)] = ban
+            if p.logit_bias:
+                if bias_ids is None:
+                    bias_ids = np.full((num_rows, MAX_LOGIT_BIAS), -1, np.int32)
+                    bias_values = np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
+                assert bias_values is not None
+                k = len(p.logit_bias)
+                bias_ids[i, :k] = [t for t, _ in p.logit_bias]
+                bias_values[i, :k] = [b for _, b in p.logit_bias]
             n = row.num_penalty_tokens
             if n:
                 if n > penalty_len:
@@ -232,4 +254,35 @@ def build_sampling_metadata(
         ),
         penalty_prompt_lens=prompt_lens,
         num_logprobs=num_logprobs,
+        logit_bias_ids=(
+            bias_ids if bias_ids is not None else _all_minus_one(num_rows, MAX_LOGIT_BIAS)
+        ),
+        logit_bias_values=(
+            bias_values
+            if bias_values is not None
+            else _zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
+        ),
+        **_token_mask_fields(num_rows, bitmask_width, token_mask),
     )
+
+
+def _token_mask_fields(
+    num_rows: int, width: int | None, token_mask: tuple[np.ndarray, np.ndarray] | None
+) -> dict[str, np.ndarray | None]:
+    if width is None:
+        if token_mask is not None:
+            raise ValueError("a token_mask needs bitmask_width")
+        return {"token_bitmask": None, "has_token_bitmask": None}
+    if token_mask is None:
+        # no row constrained: zeros that are never read (has_mask is all False)
+        return {
+            "token_bitmask": _zeros((num_rows, width), np.uint32),
+            "has_token_bitmask": _zeros((num_rows,), np.bool_),
+        }
+    bitmask, has_mask = token_mask
+    if bitmask.shape != (num_rows, width) or has_mask.shape != (num_rows,):
+        raise ValueError(
+            f"token_mask must be u32[{num_rows}, {width}] and bool[{num_rows}], got "
+            f"{list(bitmask.shape)} and {list(has_mask.shape)}"
+        )
+    return {"token_bitmask": bitmask, "has_token_bitmask": has_mask}

@@ -42,13 +42,13 @@ def send_stop() -> None:
     multihost_utils.broadcast_one_to_all(np.array([_STOP, 0, 0, 0], np.int32))
 
 
-def receive_step(penalty_len: int) -> StepInputs | None:
+def receive_step(penalty_len: int, bitmask_width: int | None) -> StepInputs | None:
     """A follower: the next step's inputs from process 0, or None when it stops."""
     header = multihost_utils.broadcast_one_to_all(np.zeros(4, np.int32))
     cmd, t, r, b = (int(x) for x in header)
     if cmd == _STOP:
         return None
-    template = dummy_step_inputs((t, r, b), penalty_len)
+    template = dummy_step_inputs((t, r, b), penalty_len, bitmask_width)
     return multihost_utils.broadcast_one_to_all(template)
 
 

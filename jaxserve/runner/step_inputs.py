@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.model.attention import AttentionMetadata
+from jaxserve.request import Request
 from jaxserve.runner.sampler import SamplingMetadata
 from jaxserve.runner.sampling_metadata import (
     RowStagingError,
@@ -102,8 +103,19 @@ class StagedStep:
     failed: dict[str, str]
 
 
+# TokenMasks.fill: the sampling rows' requests (None: not sampling) and R -> (bitmask, has_mask),
+# or None when no row is constrained.
+FillMask = Callable[[Sequence[Request | None], int], "tuple[np.ndarray, np.ndarray] | None"]
+
+
 def build_step_inputs(
-    scheduler_output: SchedulerOutput, buckets: Buckets, block_size: int, penalty_len: int
+    scheduler_output: SchedulerOutput,
+    buckets: Buckets,
+    block_size: int,
+    penalty_len: int,
+    *,
+    bitmask_width: int | None = None,
+    fill_mask: FillMask | None = None,
 ) -> StagedStep:
     """Host-side (numpy) staging of one step; O(tokens + block-table entries).
 
@@ -120,7 +132,8 @@ def build_step_inputs(
         if not todo:
             return StagedStep(inputs=None, staged=[], failed=failed)
         try:
-            return StagedStep(_stage(todo, buckets, block_size, penalty_len), todo, failed)
+            inputs = _stage(todo, buckets, block_size, penalty_len, bitmask_width, fill_mask)
+            return StagedStep(inputs, todo, failed)
         except _RequestStagingError as e:
             sr = e.scheduled
             logger.error(
@@ -173,7 +186,12 @@ def _sharing_unwritten_blocks(
 
 
 def _stage(
-    scheduled: Sequence[ScheduledRequest], buckets: Buckets, block_size: int, penalty_len: int
+    scheduled: Sequence[ScheduledRequest],
+    buckets: Buckets,
+    block_size: int,
+    penalty_len: int,
+    bitmask_width: int | None = None,
+    fill_mask: FillMask | None = None,
 ) -> StepInputs:
     """The padded arrays of `scheduled`; raises _RequestStagingError naming the one that fails."""
     max_blocks = max(len(s.block_ids) for s in scheduled)
@@ -209,8 +227,18 @@ def _stage(
             raise _RequestStagingError(sr) from e
         offset = end
     cu_q_lens[len(scheduled) + 1 :] = offset
+    token_mask = None
+    if fill_mask is not None:
+        sampling_requests = [sr.request if sr.is_sampling else None for sr in scheduled]
+        try:
+            token_mask = fill_mask(sampling_requests, r)
+        except Exception as e:  # noqa: BLE001 - blamed on the first constrained row
+            first = next((sr for sr in scheduled if sr.is_sampling), scheduled[0])
+            raise _RequestStagingError(first) from e
     try:
-        sampling = build_sampling_metadata(rows, r, penalty_len)
+        sampling = build_sampling_metadata(
+            rows, r, penalty_len, bitmask_width=bitmask_width, token_mask=token_mask
+        )
     except RowStagingError as e:
         raise _RequestStagingError(scheduled[e.row]) from e.cause
     return StepInputs(
@@ -231,7 +259,9 @@ def _stage(
     )
 
 
-def dummy_step_inputs(shape: tuple[int, int, int], penalty_len: int) -> StepInputs:
+def dummy_step_inputs(
+    shape: tuple[int, int, int], penalty_len: int, bitmask_width: int | None = None
+) -> StepInputs:
     """An all-padding step of the given bucket (for warmup): every write hits the null block."""
     t, r, b = shape
     zeros = functools.partial(np.zeros, dtype=np.int32)
@@ -247,7 +277,7 @@ def dummy_step_inputs(shape: tuple[int, int, int], penalty_len: int) -> StepInpu
             cu_q_lens=zeros(r + 1),
         ),
         logits_indices=zeros(r),
-        sampling=build_sampling_metadata(list(rows), r, penalty_len),
+        sampling=build_sampling_metadata(list(rows), r, penalty_len, bitmask_width=bitmask_width),
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,
