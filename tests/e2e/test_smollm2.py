@@ -5,11 +5,18 @@ One warmed-up engine serves the module; the last test checks nothing compiled af
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
+import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.structured_output.params import StructuredOutputsParams
+from tests.structured_output.schemas import json_schemas, max_json_bytes
 
 ENGINE = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=64, show_progress=False)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -112,6 +119,55 @@ def test_seeded_sampling_is_batch_independent(llm):
     assert outs[4].outputs[0].token_ids == alone
     other_seed = llm.generate([target], seeded.with_updates(seed=99), use_tqdm=False)[0]
     assert other_seed.outputs[0].token_ids != alone
+
+
+@settings(max_examples=1, derandomize=True, deadline=None, database=None)
+@given(st.lists(json_schemas(), min_size=30, max_size=30))
+def test_json_schema_outputs_always_validate_and_stop(llm, schemas):
+    """30 generated schemas, each greedy and sampled, in one batch: every output parses,
+    validates, and ends with eos ("stop") well before its max_tokens."""
+    prompts, params = [], []
+    for i, schema in enumerate(schemas):
+        bound = min(max_json_bytes(schema) + 2, 400)
+        so = StructuredOutputsParams(json=schema)
+        prompt = f"Write a JSON value for this schema: {json.dumps(schema)}\n"
+        for p in (
+            SamplingParams(temperature=0.0, max_tokens=bound, structured_outputs=so),
+            SamplingParams(temperature=1.0, seed=i, max_tokens=bound, structured_outputs=so),
+        ):
+            prompts.append(prompt)
+            params.append(p)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for out, p, schema in zip(outs, params, [s for s in schemas for _ in (0, 1)], strict=True):
+        done = out.outputs[0]
+        assert done.finish_reason == "stop", (schema, done.text)
+        assert len(done.token_ids) < p.max_tokens
+        jsonschema.validate(json.loads(done.text), schema)
+
+
+def test_constrained_rows_leave_their_batch_mates_alone(llm):
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, plain, use_tqdm=False)]
+    choice = SamplingParams(
+        temperature=0.0,
+        max_tokens=16,
+        structured_outputs=StructuredOutputsParams(choice=["zebra-42"]),
+    )
+    regex = SamplingParams(
+        temperature=0.8,
+        seed=5,
+        max_tokens=24,
+        structured_outputs=StructuredOutputsParams(regex=r"[A-Z][a-z]{2,6}-[0-9]{3}"),
+    )
+    outs = llm.generate(
+        PROMPTS + ["My favourite animal is", "An id:"],
+        [plain] * len(PROMPTS) + [choice, regex],
+        use_tqdm=False,
+    )
+    assert [o.outputs[0].token_ids for o in outs[: len(PROMPTS)]] == alone
+    assert outs[-2].outputs[0].text == "zebra-42"  # a string the model would never pick
+    assert re.fullmatch(r"[A-Z][a-z]{2,6}-[0-9]{3}", outs[-1].outputs[0].text)
+    assert {o.outputs[0].finish_reason for o in outs[-2:]} == {"stop"}
 
 
 def test_no_compiles_after_warmup(llm):
