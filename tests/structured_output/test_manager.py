@@ -378,7 +378,10 @@ def test_unconstrained_rows_are_all_ones_and_rows_fill_as_one_batch(manager) -> 
 
 def test_compiled_grammars_are_cached_and_shared_safely(manager, hf_tokenizer) -> None:
     params = StructuredOutputsParams(regex=r"[a-c]{2}")
-    assert manager.compile(params) is manager.compile(StructuredOutputsParams(regex=r"[a-c]{2}"))
+    before = manager.num_cached_grammars
+    manager.compile(params)
+    manager.compile(StructuredOutputsParams(regex=r"[a-c]{2}"))
+    assert manager.num_cached_grammars == min(before + 1, manager.cache_size)
     # two requests of one grammar advance independently
     manager.add_request("p", params)
     manager.add_request("q", params)
@@ -391,6 +394,23 @@ def test_compiled_grammars_are_cached_and_shared_safely(manager, hf_tokenizer) -
         manager.add_request("p", params)
     manager.remove("p")
     manager.remove("q")
+
+
+def test_the_cache_evicts_the_least_recently_used_grammar(manager, hf_tokenizer) -> None:
+    # an LLTokenizer is taken as it is (no second 0.5 s build)
+    small = StructuredOutputManager(manager.ll_tokenizer, PADDED_VOCAB, cache_size=2)
+    grammars = [StructuredOutputsParams(regex=f"x{i}") for i in range(3)]
+    small.add_request("old", grammars[0])
+    for params in grammars[1:]:
+        small.compile(params)
+    assert small.num_cached_grammars == 2
+    # a request outlives its grammar's cache entry: it holds its own start state for reset
+    (x,) = hf_tokenizer.encode("x", add_special_tokens=False)
+    assert small.accept_tokens("old", [x]) and small.reset("old", [x])
+    assert not small.is_finished("old")
+    small.remove("old")
+    with pytest.raises(ValueError, match="vocab_size=49152 but"):
+        StructuredOutputManager(manager.ll_tokenizer, 49152)
 
 
 def test_fills_on_one_thread_while_another_accepts(manager, hf_tokenizer) -> None:
