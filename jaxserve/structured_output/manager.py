@@ -276,14 +276,14 @@ class StructuredOutputManager:
             for _, r in failed:
                 out[r] = 0
                 out[r, self.eos_token_id // 32] = np.uint32(1 << (self.eos_token_id % 32))
-            if rows or failed:
+            if rows:
                 # llguidance writes int32 words; the same bits, viewed in place
-                if rows:
-                    llguidance.numpy.fill_next_token_bitmask_par(
-                        self._executor, rows, out.view(np.int32)
-                    )
-                for r, earlier in repeats:
-                    out[r] = out[earlier]
+                llguidance.numpy.fill_next_token_bitmask_par(
+                    self._executor, rows, out.view(np.int32)
+                )
+            for r, earlier in repeats:
+                out[r] = out[earlier]
+            if first_row:
                 self.stats.num_fills += 1
                 self.stats.num_rows += len(rows) + len(failed)
                 self.stats.total_s += time.perf_counter() - start

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jaxserve.structured_output.grammar import lark_json
 from jaxserve.structured_output.manager import StructuredOutputManager
 from jaxserve.structured_output.params import StructuredOutputsParams
 from tests.structured_output.schemas import json_schemas, max_json_bytes
@@ -174,6 +175,34 @@ def test_whitespace_stays_bounded_even_for_any_json_object(manager, hf_tokenizer
     loose = StructuredOutputsParams(json_object=True, whitespace_pattern=r"[ \n]*")
     text = whitespace_tokens_taken(manager, hf_tokenizer, loose, 30)
     assert len(text) > 30 and not text.strip()
+
+
+def test_json_embedded_in_a_lark_grammar_is_bounded_too(manager, hf_tokenizer) -> None:
+    # what a forced tool call looks like: a tag, then the arguments' JSON, then a tag
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    grammar = f'start: "<tool_call>" args "</tool_call>"\nargs: {lark_json(schema)}'
+    params = StructuredOutputsParams(grammar=grammar)
+    rng = np.random.default_rng(3)
+    text = run(manager, hf_tokenizer, params, whitespace_pick(hf_tokenizer, rng), 200)
+    inner = text.removeprefix("<tool_call>").removesuffix("</tool_call>")
+    jsonschema.validate(json.loads(inner), schema)
+    assert longest_whitespace_run(inner) <= 1, text
+    # without it, llguidance's %json lets whitespace run on
+    loose = StructuredOutputsParams(grammar=grammar.replace(lark_json(schema), "%json {}"))
+    manager.add_request("loose", loose)
+    walker = Walker(manager, hf_tokenizer, "loose")
+    for token in hf_tokenizer.encode("<tool_call>{", add_special_tokens=False):
+        assert manager.accept_tokens("loose", [token])
+    (spaces,) = hf_tokenizer.encode("    ", add_special_tokens=False)
+    for _ in range(20):
+        assert spaces in walker.allowed()
+        assert manager.accept_tokens("loose", [spaces])
+    manager.remove("loose")
 
 
 def test_disable_any_whitespace_gives_compact_json(manager, hf_tokenizer) -> None:
@@ -365,7 +394,9 @@ def test_unconstrained_rows_are_all_ones_and_rows_fill_as_one_batch(manager) -> 
         manager.fill_bitmask([f"c{i}"], alone[i : i + 1])
     rows = ["c2", None, "never-added", "c0", "c1"]
     out = np.zeros((7, manager.bitmask_width), np.uint32)
+    fills, filled = manager.stats.num_fills, manager.stats.num_rows
     has_mask = manager.fill_bitmask(rows, out)
+    assert (manager.stats.num_fills, manager.stats.num_rows) == (fills + 1, filled + 3)
     assert has_mask.tolist() == [True, False, False, True, True, False, False]
     assert (out[~has_mask] == 0xFFFFFFFF).all()
     np.testing.assert_array_equal(out[[3, 4, 0]], alone)
