@@ -361,6 +361,9 @@ def test_out_of_vocab_tokens_fail_the_request_not_the_manager(manager, hf_tokeni
         (dict(grammar="start: foo"), "structured_outputs.grammar"),
         (dict(grammar='start: "a" "b'), "structured_outputs.grammar"),
         (dict(grammar="root ::= [a-"), "structured_outputs.grammar"),
+        # token-level references: only a check with the tokenizer sees these
+        (dict(grammar="start: <|no-such-token|>"), "structured_outputs.grammar"),
+        (dict(grammar="start: <[99999]>"), "structured_outputs.grammar"),
         (dict(regex="a(b"), "structured_outputs.regex"),
         (dict(regex="[z-a]"), "structured_outputs.regex"),
         (dict(json={"type": "foo"}), "structured_outputs.json"),
