@@ -8,6 +8,7 @@ constraint and end within the bound the schema implies.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -85,11 +86,17 @@ def lowest_pick(ids: np.ndarray) -> int:
     return int(ids[0])
 
 
-def whitespace_pick(tokenizer, rng: np.random.Generator) -> Pick:
-    """The adversary of JSON mode: the longest all-whitespace token whenever one is allowed."""
+@functools.cache
+def whitespace_lengths(tokenizer) -> np.ndarray:
+    """i32[len(tokenizer)]: the length of each all-whitespace token, 0 for the others."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     texts = [tokenizer.convert_tokens_to_string([t]) for t in vocab]
-    space_len = np.array([len(t) if t and not t.strip() else 0 for t in texts])
+    return np.array([len(t) if t and not t.strip() else 0 for t in texts])
+
+
+def whitespace_pick(tokenizer, rng: np.random.Generator) -> Pick:
+    """The adversary of JSON mode: the longest all-whitespace token whenever one is allowed."""
+    space_len = whitespace_lengths(tokenizer)
 
     def pick(ids: np.ndarray) -> int:
         lens = space_len[ids[ids < len(space_len)]]
@@ -112,7 +119,7 @@ def run(manager, tokenizer, params, pick: Pick, max_tokens: int, req_id: str = "
         assert req_id not in manager
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schema=json_schemas(), seed=st.integers(0, 2**32 - 1))
 def test_json_schema_walks_validate_and_end_within_the_bound(
     manager, hf_tokenizer, schema, seed
@@ -237,7 +244,7 @@ def test_regex_walks_match(manager, hf_tokenizer, regex) -> None:
         assert re.fullmatch(regex, text), text
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     choices=st.lists(
         # any assigned printable text (what a vocab cannot spell is refused: test below)
