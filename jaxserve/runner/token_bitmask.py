@@ -42,6 +42,8 @@ def apply_token_bitmask(
     constrained the cond takes the identity branch: no unpacking, no select.
     """
 
+    has_mask = has_mask.astype(jnp.bool_)  # an int mask would make ~ a bitwise not
+
     def masked(logits: jax.Array) -> jax.Array:
         allowed = unpack_token_bitmask(bitmask, logits.shape[-1]) | ~has_mask[:, None]
         return jnp.where(allowed, logits, jnp.array(-jnp.inf, logits.dtype))

@@ -17,6 +17,7 @@ from jaxserve.structured_output.params import (
     FIELD_PREFIX,
     StructuredOutputsError,
     StructuredOutputsParams,
+    canonical_schema,
 )
 
 # NOTE: JSON whitespace is bounded by default. llguidance's own default (whitespace_flexible)
@@ -51,9 +52,24 @@ def json_compile_options(params: StructuredOutputsParams) -> dict[str, Any]:
 
 
 def _choice_lark(choices: tuple[str, ...]) -> str:
-    # A Lark string literal takes JSON string escapes (quotes, backslashes, newlines and
-    # non-ASCII all round-trip); this is what llguidance.grammar_from("choice", ...) does.
+    # A Lark string literal takes JSON string escapes, as llguidance.grammar_from("choice")
+    # writes them; ASCII-escaped, since a raw DEL (0x7f) in a literal is a Lark lexer error.
     return "start: " + " | ".join(json.dumps(c) for c in choices)
+
+
+def lark_json(schema: dict[str, Any] | str, *, disable_any_whitespace: bool = False) -> str:
+    """A `%json {...}` term for a Lark grammar, with the whitespace rule of json requests.
+
+    llguidance's %json uses its unbounded default whitespace unless the schema says
+    otherwise, so a grammar that embeds JSON (a forced tool call) takes its JSON from here.
+    StructuredOutputsError naming structured_outputs.json for a schema that is not an object.
+    """
+    schema = json.loads(canonical_schema(schema))
+    params = StructuredOutputsParams(
+        json_object=True, disable_any_whitespace=disable_any_whitespace
+    )
+    guidance = {**json_compile_options(params), **schema.get("x-guidance", {})}
+    return "%json " + json.dumps({**schema, "x-guidance": guidance})
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:

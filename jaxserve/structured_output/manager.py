@@ -105,17 +105,27 @@ class StructuredOutputManager:
         self.stats = FillStats()
         self._executor = llguidance.LLExecutor(num_threads)
         self._cache: OrderedDict[Hashable, llguidance.LLMatcher] = OrderedDict()
+        # lock order: _lock, then _cache_lock (reset copies a pristine matcher under _lock)
         self._cache_lock = threading.Lock()
         self._lock = threading.Lock()
         self._requests: dict[str, _Constrained] = {}
 
     # -- compiling --------------------------------------------------------------------------
 
-    def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
-        """The pristine matcher for params (cached); StructuredOutputsError if it can't compile.
+    def compile(self, params: StructuredOutputsParams) -> None:
+        """Compile params into the cache; StructuredOutputsError if it cannot compile.
 
-        The engine may call this at admission, before it gives the request a KV block.
+        The engine may call this at admission, before it gives the request a KV block;
+        add_request then finds the grammar compiled.
         """
+        self._pristine(params)
+
+    @property
+    def num_cached_grammars(self) -> int:
+        return len(self._cache)
+
+    def _pristine(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """The cached matcher at the grammar's start: only ever deep-copied, never advanced."""
         key = params.key()
         with self._cache_lock:
             pristine = self._cache.get(key)
@@ -133,12 +143,18 @@ class StructuredOutputManager:
                 self._cache.popitem(last=False)
         return pristine
 
+    def _copy(self, pristine: llguidance.LLMatcher) -> llguidance.LLMatcher:
+        # copies of one shared matcher are taken one at a time (it is a Rust object that
+        # several requests, and so several threads' calls, may share)
+        with self._cache_lock:
+            return pristine.deep_copy()
+
     # -- the request table --------------------------------------------------------------------
 
     def add_request(self, req_id: str, params: StructuredOutputsParams) -> None:
         """Start a matcher for req_id; StructuredOutputsError (a ValueError) if it can't compile."""
-        pristine = self.compile(params)
-        entry = _Constrained(pristine=pristine, matcher=pristine.deep_copy(), kind=params.kind)
+        pristine = self._pristine(params)
+        entry = _Constrained(pristine=pristine, matcher=self._copy(pristine), kind=params.kind)
         with self._lock:
             if req_id in self._requests:
                 raise ValueError(f"request {req_id!r} already has a structured output matcher")
@@ -179,7 +195,7 @@ class StructuredOutputManager:
         """
         with self._lock:
             entry = self._requests[req_id]
-            entry.matcher = entry.pristine.deep_copy()
+            entry.matcher = self._copy(entry.pristine)
             entry.error = None
             return self._consume(entry, output_token_ids)
 
@@ -260,14 +276,14 @@ class StructuredOutputManager:
             for _, r in failed:
                 out[r] = 0
                 out[r, self.eos_token_id // 32] = np.uint32(1 << (self.eos_token_id % 32))
-            if rows or failed:
+            if rows:
                 # llguidance writes int32 words; the same bits, viewed in place
-                if rows:
-                    llguidance.numpy.fill_next_token_bitmask_par(
-                        self._executor, rows, out.view(np.int32)
-                    )
-                for r, earlier in repeats:
-                    out[r] = out[earlier]
+                llguidance.numpy.fill_next_token_bitmask_par(
+                    self._executor, rows, out.view(np.int32)
+                )
+            for r, earlier in repeats:
+                out[r] = out[earlier]
+            if first_row:
                 self.stats.num_fills += 1
                 self.stats.num_rows += len(rows) + len(failed)
                 self.stats.total_s += time.perf_counter() - start

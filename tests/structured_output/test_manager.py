@@ -8,6 +8,7 @@ constraint and end within the bound the schema implies.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jaxserve.structured_output.grammar import lark_json
 from jaxserve.structured_output.manager import StructuredOutputManager
 from jaxserve.structured_output.params import StructuredOutputsParams
 from tests.structured_output.schemas import json_schemas, max_json_bytes
@@ -84,11 +86,17 @@ def lowest_pick(ids: np.ndarray) -> int:
     return int(ids[0])
 
 
-def whitespace_pick(tokenizer, rng: np.random.Generator) -> Pick:
-    """The adversary of JSON mode: the longest all-whitespace token whenever one is allowed."""
+@functools.cache
+def whitespace_lengths(tokenizer) -> np.ndarray:
+    """i32[len(tokenizer)]: the length of each all-whitespace token, 0 for the others."""
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     texts = [tokenizer.convert_tokens_to_string([t]) for t in vocab]
-    space_len = np.array([len(t) if t and not t.strip() else 0 for t in texts])
+    return np.array([len(t) if t and not t.strip() else 0 for t in texts])
+
+
+def whitespace_pick(tokenizer, rng: np.random.Generator) -> Pick:
+    """The adversary of JSON mode: the longest all-whitespace token whenever one is allowed."""
+    space_len = whitespace_lengths(tokenizer)
 
     def pick(ids: np.ndarray) -> int:
         lens = space_len[ids[ids < len(space_len)]]
@@ -111,7 +119,7 @@ def run(manager, tokenizer, params, pick: Pick, max_tokens: int, req_id: str = "
         assert req_id not in manager
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schema=json_schemas(), seed=st.integers(0, 2**32 - 1))
 def test_json_schema_walks_validate_and_end_within_the_bound(
     manager, hf_tokenizer, schema, seed
@@ -176,6 +184,34 @@ def test_whitespace_stays_bounded_even_for_any_json_object(manager, hf_tokenizer
     assert len(text) > 30 and not text.strip()
 
 
+def test_json_embedded_in_a_lark_grammar_is_bounded_too(manager, hf_tokenizer) -> None:
+    # what a forced tool call looks like: a tag, then the arguments' JSON, then a tag
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    grammar = f'start: "<tool_call>" args "</tool_call>"\nargs: {lark_json(schema)}'
+    params = StructuredOutputsParams(grammar=grammar)
+    rng = np.random.default_rng(3)
+    text = run(manager, hf_tokenizer, params, whitespace_pick(hf_tokenizer, rng), 200)
+    inner = text.removeprefix("<tool_call>").removesuffix("</tool_call>")
+    jsonschema.validate(json.loads(inner), schema)
+    assert longest_whitespace_run(inner) <= 1, text
+    # without it, llguidance's %json lets whitespace run on
+    loose = StructuredOutputsParams(grammar=grammar.replace(lark_json(schema), "%json {}"))
+    manager.add_request("loose", loose)
+    walker = Walker(manager, hf_tokenizer, "loose")
+    for token in hf_tokenizer.encode("<tool_call>{", add_special_tokens=False):
+        assert manager.accept_tokens("loose", [token])
+    (spaces,) = hf_tokenizer.encode("    ", add_special_tokens=False)
+    for _ in range(20):
+        assert spaces in walker.allowed()
+        assert manager.accept_tokens("loose", [spaces])
+    manager.remove("loose")
+
+
 def test_disable_any_whitespace_gives_compact_json(manager, hf_tokenizer) -> None:
     schema = {
         "type": "object",
@@ -208,7 +244,7 @@ def test_regex_walks_match(manager, hf_tokenizer, regex) -> None:
         assert re.fullmatch(regex, text), text
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     choices=st.lists(
         # any assigned printable text (what a vocab cannot spell is refused: test below)
@@ -332,6 +368,9 @@ def test_out_of_vocab_tokens_fail_the_request_not_the_manager(manager, hf_tokeni
         (dict(grammar="start: foo"), "structured_outputs.grammar"),
         (dict(grammar='start: "a" "b'), "structured_outputs.grammar"),
         (dict(grammar="root ::= [a-"), "structured_outputs.grammar"),
+        # token-level references: only a check with the tokenizer sees these
+        (dict(grammar="start: <|no-such-token|>"), "structured_outputs.grammar"),
+        (dict(grammar="start: <[99999]>"), "structured_outputs.grammar"),
         (dict(regex="a(b"), "structured_outputs.regex"),
         (dict(regex="[z-a]"), "structured_outputs.regex"),
         (dict(json={"type": "foo"}), "structured_outputs.json"),
@@ -365,7 +404,9 @@ def test_unconstrained_rows_are_all_ones_and_rows_fill_as_one_batch(manager) -> 
         manager.fill_bitmask([f"c{i}"], alone[i : i + 1])
     rows = ["c2", None, "never-added", "c0", "c1"]
     out = np.zeros((7, manager.bitmask_width), np.uint32)
+    fills, filled = manager.stats.num_fills, manager.stats.num_rows
     has_mask = manager.fill_bitmask(rows, out)
+    assert (manager.stats.num_fills, manager.stats.num_rows) == (fills + 1, filled + 3)
     assert has_mask.tolist() == [True, False, False, True, True, False, False]
     assert (out[~has_mask] == 0xFFFFFFFF).all()
     np.testing.assert_array_equal(out[[3, 4, 0]], alone)
@@ -378,7 +419,10 @@ def test_unconstrained_rows_are_all_ones_and_rows_fill_as_one_batch(manager) -> 
 
 def test_compiled_grammars_are_cached_and_shared_safely(manager, hf_tokenizer) -> None:
     params = StructuredOutputsParams(regex=r"[a-c]{2}")
-    assert manager.compile(params) is manager.compile(StructuredOutputsParams(regex=r"[a-c]{2}"))
+    before = manager.num_cached_grammars
+    manager.compile(params)
+    manager.compile(StructuredOutputsParams(regex=r"[a-c]{2}"))
+    assert manager.num_cached_grammars == min(before + 1, manager.cache_size)
     # two requests of one grammar advance independently
     manager.add_request("p", params)
     manager.add_request("q", params)
@@ -391,6 +435,23 @@ def test_compiled_grammars_are_cached_and_shared_safely(manager, hf_tokenizer) -
         manager.add_request("p", params)
     manager.remove("p")
     manager.remove("q")
+
+
+def test_the_cache_evicts_the_least_recently_used_grammar(manager, hf_tokenizer) -> None:
+    # an LLTokenizer is taken as it is (no second 0.5 s build)
+    small = StructuredOutputManager(manager.ll_tokenizer, PADDED_VOCAB, cache_size=2)
+    grammars = [StructuredOutputsParams(regex=f"x{i}") for i in range(3)]
+    small.add_request("old", grammars[0])
+    for params in grammars[1:]:
+        small.compile(params)
+    assert small.num_cached_grammars == 2
+    # a request outlives its grammar's cache entry: it holds its own start state for reset
+    (x,) = hf_tokenizer.encode("x", add_special_tokens=False)
+    assert small.accept_tokens("old", [x]) and small.reset("old", [x])
+    assert not small.is_finished("old")
+    small.remove("old")
+    with pytest.raises(ValueError, match="vocab_size=49152 but"):
+        StructuredOutputManager(manager.ll_tokenizer, 49152)
 
 
 def test_fills_on_one_thread_while_another_accepts(manager, hf_tokenizer) -> None:

@@ -11,7 +11,7 @@ import sys
 import msgspec
 import pytest
 
-from jaxserve.structured_output.grammar import compile_grammar, json_compile_options
+from jaxserve.structured_output.grammar import compile_grammar, json_compile_options, lark_json
 from jaxserve.structured_output.params import (
     MAX_CHOICES,
     MAX_SPEC_CHARS,
@@ -160,3 +160,14 @@ def test_the_host_side_never_imports_jax() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lark_json_carries_the_whitespace_rule_and_refuses_non_objects() -> None:
+    term = lark_json('{"type": "object", "x-guidance": {"lenient": true}}')
+    assert term.startswith("%json ")
+    embedded = json.loads(term.removeprefix("%json "))
+    assert embedded["x-guidance"] == {"whitespace_pattern": "[ ]?", "lenient": True}
+    compact = json.loads(lark_json({}, disable_any_whitespace=True).removeprefix("%json "))
+    assert compact["x-guidance"] == {"whitespace_flexible": False}
+    with pytest.raises(ValueError, match=r"^structured_outputs\.json must be a JSON Schema"):
+        lark_json("[1]")

@@ -38,6 +38,9 @@ def test_matches_reference_for_mixed_rows(vocab: int) -> None:
     np.testing.assert_array_equal(got, ref_apply(logits, bitmask, has_mask))
     # unconstrained rows are bit-for-bit the input, whatever their bitmask held
     np.testing.assert_array_equal(got[~has_mask], logits[~has_mask])
+    # an int32 has_mask (as a host staging buffer might hold it) means the same
+    as_int = np.asarray(apply_token_bitmask(logits, bitmask, has_mask.astype(np.int32)))
+    np.testing.assert_array_equal(as_int, got)
 
 
 def test_no_constrained_row_is_the_identity() -> None:
