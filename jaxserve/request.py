@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jaxserve.core.outputs import TokenLogprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -84,6 +88,9 @@ class Request:
         self.block_hashes: list[bytes] = []
         # the stop token id (int) or stop string (str) that ended the request
         self.stop_reason: int | str | None = None
+        # with sampling_params.prompt_logprobs: entry i is prompt token i + 1's, as computed
+        # so far (a recompute after preemption adds nothing twice)
+        self.prompt_logprobs: list[TokenLogprobs] = []
 
     @classmethod
     def from_core_request(cls, m: EngineCoreRequest) -> Request:

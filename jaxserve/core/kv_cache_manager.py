@@ -100,7 +100,8 @@ class KVCacheManager:
         NOTE: never the whole sequence: the last token must be computed to sample from it, so
         at most (num_tokens - 1) // block_size blocks can hit.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            # (prompt logprobs need every prompt position computed, so no hits)
             return [], 0
         update_block_hashes(request, self.block_size)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size

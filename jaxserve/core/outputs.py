@@ -60,6 +60,9 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int]
     # req_id -> logprobs of that token, for requests that asked for logprobs
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> (index of the first entry in the request's prompt_logprobs, the entries)
+    # computed this step, for requests with prompt_logprobs whose prompt ran in it
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # req_id -> why the runner could not stage (or read back) the request's part of the step;
     # it was left out of the device call (see EngineCore.step), the others ran without it
     failed: dict[str, str] = field(default_factory=dict)
@@ -108,6 +111,9 @@ class EngineCoreOutput:
     # a step could not be staged. A short reason, never a traceback; the engine-core process
     # turns it into an ipc.Error for the request
     error: str | None = None
+    # with SamplingParams.prompt_logprobs: on the request's first output, one entry per prompt
+    # token after the first (token_id is that prompt token)
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

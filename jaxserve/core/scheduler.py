@@ -324,6 +324,7 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         sampled = runner_output.sampled_token_ids
         logprobs = runner_output.logprobs
+        prompt_logprobs = runner_output.prompt_logprobs
         failed = runner_output.failed
         num_finished = 0
         for entry in scheduler_output.scheduled:
@@ -332,6 +333,11 @@ class Scheduler:
             if failed and req_id in failed:
                 self._fail_staged(entry, failed[req_id])
                 continue
+            if prompt_logprobs and req_id in prompt_logprobs:
+                first, new = prompt_logprobs[req_id]
+                have = len(request.prompt_logprobs)
+                if first <= have:  # a recompute after preemption: only what is missing
+                    request.prompt_logprobs.extend(new[have - first :])
             if not entry.is_sampling or request.is_finished:
                 continue  # a prefill chunk, or aborted while the step ran
             token_id = sampled.get(req_id)
@@ -351,6 +357,12 @@ class Scheduler:
                         finish_reason=request.finish_reason,
                         stop_reason=request.stop_reason,
                         num_cached_tokens=max(request.num_cached_tokens, 0),
+                        prompt_logprobs=(
+                            request.prompt_logprobs
+                            if request.num_output_tokens == 1
+                            and request.sampling_params.prompt_logprobs is not None
+                            else None
+                        ),
                     )
                 )
             except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed

@@ -13,7 +13,7 @@ from typing import Any
 from jaxserve.core.admission import check_new_request_id
 from jaxserve.core.outputs import EngineCoreOutput, TokenLogprobs
 from jaxserve.engine.processor import ProcessedPrompt
-from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -46,6 +46,10 @@ class _RequestState:
     stream: bool = False
     num_cached_tokens: int = 0
     first_token_time: float | None = None
+    # with params.prompt_logprobs: None for the first prompt token, then one dict per token
+    prompt_logprobs: PromptLogprobs | None = None
+    # streaming: prompt_logprobs arrived and is not in a RequestOutput yet
+    prompt_logprobs_pending: bool = False
 
 
 @dataclass
@@ -106,13 +110,18 @@ class OutputProcessor:
             self._parent.pop(core_id, None)
         return [cid for cid, c in state.completions.items() if c.finish_reason is None]
 
+    def _position(self, e: TokenLogprobs) -> dict[int, Logprob]:
+        """One position's dict: its top-N plus its own token, with their texts."""
+        pos = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(e.top)}
+        pos[e.token_id] = Logprob(e.logprob, rank=e.rank)
+        for tid, lp in pos.items():
+            lp.decoded_token = self.tokenizer.decode([tid])
+        return pos
+
     def _add_logprobs(self, comp: _Completion, entries: list[TokenLogprobs]) -> None:
         assert comp.logprobs is not None and comp.cumulative_logprob is not None
         for e in entries:
-            pos = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(e.top)}
-            pos[e.token_id] = Logprob(e.logprob, rank=e.rank)
-            for tid, lp in pos.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
+            pos = self._position(e)
             comp.logprobs.append(pos)
             comp.delta_logprobs.append(pos)
             comp.cumulative_logprob += e.logprob
@@ -137,6 +146,10 @@ class OutputProcessor:
             comp.changed = True
             if out.new_logprobs and comp.logprobs is not None:
                 self._add_logprobs(comp, out.new_logprobs)
+            if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+                # (the first completion's; its siblings compute the same prompt)
+                state.prompt_logprobs = [None, *map(self._position, out.prompt_logprobs)]
+                state.prompt_logprobs_pending = True
             detok = comp.detokenizer
             comp.delta_text += detok.update(out.new_token_ids)
             if detok.finished:  # a stop string matched
@@ -181,6 +194,10 @@ class OutputProcessor:
         if finished:
             metrics["finished_time"] = time.monotonic()
             self.abort_request(state.request_id)
+        prompt_logprobs = state.prompt_logprobs
+        if state.stream:  # only in the output it arrived with
+            prompt_logprobs = prompt_logprobs if state.prompt_logprobs_pending else None
+            state.prompt_logprobs_pending = False
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt.prompt,
@@ -189,4 +206,5 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=state.num_cached_tokens,
             metrics=metrics,
+            prompt_logprobs=prompt_logprobs,
         )

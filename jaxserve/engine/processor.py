@@ -109,6 +109,13 @@ class InputProcessor:
         max_tokens = self.limits.resolve_max_tokens(len(prompt.prompt_token_ids), params.max_tokens)
         base_seed = params.seed if params.seed is not None else None
         requests = []
+        # the prompt's logprobs are the same for every child: only the first computes them (so
+        # the others keep their prefix-cache hits)
+        sibling_params = (
+            params.with_updates(prompt_logprobs=None)
+            if params.prompt_logprobs is not None and params.n > 1
+            else params
+        )
         for i in range(params.n):
             # With a user seed, child i uses seed + i so the n completions differ but repeat.
             seed = base_seed + i if base_seed is not None else self._rng.getrandbits(31)
@@ -116,7 +123,7 @@ class InputProcessor:
                 EngineCoreRequest(
                     request_id=request_id if params.n == 1 else f"{request_id}:{i}",
                     prompt_token_ids=prompt.prompt_token_ids,
-                    sampling_params=params,
+                    sampling_params=params if i == 0 else sibling_params,
                     eos_token_id=self.eos_token_id,
                     sampling_seed=seed % (1 << 31),
                     arrival_time=arrival_time,

@@ -27,8 +27,10 @@ from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
+from jaxserve.runner import prompt_logprobs as plp
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_counter import CompileCounter
+from jaxserve.runner.prompt_logprobs import PromptLogprobsOutput, prompt_logprobs
 from jaxserve.runner.sampler import SamplerOutput, sample
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
 from jaxserve.runner.step_inputs import (
@@ -54,19 +56,24 @@ def _step(
     spec: ModelSpec,
     attention: AttentionFn,
     mesh: Mesh | None,
-) -> tuple[KVCache, SamplerOutput]:
+) -> tuple[KVCache, SamplerOutput, PromptLogprobsOutput]:
     hidden, kv_cache = forward(
         params, spec, inputs.input_ids, inputs.positions, inputs.attn, kv_cache, attention=attention
     )
+
+    def logits_of(h: jax.Array) -> jax.Array:
+        logits = compute_logits(params, spec, h)
+        if mesh is not None:
+            # Vocab-parallel logits [R, V/tp] per device (without this constraint XLA gathers
+            # the whole [E, V] lm_head instead), then gathered once; the sampler runs
+            # replicated on full rows, so seeded sampling draws exactly what one device draws.
+            logits = sharding.constrain(logits, mesh, "logits")
+            logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+        return logits.astype(jnp.float32)
+
     # Logits only for each request's last token: [R, V] instead of [T, V].
-    logits = compute_logits(params, spec, hidden[inputs.logits_indices])
-    if mesh is not None:
-        # Vocab-parallel logits [R, V/tp] per device (without this constraint XLA gathers the
-        # whole [E, V] lm_head instead), then gathered once; the sampler runs replicated on the
-        # full [R, V] rows, so seeded sampling draws exactly what one device draws.
-        logits = sharding.constrain(logits, mesh, "logits")
-        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
-    return kv_cache, sample(logits.astype(jnp.float32), inputs.sampling)
+    sampled = sample(logits_of(hidden[inputs.logits_indices]), inputs.sampling)
+    return kv_cache, sampled, prompt_logprobs(hidden, inputs.prompt_targets, logits_of)
 
 
 def make_step_fn(
@@ -85,7 +92,7 @@ def make_step_fn(
     return jax.jit(
         step,
         in_shardings=(sharding.param_shardings(spec, mesh), kv_sh, replicated),
-        out_shardings=(kv_sh, replicated),
+        out_shardings=(kv_sh, replicated, replicated),
         donate_argnames=("kv_cache",),
     )
 
@@ -259,18 +266,18 @@ class ModelRunner:
                 out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
         return out
 
-    def _run_step(self, inputs: StepInputs) -> SamplerOutput:
+    def _run_step(self, inputs: StepInputs) -> tuple[SamplerOutput, PromptLogprobsOutput]:
         if self.multihost:
             if self.is_leader:
                 step_broadcast.send_step(inputs)
             inputs = step_broadcast.to_global(inputs, self.mesh)
-        self.kv_cache, out = self._step_fn(self.params, self.kv_cache, inputs)
-        return out
+        self.kv_cache, out, prompt_out = self._step_fn(self.params, self.kv_cache, inputs)
+        return out, prompt_out
 
     def run_followed_step(self, inputs: StepInputs) -> None:
         """A follower process: runs one step process 0 broadcast (engine/follower.py's loop)."""
         inputs = step_broadcast.to_global(inputs, self.mesh)
-        self.kv_cache, _ = self._step_fn(self.params, self.kv_cache, inputs)
+        self.kv_cache, _, _ = self._step_fn(self.params, self.kv_cache, inputs)
         self.num_steps += 1
 
     def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
@@ -287,7 +294,7 @@ class ModelRunner:
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
             inputs = dummy_step_inputs(shape, self.penalty_len, self.bitmask_width)
-            out = self._run_step(inputs)
+            out, _ = self._run_step(inputs)
         jax.block_until_ready(out.token_ids)
         self.is_warmed_up = True
         elapsed = time.perf_counter() - start
@@ -297,13 +304,7 @@ class ModelRunner:
     def check_request(self, request: Request) -> None:
         """Raises ValueError naming the field when the request's part of a step could not be
         staged; EngineCore.add_request calls it, so such a request fails alone at admission."""
-        ids = request.prompt_token_ids
-        vocab_size = self.spec.vocab_size
-        if ids and not (0 <= min(ids) and max(ids) < vocab_size):
-            i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
-            raise ValueError(
-                f"prompt_token_ids[{i}] must be a token id in [0, {vocab_size}), got {ids[i]!r}"
-            )
+        # (token ids in the vocabulary: an admission rule, core/admission.py)
         check_sampling_row(SamplingRow.from_request(request), self.penalty_len)
 
     def execute(
@@ -331,7 +332,7 @@ class ModelRunner:
         if inputs is None:
             return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
         before = self.compiles.count
-        out = self._run_step(inputs)
+        out, prompt_out = self._run_step(inputs)
         token_ids = _host(out.token_ids)
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
@@ -372,7 +373,19 @@ class ModelRunner:
                 logger.exception("reading back request %s failed", req_id)
                 sampled.pop(req_id, None)
                 failed[req_id] = f"the engine could not read this request's output: {e!r}"
-        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, failed=failed)
+        prompt_logprobs = {}
+        if staged.prompt_spans:
+            host_out = jax.tree.map(_host, prompt_out)
+            for span in staged.prompt_spans:
+                if span.request_id not in failed:
+                    entries = plp.entries(host_out, span.offset, span.target_ids, span.top_n)
+                    prompt_logprobs[span.request_id] = (span.first_index, entries)
+        return ModelRunnerOutput(
+            sampled_token_ids=sampled,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            failed=failed,
+        )
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""

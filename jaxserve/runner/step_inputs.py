@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["input_ids", "positions", "attn", "logits_indices", "sampling"],
+    data_fields=["input_ids", "positions", "attn", "logits_indices", "sampling", "prompt_targets"],
     meta_fields=["num_tokens", "num_reqs", "num_blocks_per_req"],
 )
 @dataclasses.dataclass
@@ -40,6 +40,8 @@ class StepInputs:
     attn: AttentionMetadata  # slot mapping, block tables, kv lens, cu_q_lens
     logits_indices: jax.Array  # i32[R] index into T of each request's last token this step
     sampling: SamplingMetadata  # per-row sampling parameters, [R, ...]
+    prompt_targets: jax.Array  # i32[T] the prompt token each position predicts, for requests
+    # with prompt_logprobs (runner/prompt_logprobs.py); -1 elsewhere
     num_tokens: int  # T, the token bucket
     num_reqs: int  # R, the request bucket
     num_blocks_per_req: int  # B, the block-table width bucket
@@ -92,6 +94,21 @@ class Buckets:
 
 
 @dataclasses.dataclass
+class PromptLogprobSpan:
+    """Where one request's prompt-logprob positions sit in a step."""
+
+    request_id: str
+    # index into the step's T of its first asking position
+    offset: int
+    # the prompt tokens those positions predict, in order
+    target_ids: list[int]
+    # index of the first of them in the request's prompt_logprobs (= its prompt position)
+    first_index: int
+    # top-N the request asked for
+    top_n: int
+
+
+@dataclasses.dataclass
 class StagedStep:
     """One step's inputs, and the requests that had to be left out of it."""
 
@@ -101,6 +118,8 @@ class StagedStep:
     staged: list[ScheduledRequest]
     # req_id -> why its part of the step could not be staged (it is not in `inputs`)
     failed: dict[str, str]
+    # the staged requests' prompt-logprob positions (empty when none asks)
+    prompt_spans: list[PromptLogprobSpan] = dataclasses.field(default_factory=list)
 
 
 # TokenMasks.fill: the sampling rows' requests (None: not sampling) and R -> (bitmask, has_mask),
@@ -133,7 +152,10 @@ def build_step_inputs(
             return StagedStep(inputs=None, staged=[], failed=failed)
         try:
             inputs = _stage(todo, buckets, block_size, penalty_len, bitmask_width, fill_mask)
-            return StagedStep(inputs, todo, failed)
+            spans = _prompt_spans(todo)
+            if spans:
+                inputs.prompt_targets = _targets(spans, inputs.num_tokens)
+            return StagedStep(inputs, todo, failed, spans)
         except _RequestStagingError as e:
             sr = e.scheduled
             logger.error(
@@ -183,6 +205,36 @@ def _sharing_unwritten_blocks(
             unwritten.update(_written_blocks(sr, block_size))
             changed = True
     return more
+
+
+def _prompt_spans(scheduled: Sequence[ScheduledRequest]) -> list[PromptLogprobSpan]:
+    """Position p (< the prompt's last) of a request with prompt_logprobs predicts token p + 1."""
+    spans = []
+    offset = 0
+    for sr in scheduled:
+        request = sr.request
+        top_n = request.sampling_params.prompt_logprobs
+        start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
+        last = min(start + n, request.num_prompt_tokens - 1)  # positions start .. last - 1
+        if top_n is not None and start < last:
+            targets = request.prompt_token_ids[start + 1 : last + 1]
+            spans.append(PromptLogprobSpan(request.request_id, offset, targets, start, top_n))
+        offset += n
+    return spans
+
+
+def _targets(spans: list[PromptLogprobSpan], num_tokens: int) -> np.ndarray:
+    targets = np.full(num_tokens, -1, np.int32)
+    for span in spans:
+        targets[span.offset : span.offset + len(span.target_ids)] = span.target_ids
+    return targets
+
+
+@functools.lru_cache(maxsize=32)
+def _no_targets(num_tokens: int) -> np.ndarray:
+    a = np.full(num_tokens, -1, np.int32)
+    a.setflags(write=False)
+    return a
 
 
 def _stage(
@@ -253,6 +305,7 @@ def _stage(
         ),
         logits_indices=logits_indices,
         sampling=sampling,
+        prompt_targets=_no_targets(t),
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,
@@ -277,6 +330,7 @@ def dummy_step_inputs(
             cu_q_lens=zeros(r + 1),
         ),
         logits_indices=zeros(r),
+        prompt_targets=_no_targets(t),
         sampling=build_sampling_metadata(list(rows), r, penalty_len, bitmask_width=bitmask_width),
         num_tokens=t,
         num_reqs=r,
