@@ -133,6 +133,37 @@ class Request:
         self.output_token_ids.extend(token_ids)
         self.all_token_ids.extend(token_ids)
 
+    def check_stop(self, token_id: int, max_model_len: int) -> bool:
+        """Sets a finished status (and stop_reason) when the token just appended ends it."""
+        params = self.sampling_params
+        num_output = self.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id == self.eos_token_id:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if token_id in params.stop_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = token_id
+                return True
+        if num_output >= self.max_tokens or self.num_tokens >= max_model_len:
+            self.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    def add_prompt_logprobs(self, first: int, entries: list[TokenLogprobs]) -> None:
+        """Entries first .. of prompt_logprobs from one step; a recompute after preemption
+        adds only what is missing."""
+        have = len(self.prompt_logprobs)
+        if first <= have:
+            self.prompt_logprobs.extend(entries[have - first :])
+
+    @property
+    def prompt_logprobs_to_send(self) -> list[TokenLogprobs] | None:
+        """The prompt logprobs, on the output of the first sampled token only."""
+        if self.sampling_params.prompt_logprobs is None or self.num_output_tokens != 1:
+            return None
+        return self.prompt_logprobs
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, status={self.status.name}, "

@@ -334,10 +334,7 @@ class Scheduler:
                 self._fail_staged(entry, failed[req_id])
                 continue
             if prompt_logprobs and req_id in prompt_logprobs:
-                first, new = prompt_logprobs[req_id]
-                have = len(request.prompt_logprobs)
-                if first <= have:  # a recompute after preemption: only what is missing
-                    request.prompt_logprobs.extend(new[have - first :])
+                request.add_prompt_logprobs(*prompt_logprobs[req_id])
             if not entry.is_sampling or request.is_finished:
                 continue  # a prefill chunk, or aborted while the step ran
             token_id = sampled.get(req_id)
@@ -345,7 +342,7 @@ class Scheduler:
                 continue
             try:
                 request.append_output_token_ids(token_id)
-                if self._check_stop(request, token_id):
+                if request.check_stop(token_id, self.max_model_len):
                     self._free_request(request)
                     num_finished += 1
                 token_logprobs = logprobs.get(req_id)
@@ -357,12 +354,7 @@ class Scheduler:
                         finish_reason=request.finish_reason,
                         stop_reason=request.stop_reason,
                         num_cached_tokens=max(request.num_cached_tokens, 0),
-                        prompt_logprobs=(
-                            request.prompt_logprobs
-                            if request.num_output_tokens == 1
-                            and request.sampling_params.prompt_logprobs is not None
-                            else None
-                        ),
+                        prompt_logprobs=request.prompt_logprobs_to_send,
                     )
                 )
             except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed
@@ -381,23 +373,6 @@ class Scheduler:
                 for req_id, reason in failures.items()
             )
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
-
-    def _check_stop(self, request: Request, token_id: int) -> bool:
-        """Sets a finished status (and stop_reason) when the token just appended ends it."""
-        params = request.sampling_params
-        num_output = request.num_output_tokens
-        if num_output >= params.min_tokens:
-            if not params.ignore_eos and token_id == request.eos_token_id:
-                request.status = RequestStatus.FINISHED_STOPPED
-                return True
-            if token_id in params.stop_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = token_id
-                return True
-        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            return True
-        return False
 
     def _free_request(self, request: Request) -> None:
         """Frees a finished request's blocks and forgets it (the caller fixes up the queues)."""
