@@ -117,6 +117,9 @@ def validate_core_request(
     as_token_ids(params.stop_token_ids, limits.vocab_size, "stop_token_ids")
     if req.eos_token_id is not None:
         as_token_ids([req.eos_token_id], limits.vocab_size, "eos_token_id")
+    so = params.structured_outputs
+    if so is not None and so.after_token_id is not None:
+        as_token_ids([so.after_token_id], limits.vocab_size, "structured_outputs.after_token_id")
     num_prompt = len(req.prompt_token_ids)
     check_prompt_len(num_prompt, limits.max_model_len, "prompt_token_ids")
     room = limits.max_model_len - num_prompt

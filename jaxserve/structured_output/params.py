@@ -102,6 +102,9 @@ class StructuredOutputsParams:
     # JSON only: a regex for the whitespace between JSON tokens, replacing the bounded default
     # (e.g. r"[\n ]{0,8}"); a pattern with * or + gives back unbounded whitespace runs
     whitespace_pattern: str | None = None
+    # the constraint starts after the first output token with this id (a reasoning model's
+    # </think>: the answer is constrained, the reasoning is free); None: from the first token
+    after_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.json_object, bool):
@@ -113,6 +116,15 @@ class StructuredOutputsParams:
             raise StructuredOutputsError(
                 FIELD_PREFIX + "disable_any_whitespace",
                 f"must be a boolean, got {type(self.disable_any_whitespace).__name__}",
+            )
+        if self.after_token_id is not None and (
+            not isinstance(self.after_token_id, int)
+            or isinstance(self.after_token_id, bool)
+            or self.after_token_id < 0
+        ):
+            raise StructuredOutputsError(
+                FIELD_PREFIX + "after_token_id",
+                f"must be a token id, got {self.after_token_id!r}",
             )
         given = [f for f in CONSTRAINT_FIELDS if self._is_set(f)]
         if len(given) != 1:

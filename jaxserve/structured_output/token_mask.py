@@ -6,6 +6,8 @@ Three request options restrict which token may come next, and all three become o
 - `allowed_token_ids`: a fixed row, built once per request;
 - `bad_words`: a word's last token is cleared wherever the output ends with the rest of it
   (vLLM's rule; a one-token word is always cleared).
+A grammar with `after_token_id` (a reasoning model's </think>) starts after that output
+token: the reasoning before it is free, the answer after it is constrained.
 A row is the AND of the rules its request has; a request with none has no row (has_mask False),
 and a step where no scheduled request has one passes no mask at all (the sampler's lax.cond then
 skips the masking). One per engine core; plain numpy, no jax.
@@ -33,6 +35,9 @@ class _RowRules:
     bad_words: tuple[tuple[int, ...], ...]
     # the request has a structured-output matcher in the manager
     structured: bool
+    # the grammar waits for this output token (structured_outputs.after_token_id); None once
+    # it has come (or when the grammar starts at the first token)
+    waiting_for: int | None = None
 
 
 class TokenMasks:
@@ -75,10 +80,13 @@ class TokenMasks:
         allowed = None
         if p.allowed_token_ids is not None:
             allowed = _row_of(p.allowed_token_ids, self.width)
-        structured = p.structured_outputs is not None
-        if structured:
-            self.manager.add_request(request.request_id, p.structured_outputs)
-        self._rules[request.request_id] = _RowRules(allowed, p.bad_words_token_ids, structured)
+        so = p.structured_outputs
+        if so is not None:
+            self.manager.add_request(request.request_id, so)
+        waiting_for = so.after_token_id if so is not None else None
+        self._rules[request.request_id] = _RowRules(
+            allowed, p.bad_words_token_ids, so is not None, waiting_for
+        )
 
     def remove(self, request_id: str) -> None:
         rules = self._rules.pop(request_id, None)
@@ -91,6 +99,11 @@ class TokenMasks:
         rules = self._rules.get(request_id)
         if rules is None or not rules.structured or not token_ids:
             return True
+        if rules.waiting_for is not None:
+            if rules.waiting_for not in token_ids:
+                return True  # still before the constrained part
+            token_ids = token_ids[list(token_ids).index(rules.waiting_for) + 1 :]
+            rules.waiting_for = None
         return self.manager.accept_tokens(request_id, token_ids)
 
     def fill(
@@ -104,7 +117,12 @@ class TokenMasks:
         if not any(ids):
             return None
         bitmask = np.empty((num_rows, self.width), np.uint32)
-        structured_ids = [rid if rid and self._rules[rid].structured else None for rid in ids]
+        structured_ids = [
+            rid
+            if rid and self._rules[rid].structured and self._rules[rid].waiting_for is None
+            else None
+            for rid in ids
+        ]
         if any(structured_ids):
             has_mask = self.manager.fill_bitmask(structured_ids, bitmask)
         else:
@@ -113,8 +131,10 @@ class TokenMasks:
         for i, rid in enumerate(ids):
             if rid is None:
                 continue
-            has_mask[i] = True
             rules = self._rules[rid]
+            if rules.allowed is None and not rules.bad_words and structured_ids[i] is None:
+                continue  # only a grammar that has not started yet: no row this step
+            has_mask[i] = True
             if rules.allowed is not None:
                 bitmask[i] &= rules.allowed
             request = rows[i]

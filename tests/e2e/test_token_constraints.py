@@ -97,3 +97,14 @@ def test_a_grammar_that_cannot_compile_fails_alone(llm, so, field):
     assert not core.has_unfinished_requests() and core.token_masks.num_requests == 0
     assert core.make_stats().num_used_blocks == 0
     assert len(_tokens(llm, GREEDY, PROMPTS[:1])[0]) == 12  # and the engine serves on
+
+
+def test_a_grammar_after_a_token_leaves_what_comes_before_free(llm):
+    plain = _tokens(llm, GREEDY, PROMPTS[:1])[0]
+    end = plain[2]  # "</think>": the third token the model writes by itself
+    so = StructuredOutputsParams(regex=ID_RE, after_token_id=end)
+    params = SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=so)
+    out = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:3] == plain[:3]  # free until the token, the model's own choice
+    answer = llm.get_tokenizer().decode(out.token_ids[3:], skip_special_tokens=True)
+    assert re.fullmatch(ID_RE, answer) and out.finish_reason == "stop"
