@@ -20,6 +20,7 @@ from jaxserve.core.admission import check_embed_len
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
 from server import generation, health, openapi, protocol, request_io, responses, validate
+from server.chat_config import make_chat_config
 from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
 from server.request_io import check_model, read_body, render_chat
@@ -192,12 +193,23 @@ def make_app(
     allowed_hosts: Sequence[str] = (),
     allowed_origins: Sequence[str] = (),
     allow_special_tokens_in_content: bool = False,
+    chat_template: str | None = None,
+    tool_call_parser: str = "auto",
+    reasoning_parser: str | None = None,
 ) -> web.Application:
     """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle.
 
     `bind_host`: the address the server listens on; a loopback one turns on the Host check
     (server/security.py). None (unknown, as in tests) leaves it off.
+    `chat_template`: the template text replacing the model's (--chat-template);
+    `tool_call_parser` / `reasoning_parser`: the flags' values (server/chat_config.py).
     """
+    chat = make_chat_config(
+        engine.tokenizer,
+        chat_template=chat_template,
+        tool_call_parser=tool_call_parser,
+        reasoning_parser=reasoning_parser,
+    )
     limits = protocol.Limits(
         max_n=max_n,
         max_prompts=max_prompts,
@@ -225,6 +237,7 @@ def make_app(
         api_key=api_key,
         allow_special_tokens_in_content=allow_special_tokens_in_content,
         created=responses.now(),
+        chat=chat,
     )
     app[health.HEALTH_KEY] = health.HealthProbe(engine)
     for method, path, handler in ROUTES:
