@@ -300,7 +300,7 @@ def _sampling_params(
     for value, name in ((logprobs, logprobs_name), (prompt_logprobs, "prompt_logprobs")):
         if value is not None and value > limits.max_logprobs:
             raise bad_request(f"{name} must be <= {limits.max_logprobs}, got {value}", name)
-    if prompt_logprobs is not None and body.stream:
+    if body.prompt_logprobs is not None and body.stream:
         # vLLM's rule too: they would all arrive in one chunk after the whole prompt ran
         raise bad_request("prompt_logprobs is not available with stream=true", "prompt_logprobs")
     _check_token_ids(body.allowed_token_ids, "allowed_token_ids", vocab_size)
