@@ -60,7 +60,7 @@ async def embeddings(request: web.Request) -> web.Response:
     req = validate.parse_embedding(await read_body(request), state.limits)
     check_model(state, req.model)
     if req.user is not None:
-        logger.debug("embeddings from user %r", req.user)
+        logger.info("embeddings from user %r", req.user)
     all_ids = await request_io.tokenize_all(state, req.inputs)
     for i, ids in enumerate(all_ids):
         param = "input" if len(req.inputs) == 1 else f"input[{i}]"

@@ -165,7 +165,8 @@ class Generation:
         assert self.top_logprobs is not None
         entries = p.prompt_logprobs
         if entries is None:
-            raise ValueError("the engine returned no prompt logprobs for echo with logprobs")
+            # the engine's fault, not the request's: a 500, never a silently shorter answer
+            raise RuntimeError("the engine returned no prompt logprobs for echo with logprobs")
         out = responses.prompt_completion_logprobs(
             self.state.engine.tokenizer, p.token_ids, entries, self.top_logprobs
         )
@@ -287,7 +288,7 @@ class Generation:
     def _prompt_logprobs(self, p: PromptState) -> list[dict[str, Any] | None]:
         assert self.prompt_logprobs is not None
         if p.prompt_logprobs is None:
-            raise ValueError("the engine returned no prompt logprobs for prompt_logprobs")
+            raise RuntimeError("the engine returned no prompt logprobs for prompt_logprobs")
         return responses.vllm_prompt_logprobs(
             self.state.engine.tokenizer, p.token_ids, p.prompt_logprobs, self.prompt_logprobs
         )

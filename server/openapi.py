@@ -278,14 +278,18 @@ def spec(model_name: str) -> dict[str, Any]:
     paths = {
         "/v1/completions": _post(
             "Text completions. Unknown fields are rejected (400). Multiple prompts and n > 1 "
-            "give choices indexed prompt_idx * n + i.",
+            "give choices indexed prompt_idx * n + i. At most one output constraint "
+            "(response_format, structured_outputs, guided_*) per request; echo with logprobs "
+            "returns the prompt's tokens first (the first one's logprob is null).",
             protocol.CompletionBody,
             CompletionResponse,
             _GEN_CODES,
             sse=True,
         ),
         "/v1/chat/completions": _post(
-            "Chat completions: messages are rendered with the model's chat template.",
+            "Chat completions: messages are rendered with the model's chat template (or "
+            "--chat-template). Tools the template ignores go into the system turn; tool calls "
+            "are parsed (tool_choice auto) or grammar-forced (required, a named function).",
             protocol.ChatBody,
             ChatResponse,
             _GEN_CODES,

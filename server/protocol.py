@@ -199,7 +199,7 @@ class GenerationBody(_Body, kw_only=True):
     priority: Priority | None = None
     # separates this request's prefix-cache entries from other tenants'
     cache_salt: CacheSalt | None = None
-    # the end user, for abuse monitoring: logged at DEBUG with the request id
+    # the end user, for abuse monitoring: logged at INFO with the request id
     user: Name | None = None
     # None: 16 for completions (OpenAI's default), until max_model_len for chat
     max_tokens: MaxTokens | None = None
