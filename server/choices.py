@@ -65,11 +65,14 @@ class Generation:
         continuous_usage: bool = False,
         parsers: ChatOutputParsers | None = None,
         stream: bool = False,
+        max_tool_calls: int | None = None,
     ) -> None:
         """echo_texts with top_logprobs: the prompt's tokens and logprobs come first (the
         engine was asked for prompt_logprobs >= top_logprobs); prompt_logprobs: the vLLM
         field's N (its own output field); parsers: chat output through the tool and
-        reasoning parsers (streamed ones parse delta by delta)."""
+        reasoning parsers (streamed ones parse delta by delta); max_tool_calls: 1 under
+        parallel_tool_calls=false (later calls are dropped; a forced grammar never makes
+        them), None: no limit."""
         self.state = state
         self.is_chat = is_chat
         self.n = n
@@ -77,6 +80,7 @@ class Generation:
         self.prompt_logprobs = prompt_logprobs
         self.continuous_usage = continuous_usage
         self.parsers = parsers
+        self.max_tool_calls = max_tool_calls
         self.id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex
         self.created = responses.now()
         self.chunk_object = "chat.completion.chunk" if is_chat else "text_completion"
@@ -148,6 +152,12 @@ class Generation:
             if finish_reason is not None:
                 _merge_delta(fields, choice.stream.finish())
                 finish_reason = choice.stream.finish_reason(finish_reason)
+            if self.max_tool_calls is not None and "tool_calls" in fields:
+                calls = [d for d in fields["tool_calls"] if d["index"] < self.max_tool_calls]
+                if calls:
+                    fields["tool_calls"] = calls
+                else:
+                    del fields["tool_calls"]
             if not fields and logprobs is None and finish_reason is None:
                 return None
         elif not text and logprobs is None and co.finish_reason is None:
@@ -266,6 +276,8 @@ class Generation:
                 message = parse_chat_output(
                     self.parsers, text, tool_call_id_prefix(self.id, c.index)
                 )
+                if self.max_tool_calls is not None:
+                    del message.tool_calls[self.max_tool_calls :]
                 wire["message"] = message.to_openai(self.parsers)
                 finish_reason = message.finish_reason(finish_reason)
             elif self.is_chat:

@@ -163,6 +163,7 @@ async def _admit_and_run(
             continuous_usage=req.continuous_usage,
             parsers=parsers,
             stream=req.stream,
+            max_tool_calls=1 if is_chat and req.tools and not req.tools.is_parallel else None,
         )
         if req.user is not None:
             # OpenAI's end-user label, recorded for abuse tracing (one INFO line per request

@@ -53,6 +53,8 @@ class FakeEngine(EngineClient):
         self.step_delay = step_delay
         # what every completion generates (None: SCRIPT)
         self.script: str | None = None
+        # raised by generate() before anything is queued (an engine-side refusal)
+        self.refusal: Exception | None = None
         # switches the tests flip
         self.overloaded = False
         self.dead: str | None = None
@@ -102,6 +104,8 @@ class FakeEngine(EngineClient):
             raise EngineDeadError(self.dead)
         if self.overloaded:
             raise EngineOverloadedError("waiting queue is full (1/1)")
+        if self.refusal is not None:
+            raise self.refusal
         ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else None
         if ids is None:
             ids = self.tokenizer.encode(prompt)

@@ -261,3 +261,21 @@ async def test_bad_value_names_the_field(client, engine, path, fields, param):
     assert not engine.requests  # refused before the engine saw it
     r = await client.post(path, json=_body(path))
     assert r.status == 200
+
+
+async def test_engine_refusal_names_the_field_as_sent(client, engine):
+    """The engine checks what needs the tokenizer (a choice the vocab cannot spell) and names
+    StructuredOutputsParams' field; the 400 names the field the client sent."""
+    engine.refusal = ValueError("structured_outputs.choice[1] holds characters the vocab lacks")
+    r = await client.post(C, json=_body(C, guided_choice=["a", "b"]))
+    body = await r.json()
+    assert r.status == 400 and body["error"]["param"] == "guided_choice[1]", body
+    assert body["error"]["message"].startswith("guided_choice[1] holds")
+    r = await client.post(CHAT, json=_body(CHAT, structured_outputs={"choice": ["a", "b"]}))
+    assert (await r.json())["error"]["param"] == "structured_outputs.choice[1]"
+    engine.refusal = ValueError("structured_outputs.json cannot be compiled: too deep")
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    r = await client.post(CHAT, json=_body(CHAT, response_format=schema))
+    assert (await r.json())["error"]["param"] == "response_format.json_schema.schema"
+    engine.refusal = None
+    assert (await client.post(C, json=_body(C))).status == 200

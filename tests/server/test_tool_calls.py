@@ -244,3 +244,18 @@ async def test_openai_sdk_tools_and_parse(client, engine):
         assert parsed.choices[0].message.parsed == Weather(city="Paris", celsius=21)
         so = engine.requests[-1][2].structured_outputs
         assert json.loads(so.json)["properties"]["celsius"]["type"] == "integer"
+
+
+async def test_parallel_tool_calls_false_keeps_one_call(client, engine):
+    second = CALL_TEXT.replace("Paris", "Rome")[len("Let me check.") :]
+    engine.script = CALL_TEXT + second
+    body = {"messages": MSG, "tools": [WEATHER], "max_tokens": 400}
+    for parallel, cities in ((None, ["Paris", "Rome"]), (False, ["Paris"])):
+        fields = {} if parallel is None else {"parallel_tool_calls": parallel}
+        r = await client.post(CHAT, json={**body, **fields})
+        calls = (await r.json())["choices"][0]["message"]["tool_calls"]
+        assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == cities
+        r = await client.post(CHAT, json={**body, **fields, "stream": True})
+        _, streamed, finish = _join_stream(_events(await r.text()))
+        assert [c["function"] for c in streamed] == [c["function"] for c in calls]
+        assert finish == "tool_calls"
