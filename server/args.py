@@ -69,6 +69,7 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("chat templates, tool calls and reasoning")
     g.add_argument(
         "--chat-template",
+        type=_chat_template,
         default=None,
         metavar="PATH|TEXT",
         help="a Jinja chat template (a file, or the template text) replacing the model's",
@@ -88,6 +89,18 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
         help="split <think>...</think> reasoning into message.reasoning_content "
         "(Qwen3, DeepSeek-R1 distills)",
     )
+
+
+def _chat_template(value: str) -> str:
+    """The template text (read now, so a bad path fails before the engine starts)."""
+    from server.chat_config import load_chat_template
+
+    try:
+        text = load_chat_template(value)
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert text is not None
+    return text
 
 
 def _names(value: str) -> list[str]:

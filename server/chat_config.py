@@ -48,7 +48,7 @@ def load_chat_template(value: str | None) -> str | None:
             return f.read()
     if "{{" in value or "{%" in value:
         return value
-    raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    raise ValueError(f"{value!r} is neither a file nor a Jinja template")
 
 
 def make_chat_config(

@@ -20,7 +20,6 @@ import signal
 from jaxserve.config import EngineArgs
 from jaxserve.engine.client import EngineClient
 from server.app import make_app
-from server.chat_config import load_chat_template
 from server.connections import ConnectionLimits, ensure_fd_limit, start_http
 from server.state import STATE_KEY
 
@@ -60,7 +59,6 @@ async def serve(
     """Serves until a signal (or the engine gives up); `engine`, or one made from
     `engine_args`."""
     limits = connection_limits_from(ns)  # bad flags fail before minutes of engine start-up
-    chat_template = load_chat_template(getattr(ns, "chat_template", None))
     ensure_fd_limit(limits.max_connections)
     if engine is None:
         if engine_args is None:
@@ -76,7 +74,8 @@ async def serve(
         allowed_hosts=ns.allowed_hosts,
         allowed_origins=ns.allowed_origins,
         allow_special_tokens_in_content=ns.allow_special_tokens_in_content,
-        chat_template=chat_template,
+        # --chat-template's text (server/args.py read the file)
+        chat_template=getattr(ns, "chat_template", None),
         tool_call_parser=getattr(ns, "tool_call_parser", "auto"),
         reasoning_parser=getattr(ns, "reasoning_parser", None),
     )

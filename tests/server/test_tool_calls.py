@@ -259,3 +259,22 @@ async def test_parallel_tool_calls_false_keeps_one_call(client, engine):
         _, streamed, finish = _join_stream(_events(await r.text()))
         assert [c["function"] for c in streamed] == [c["function"] for c in calls]
         assert finish == "tool_calls"
+
+
+def test_server_flags(tmp_path):
+    import argparse
+
+    from server.args import add_server_args
+
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    path = tmp_path / "t.jinja"
+    path.write_text(TOOLS_TEMPLATE)
+    ns = parser.parse_args(["--chat-template", str(path), "--tool-call-parser", "llama3_json"])
+    assert ns.chat_template == TOOLS_TEMPLATE and ns.tool_call_parser == "llama3_json"
+    assert parser.parse_args(["--chat-template", "{{ x }}"]).chat_template == "{{ x }}"
+    ns = parser.parse_args([])
+    assert (ns.chat_template, ns.tool_call_parser, ns.reasoning_parser) == (None, "auto", None)
+    for bad in (["--chat-template", str(tmp_path / "missing")], ["--tool-call-parser", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
