@@ -16,7 +16,7 @@ from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
 from server import protocol, request_io, sse, validate
 from server.choices import Generation
 from server.constraints import Constraint
-from server.errors import APIError, error_body
+from server.errors import APIError, bad_request, error_body
 from server.fanout import EnginePrompt, Fanout
 from server.request_io import (
     check_model,
@@ -205,6 +205,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         template_kwargs=req.chat_template_kwargs,
     )
     check_prompt_len(state, ids, "messages")
+    parsers = _chat_parsers(state, req, ids)
+    if parsers is not None and parsers.starts_in_reasoning and req.constraint.params is not None:
+        # the constraint would hold the reasoning to it too (the engine cannot yet start a
+        # grammar at the end of the reasoning): refused rather than answered broken
+        field = req.constraint.param("structured_outputs")
+        raise bad_request(
+            f"{field}: this prompt opens a reasoning block, and output constraints apply to "
+            "the reasoning too; turn reasoning off (e.g. chat_template_kwargs "
+            '{"enable_thinking": false}) to constrain the answer',
+            field,
+        )
     prompts = [EnginePrompt(None, ids)]
     return await _admit_and_run(
         request,
@@ -215,7 +226,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         top_logprobs=req.top_logprobs,
         echo_texts=None,
         fields=protocol.CHAT_FIELDS,
-        parsers=_chat_parsers(state, req, ids),
+        parsers=parsers,
     )
 
 

@@ -278,3 +278,24 @@ def test_server_flags(tmp_path):
     for bad in (["--chat-template", str(tmp_path / "missing")], ["--tool-call-parser", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+async def test_constraint_with_an_open_reasoning_block_is_refused(aiohttp_client):
+    engine = FakeEngine()
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "<|assistant|>{% if think is not defined or think %}<think>\n{% endif %}"
+    )
+    client = await aiohttp_client(
+        make_app(engine, chat_template=template, reasoning_parser="qwen3")
+    )
+    fmt = {"response_format": {"type": "json_object"}}
+    r = await client.post(CHAT, json={"messages": MSG, "max_tokens": 2, **fmt})
+    body = await r.json()
+    assert r.status == 400 and body["error"]["param"] == "response_format", body
+    assert not engine.requests
+    r = await client.post(
+        CHAT,
+        json={"messages": MSG, "max_tokens": 2, "chat_template_kwargs": {"think": False}, **fmt},
+    )
+    assert r.status == 200, await r.text()
