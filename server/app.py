@@ -99,8 +99,15 @@ async def tokenize(request: web.Request) -> web.Response:
     if req.prompt is not None:
         tokens = await request_io.tokenize_text(state, req.prompt, req.add_special_tokens)
     else:
-        assert req.messages is not None
-        tokens = await render_chat(state, req.messages, req.add_generation_prompt)
+        assert req.messages is not None and req.tools is not None
+        tokens = await render_chat(
+            state,
+            req.messages,
+            req.add_generation_prompt,
+            tools=req.tools,
+            continue_final_message=req.continue_final_message,
+            template_kwargs=req.chat_template_kwargs,
+        )
     return web.json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
     )

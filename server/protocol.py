@@ -310,13 +310,18 @@ class EmbeddingBody(_Body, kw_only=True):
 
 
 class TokenizeBody(_Body, kw_only=True):
-    """POST /tokenize: exactly one of prompt or messages."""
+    """POST /tokenize: exactly one of prompt or messages (rendered as chat would render
+    them, with the same template options and tools)."""
 
     model: Name | None = None
     prompt: str | None = None
     messages: Messages | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    # rendered as under tool_choice "auto"
+    tools: Tools | None = None
 
 
 class DetokenizeBody(_Body, kw_only=True):
@@ -334,6 +339,7 @@ def fields(body: type[msgspec.Struct]) -> frozenset[str]:
 COMPLETION_FIELDS = fields(CompletionBody)
 CHAT_FIELDS = fields(ChatBody)
 EMBEDDING_FIELDS = fields(EmbeddingBody)
+TOKENIZE_FIELDS = fields(TokenizeBody)
 # the names SamplingParams and the bodies share (copied across when given)
 SAMPLING_FIELDS = fields(GenerationBody) & (set(INT_RANGES) | set(FLOAT_RANGES)) | {
     "stop",

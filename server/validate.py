@@ -97,6 +97,9 @@ class TokenizeRequest:
     messages: list[dict[str, Any]] | None
     add_special_tokens: bool
     add_generation_prompt: bool
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: ToolRequest | None = None
 
 
 def decode(raw: bytes, body_type: type[B]) -> B:
@@ -401,7 +404,27 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
-def _template_kwargs(body: protocol.ChatBody) -> dict[str, Any] | None:
+def _continue_final(
+    body: protocol.ChatBody | protocol.TokenizeBody, messages: list[dict[str, Any]]
+) -> bool:
+    """continue_final_message, checked (vLLM's rules: not with add_generation_prompt=true,
+    and the last message must be the assistant's)."""
+    if not body.continue_final_message:
+        return False
+    if body.add_generation_prompt:
+        raise bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            "continue_final_message",
+        )
+    if messages[-1]["role"] != "assistant":
+        raise bad_request(
+            "continue_final_message needs the last message to be the assistant's",
+            f"messages[{len(messages) - 1}].role",
+        )
+    return True
+
+
+def _template_kwargs(body: protocol.ChatBody | protocol.TokenizeBody) -> dict[str, Any] | None:
     kwargs = body.chat_template_kwargs
     if not kwargs:
         return None
@@ -449,18 +472,7 @@ def parse_chat(
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     messages = _messages(body.messages)
-    continue_final = bool(body.continue_final_message)
-    if continue_final:
-        if body.add_generation_prompt:
-            raise bad_request(
-                "continue_final_message and add_generation_prompt cannot both be true",
-                "continue_final_message",
-            )
-        if messages[-1]["role"] != "assistant":
-            raise bad_request(
-                "continue_final_message needs the last message to be the assistant's",
-                f"messages[{len(messages) - 1}].role",
-            )
+    continue_final = _continue_final(body, messages)
     tools, tool_parser = _tools(body, chat)
     try:
         grammar = tool_grammar(tool_parser, tools) if tool_parser is not None else None
@@ -522,12 +534,21 @@ def parse_tokenize(raw: bytes) -> TokenizeRequest:
     body = decode(raw, protocol.TokenizeBody)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
+    messages = None if body.messages is None else _messages(body.messages)
+    continue_final = messages is not None and _continue_final(body, messages)
+    try:
+        tools = parse_tool_request(msgspec.to_builtins(body.tools))
+    except ValueError as e:
+        raise bad_request(str(e), param_from_message(str(e), protocol.TOKENIZE_FIELDS)) from None
     return TokenizeRequest(
         model=body.model,
         prompt=body.prompt,
-        messages=None if body.messages is None else _messages(body.messages),
+        messages=messages,
         add_special_tokens=body.add_special_tokens is not False,
-        add_generation_prompt=body.add_generation_prompt is not False,
+        add_generation_prompt=body.add_generation_prompt is not False and not continue_final,
+        continue_final_message=continue_final,
+        chat_template_kwargs=_template_kwargs(body),
+        tools=tools,
     )
 
 

@@ -299,3 +299,18 @@ async def test_constraint_with_an_open_reasoning_block_is_refused(aiohttp_client
         json={"messages": MSG, "max_tokens": 2, "chat_template_kwargs": {"think": False}, **fmt},
     )
     assert r.status == 200, await r.text()
+
+
+async def test_tokenize_renders_as_chat_does(client, engine):
+    msgs = [*MSG, {"role": "assistant", "content": "It is"}]
+    body = {"messages": msgs, "tools": [WEATHER], "continue_final_message": True}
+    r = await client.post("/tokenize", json=body)
+    tokens = (await r.json())["tokens"]
+    assert r.status == 200
+    r = await client.post(CHAT, json={**body, "max_tokens": 1})
+    assert r.status == 200, await r.text()
+    assert engine.requests[-1][1] == tokens
+    text = engine.tokenizer.decode(tokens)
+    assert TOOLS_PROMPT_HEADER in text and text.endswith("It is")
+    r = await client.post("/tokenize", json={**body, "tools": [WEATHER, WEATHER]})
+    assert (await r.json())["error"]["param"] == "tools[1].function.name"
