@@ -166,7 +166,8 @@ class Generation:
             "text": text,
             "fields": fields,
             "logprobs": logprobs,
-            "finish_reason": finish_reason if co.finish_reason is not None else None,
+            # the wire's ("tool_calls" after calls), once: when the choice finishes
+            "finish_reason": finish_reason,
         }
 
     def _echo_logprobs(self, choice: Choice, p: PromptState) -> dict[str, list]:

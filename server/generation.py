@@ -3,6 +3,9 @@
 Both endpoints share one path: tokenize (the chat template for chat), fan out one engine
 request per prompt, then fold the delta outputs into choices (index = prompt_idx * n +
 completion index), emitting each delta as an SSE chunk or collecting them into one body.
+Chat output with tools or --reasoning-parser goes through server/tools/chat_output.py (per
+delta when streamed, on the whole text otherwise); the request's output constraint
+(server/constraints.py) travels as SamplingParams.structured_outputs.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ async def _run(
 ) -> web.StreamResponse:
     def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
         # the engine names a constraint's fields as StructuredOutputsParams does
-        if isinstance(e, ValueError) and not isinstance(e, APIError):
+        if isinstance(e, ValueError):
             e = ValueError(constraint.rename_message(str(e)))
         return request_io.engine_error(e, fields)
 

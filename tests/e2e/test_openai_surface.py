@@ -47,8 +47,8 @@ def test_response_format_json_schema_and_parse(client):
     # json_object on the completions endpoint
     c = client.completions.create(
         model=MODEL,
-        prompt="A JSON object describing a cat:",
-        max_tokens=48,
+        prompt='The weather in Paris as JSON, with keys "city" and "celsius":',
+        max_tokens=64,
         temperature=0,
         extra_body={"response_format": {"type": "json_object"}},
     )
