@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.tools.base import ToolParser
+from server.tools.hermes import HermesToolParser
 from server.tools.parsers import TOOL_PARSER_CHOICES, needs_special_tokens, resolve_tool_parser
 from server.tools.prompting import TemplateToolSupport, probe_template
 from server.tools.reasoning import (
@@ -70,6 +71,13 @@ def make_chat_config(
         return ChatConfig(chat_template, reasoning_parser=_reasoning(tokenizer, reasoning_parser))
     support = probe_template(tokenizer, template)
     parser = resolve_tool_parser(tool_call_parser, template, renders_tools=support.renders_tools)
+    if not support.renders_tools and parser is not None and parser is not HermesToolParser:
+        # the tools then go into the system turn, which asks for hermes blocks
+        raise ValueError(
+            f"--tool-call-parser {tool_call_parser}: the chat template ignores tools, so they "
+            "are described in the system turn in the hermes format; use hermes or auto, or a "
+            "--chat-template that renders tools"
+        )
     return ChatConfig(
         template=chat_template,
         tool_support=support,

@@ -314,3 +314,25 @@ async def test_tokenize_renders_as_chat_does(client, engine):
     assert TOOLS_PROMPT_HEADER in text and text.endswith("It is")
     r = await client.post("/tokenize", json={**body, "tools": [WEATHER, WEATHER]})
     assert (await r.json())["error"]["param"] == "tools[1].function.name"
+
+
+async def test_llama3_json_parser(aiohttp_client):
+    engine = FakeEngine(max_model_len=4096)
+    with pytest.raises(ValueError, match="ignores tools"):
+        make_app(engine, tool_call_parser="llama3_json")
+    client = await aiohttp_client(
+        make_app(engine, chat_template=TOOLS_TEMPLATE, tool_call_parser="llama3_json")
+    )
+    engine.script = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    body = {"messages": MSG, "tools": [WEATHER], "max_tokens": 200}
+    r = await client.post(CHAT, json=body)
+    choice = (await r.json())["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+    r = await client.post(CHAT, json={**body, "stream": True})
+    _, calls, finish = _join_stream(_events(await r.text()))
+    assert finish == "tool_calls" and [c["function"] for c in calls] == [
+        choice["message"]["tool_calls"][0]["function"]
+    ]
+    r = await client.post(CHAT, json={**body, "tool_choice": "required"})
+    assert '"parameters"' in engine.requests[-1][2].structured_outputs.grammar
