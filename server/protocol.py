@@ -273,6 +273,9 @@ class Message(_Body, kw_only=True):
     tool_calls: Annotated[list[MessageToolCall], Meta(max_length=128)] | None = None
     # a `tool` message: the id of the call it answers
     tool_call_id: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
+    # an assistant turn's reasoning as this server returned it (clients send their history
+    # back as they got it); handed to the template, which renders it or not (Qwen3's does)
+    reasoning_content: str | None = None
 
 
 Messages = Annotated[list[Message], Meta(min_length=1)]

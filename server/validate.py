@@ -216,6 +216,8 @@ def _messages(messages: list[protocol.Message]) -> list[dict[str, Any]]:
             d["tool_calls"] = msgspec.to_builtins(m.tool_calls)
         if m.tool_call_id is not None:
             d["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            d["reasoning_content"] = m.reasoning_content
         out.append(d)
     return out
 
@@ -237,6 +239,7 @@ def message_chars(messages: list[dict[str, Any]]) -> int:
             total += sum(len(p["text"]) for p in c)
         for call in m.get("tool_calls") or ():
             total += _MESSAGE_OVERHEAD_CHARS + len(call["function"]["arguments"])
+        total += len(m.get("reasoning_content") or "")
     return total
 
 

@@ -169,6 +169,10 @@ async def test_reasoning_parser(aiohttp_client):
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "weighing it"
     assert "".join(d.get("content") or "" for d in deltas) == "The answer."
     assert all("<think>" not in (d.get("content") or "") for d in deltas)
+    # the message goes back as history as it came (reasoning_content and all)
+    history = [*MSG, message, {"role": "user", "content": "and?"}]
+    r = await client.post(CHAT, json={"messages": history, "max_tokens": 2})
+    assert r.status == 200, await r.text()
 
 
 @pytest.mark.parametrize(
@@ -225,6 +229,19 @@ async def test_openai_sdk_tools_and_parse(client, engine):
         assert engine.requests[-1][2].structured_outputs.grammar is not None
         (call,) = out.choices[0].message.tool_calls
         assert call.function.name == "get_weather" and out.choices[0].finish_reason == "tool_calls"
+        # the agent loop: the SDK's message object goes back as it came, then the result
+        history = [
+            *MSG,
+            out.choices[0].message,
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        ]
+        engine.script = "It is sunny."
+        out = await oai.chat.completions.create(
+            model="fake-model", messages=history, tools=[tool], max_tokens=200
+        )
+        assert out.choices[0].message.content == "It is sunny."
+        assert "<tool_response>\nsunny\n</tool_response>" in _prompt(engine)
+        engine.script = CALL_TEXT
         stream = await oai.chat.completions.create(
             model="fake-model", messages=MSG, tools=[WEATHER], max_tokens=200, stream=True
         )
