@@ -42,8 +42,15 @@ def apply_chat_template(
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
     allow_special_tokens_in_content: bool = False,
+    tools: list[dict] | None = None,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Renders `messages` with the model's (or the given) chat template -> prompt token ids.
+
+    tools: OpenAI tool definitions for templates that render them; continue_final_message:
+    the last message is left open for the model to continue (no end-of-turn, no generation
+    prompt); template_kwargs: extra template variables (e.g. enable_thinking).
 
     The template's text already holds the special tokens it wants (bos included), so it is
     encoded with add_special_tokens=False, as vLLM does.
@@ -73,22 +80,25 @@ def apply_chat_template(
         conversation.append(
             {**message, "content": _message_content(message["content"], f"messages[{i}].content")}
         )
+    options: dict[str, Any] = {
+        **(template_kwargs or {}),
+        "chat_template": template,
+        "add_generation_prompt": add_generation_prompt,
+    }
+    if tools is not None:
+        options["tools"] = tools
+    if continue_final_message:
+        options["continue_final_message"] = True
     if allow_special_tokens_in_content:
-        text = tokenizer.apply_chat_template(
-            conversation,
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
         return list(tokenizer.encode(text, add_special_tokens=False))
     try:
         ids = tokenizer.apply_chat_template(
             conversation,
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
             tokenize=True,
             return_dict=False,
             sanitize_control_tokens=True,
+            **options,
         )
     except ValueError as e:
         if "sanitize" not in str(e):

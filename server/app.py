@@ -20,6 +20,7 @@ from jaxserve.core.admission import check_embed_len
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
 from server import generation, health, openapi, protocol, request_io, responses, validate
+from server.chat_config import make_chat_config
 from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
 from server.request_io import check_model, read_body, render_chat
@@ -59,7 +60,7 @@ async def embeddings(request: web.Request) -> web.Response:
     req = validate.parse_embedding(await read_body(request), state.limits)
     check_model(state, req.model)
     if req.user is not None:
-        logger.debug("embeddings from user %r", req.user)
+        logger.info("embeddings from user %r", req.user)
     all_ids = await request_io.tokenize_all(state, req.inputs)
     for i, ids in enumerate(all_ids):
         param = "input" if len(req.inputs) == 1 else f"input[{i}]"
@@ -98,8 +99,15 @@ async def tokenize(request: web.Request) -> web.Response:
     if req.prompt is not None:
         tokens = await request_io.tokenize_text(state, req.prompt, req.add_special_tokens)
     else:
-        assert req.messages is not None
-        tokens = await render_chat(state, req.messages, req.add_generation_prompt)
+        assert req.messages is not None and req.tools is not None
+        tokens = await render_chat(
+            state,
+            req.messages,
+            req.add_generation_prompt,
+            tools=req.tools,
+            continue_final_message=req.continue_final_message,
+            template_kwargs=req.chat_template_kwargs,
+        )
     return web.json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
     )
@@ -192,12 +200,23 @@ def make_app(
     allowed_hosts: Sequence[str] = (),
     allowed_origins: Sequence[str] = (),
     allow_special_tokens_in_content: bool = False,
+    chat_template: str | None = None,
+    tool_call_parser: str = "auto",
+    reasoning_parser: str | None = None,
 ) -> web.Application:
     """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle.
 
     `bind_host`: the address the server listens on; a loopback one turns on the Host check
     (server/security.py). None (unknown, as in tests) leaves it off.
+    `chat_template`: the template text replacing the model's (--chat-template);
+    `tool_call_parser` / `reasoning_parser`: the flags' values (server/chat_config.py).
     """
+    chat = make_chat_config(
+        engine.tokenizer,
+        chat_template=chat_template,
+        tool_call_parser=tool_call_parser,
+        reasoning_parser=reasoning_parser,
+    )
     limits = protocol.Limits(
         max_n=max_n,
         max_prompts=max_prompts,
@@ -225,6 +244,7 @@ def make_app(
         api_key=api_key,
         allow_special_tokens_in_content=allow_special_tokens_in_content,
         created=responses.now(),
+        chat=chat,
     )
     app[health.HEALTH_KEY] = health.HealthProbe(engine)
     for method, path, handler in ROUTES:

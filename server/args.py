@@ -57,7 +57,50 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="encode control-token spellings (e.g. <|im_start|>) inside chat messages as "
         "control tokens; by default they are text, so user text cannot forge a turn",
     )
+    add_chat_args(parser)
     add_http_args(parser)
+
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    """Chat rendering and output parsing (server/chat_config.py)."""
+    from server.chat_config import REASONING_PARSER_CHOICES
+    from server.tools.parsers import TOOL_PARSER_CHOICES
+
+    g = parser.add_argument_group("chat templates, tool calls and reasoning")
+    g.add_argument(
+        "--chat-template",
+        type=_chat_template,
+        default=None,
+        metavar="PATH|TEXT",
+        help="a Jinja chat template (a file, or the template text) replacing the model's",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_PARSER_CHOICES,
+        default="auto",
+        help="how tool calls are read from the output: hermes (<tool_call>{...}</tool_call>), "
+        "llama3_json (Llama 3.1 JSON calls), or auto: detected from the chat template "
+        "(templates that ignore tools get the tools in the system turn, read as hermes)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSER_CHOICES,
+        default=None,
+        help="split <think>...</think> reasoning into message.reasoning_content "
+        "(Qwen3, DeepSeek-R1 distills)",
+    )
+
+
+def _chat_template(value: str) -> str:
+    """The template text (read now, so a bad path fails before the engine starts)."""
+    from server.chat_config import load_chat_template
+
+    try:
+        text = load_chat_template(value)
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert text is not None
+    return text
 
 
 def _names(value: str) -> list[str]:

@@ -3,6 +3,9 @@
 Both endpoints share one path: tokenize (the chat template for chat), fan out one engine
 request per prompt, then fold the delta outputs into choices (index = prompt_idx * n +
 completion index), emitting each delta as an SSE chunk or collecting them into one body.
+Chat output with tools or --reasoning-parser goes through server/tools/chat_output.py (per
+delta when streamed, on the whole text otherwise); the request's output constraint
+(server/constraints.py) travels as SamplingParams.structured_outputs.
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
-from server import protocol, sse, validate
+from server import protocol, request_io, sse, validate
 from server.choices import Generation
-from server.errors import error_body
+from server.constraints import Constraint
+from server.errors import APIError, bad_request, error_body
 from server.fanout import EnginePrompt, Fanout
 from server.request_io import (
     check_model,
     check_prompt_len,
     decode_prompt,
-    engine_error,
     read_body,
     render_chat,
     tokenize_all,
 )
 from server.state import STATE_KEY, ServerState
+from server.tools.chat_output import ChatOutputParsers
+from server.tools.reasoning import prompt_opens_reasoning
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,7 +49,14 @@ async def _run(
     priority: int,
     cache_salt: str | None,
     fields: frozenset[str],
+    constraint: Constraint,
 ) -> web.StreamResponse:
+    def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
+        # the engine names a constraint's fields as StructuredOutputsParams does
+        if isinstance(e, ValueError):
+            e = ValueError(constraint.rename_message(str(e)))
+        return request_io.engine_error(e, fields)
+
     fanout = Fanout(state.engine, prompts, params, gen.id, priority=priority, cache_salt=cache_salt)
     is_complete = False
     try:
@@ -98,7 +110,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI completions (legacy text API): see the openapi description for every field."""
     state = request.app[STATE_KEY]
     req = validate.parse_completion(
-        await read_body(request), state.limits, state.engine.max_model_len
+        await read_body(request),
+        state.limits,
+        state.engine.max_model_len,
+        vocab_size=len(state.engine.tokenizer),
     )
     check_model(state, req.model)
     prompts = []
@@ -136,6 +151,7 @@ async def _admit_and_run(
     top_logprobs: int | None,
     echo_texts: list[str] | None,
     fields: frozenset[str],
+    parsers: ChatOutputParsers | None = None,
 ) -> web.StreamResponse:
     """The shared tail of both generation endpoints: admit, fan out, stream or collect."""
     with state.admit():
@@ -146,10 +162,16 @@ async def _admit_and_run(
             n=req.params.n,
             top_logprobs=top_logprobs,
             echo_texts=echo_texts,
+            prompt_logprobs=req.prompt_logprobs,
+            continuous_usage=req.continuous_usage,
+            parsers=parsers,
+            stream=req.stream,
+            max_tool_calls=1 if is_chat and req.tools and not req.tools.is_parallel else None,
         )
         if req.user is not None:
-            # OpenAI's end-user label: kept for abuse tracing, never used for anything else
-            logger.debug("%s from user %r", gen.id, req.user)
+            # OpenAI's end-user label, recorded for abuse tracing (one INFO line per request
+            # that sends it); never used for anything else
+            logger.info("%s from user %r", gen.id, req.user)
         return await _run(
             request,
             state,
@@ -161,16 +183,42 @@ async def _admit_and_run(
             priority=req.priority,
             cache_salt=req.cache_salt,
             fields=fields,
+            constraint=req.constraint,
         )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions: messages -> the model's chat template -> one prompt."""
     state = request.app[STATE_KEY]
-    req = validate.parse_chat(await read_body(request), state.limits, state.engine.max_model_len)
+    req = validate.parse_chat(
+        await read_body(request),
+        state.limits,
+        state.engine.max_model_len,
+        vocab_size=len(state.engine.tokenizer),
+        chat=state.chat,
+    )
     check_model(state, req.model)
-    ids = await render_chat(state, req.messages, req.add_generation_prompt)
+    assert req.tools is not None
+    ids = await render_chat(
+        state,
+        req.messages,
+        req.add_generation_prompt,
+        tools=req.tools,
+        continue_final_message=req.continue_final_message,
+        template_kwargs=req.chat_template_kwargs,
+    )
     check_prompt_len(state, ids, "messages")
+    parsers = _chat_parsers(state, req, ids)
+    if parsers is not None and parsers.starts_in_reasoning and req.constraint.params is not None:
+        # the constraint would hold the reasoning to it too (the engine cannot yet start a
+        # grammar at the end of the reasoning): refused rather than answered broken
+        field = req.constraint.param("structured_outputs")
+        raise bad_request(
+            f"{field}: this prompt opens a reasoning block, and output constraints apply to "
+            "the reasoning too; turn reasoning off (e.g. chat_template_kwargs "
+            '{"enable_thinking": false}) to constrain the answer',
+            field,
+        )
     prompts = [EnginePrompt(None, ids)]
     return await _admit_and_run(
         request,
@@ -181,4 +229,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         top_logprobs=req.top_logprobs,
         echo_texts=None,
         fields=protocol.CHAT_FIELDS,
+        parsers=parsers,
     )
+
+
+def _chat_parsers(
+    state: ServerState, req: validate.ChatRequest, ids: list[int]
+) -> ChatOutputParsers | None:
+    """The request's output parsers (None: its text is the content, as it comes)."""
+    reasoning = state.chat.reasoning_parser
+    if req.tool_parser is None and reasoning is None:
+        return None
+    starts_in_reasoning = False
+    if reasoning is not None:
+        tags = reasoning.tags
+        text = None
+        if tags.start_token_id is None or tags.end_token_id is None:
+            text = state.engine.tokenizer.decode(ids, skip_special_tokens=False)
+        starts_in_reasoning = prompt_opens_reasoning(tags, prompt_token_ids=ids, prompt_text=text)
+    return ChatOutputParsers(req.tool_parser, reasoning, starts_in_reasoning)

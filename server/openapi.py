@@ -48,9 +48,20 @@ class Usage(_Out):
 
 class CompletionLogprobs(_Out):
     tokens: list[str]
+    # null for the first prompt token of an echo (nothing predicts it)
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(_Out):
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, null (the first) or token id -> its logprob
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(_Out):
@@ -60,6 +71,8 @@ class CompletionChoice(_Out):
     finish_reason: str | None
     # the stop string or stop token id that ended the choice
     stop_reason: int | str | None
+    # only when the request sent prompt_logprobs
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_Out):
@@ -86,9 +99,26 @@ class ChatLogprobs(_Out):
     content: list[TokenLogprob]
 
 
+class ToolCallFunction(_Out):
+    name: str
+    # the arguments object as JSON text
+    arguments: str
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(_Out):
     role: Literal["assistant"]
-    content: str
+    # null when the model only called tools (or only reasoned)
+    content: str | None
+    # with --reasoning-parser: the <think> part
+    reasoning_content: str | None = None
+    # the calls the model made (finish_reason "tool_calls")
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Out):
@@ -106,6 +136,8 @@ class ChatResponse(_Out):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # only when the request sent prompt_logprobs
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Embedding(_Out):
@@ -246,14 +278,18 @@ def spec(model_name: str) -> dict[str, Any]:
     paths = {
         "/v1/completions": _post(
             "Text completions. Unknown fields are rejected (400). Multiple prompts and n > 1 "
-            "give choices indexed prompt_idx * n + i.",
+            "give choices indexed prompt_idx * n + i. At most one output constraint "
+            "(response_format, structured_outputs, guided_*) per request; echo with logprobs "
+            "returns the prompt's tokens first (the first one's logprob is null).",
             protocol.CompletionBody,
             CompletionResponse,
             _GEN_CODES,
             sse=True,
         ),
         "/v1/chat/completions": _post(
-            "Chat completions: messages are rendered with the model's chat template.",
+            "Chat completions: messages are rendered with the model's chat template (or "
+            "--chat-template). Tools the template ignores go into the system turn; tool calls "
+            "are parsed (tool_choice auto) or grammar-forced (required, a named function).",
             protocol.ChatBody,
             ChatResponse,
             _GEN_CODES,

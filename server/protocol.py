@@ -2,16 +2,17 @@
 /openapi.json is generated from them (server/openapi.py).
 
 Strict by design: an unknown field is a 400 naming it, not silently ignored, so a client
-that sends `logit_bias` or `best_of` learns that this server does not do them instead of
-getting subtly different results. Numeric bounds come from jaxserve/sampling_params.py (the
-one table SamplingParams checks offline too); limits an operator sets per server (--max-n,
-max_model_len, ...) are checked after decoding, in server/validate.py.
+that sends `best_of` or `guided_decoding_backend` learns that this server does not do them
+instead of getting subtly different results. Numeric bounds come from
+jaxserve/sampling_params.py (the one table SamplingParams checks offline too); limits an
+operator sets per server (--max-n, max_model_len, ...) are checked after decoding, in
+server/validate.py.
 
 Every optional field also takes null, meaning "not given" (some clients send nulls).
 """
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -19,13 +20,19 @@ from msgspec import Meta
 from jaxserve.sampling_params import (
     FLOAT_RANGES,
     INT_RANGES,
+    LOGIT_BIAS_RANGE,
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
     MAX_BANNED_TOKEN_IDS,
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP_STRINGS,
     PRIORITY_RANGE,
     TOKEN_ID_RANGE,
     Range,
 )
+from jaxserve.structured_output.params import MAX_CHOICES, MAX_SPEC_CHARS
+from server.tools.protocol import MessageToolCall, ToolChoiceField, Tools
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,79 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class StreamOptions(_Body, kw_only=True):
     # append a chunk with usage (and empty choices) before [DONE]
     include_usage: bool | None = None
+    # every chunk also carries the usage so far (vLLM's extension)
+    continuous_usage_stats: bool | None = None
+
+
+# -- structured output (server/constraints.py maps these to StructuredOutputsParams) ----------
+
+# A JSON Schema as sent: an object (its JSON text is bounded by MAX_SPEC_CHARS once encoded)
+JsonSchemaObject = Annotated[dict[str, Any], Meta(max_length=256)]
+# regexes, grammars and whitespace patterns: bounded text compiled by llguidance
+SpecText = Annotated[str, Meta(min_length=1, max_length=MAX_SPEC_CHARS)]
+ChoiceText = Annotated[str, Meta(max_length=MAX_SPEC_CHARS)]
+Choices = Annotated[list[ChoiceText], Meta(min_length=1, max_length=MAX_CHOICES)]
+SchemaName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class JsonSchemaFormat(_Body, kw_only=True):
+    """response_format.json_schema: OpenAI's fields (the schema is always enforced)."""
+
+    # the schema's name (OpenAI requires it; informational here)
+    name: SchemaName
+    description: Annotated[str, Meta(max_length=MAX_SPEC_CHARS)] | None = None
+    # None: any JSON object
+    schema: JsonSchemaObject | None = None
+    # OpenAI's "follow the schema exactly": true or not, the schema is enforced by the grammar
+    strict: bool | None = None
+
+
+class TextFormat(_Body, tag_field="type", tag="text", kw_only=True):
+    """{"type": "text"}: no constraint (the default)."""
+
+
+class JsonObjectFormat(_Body, tag_field="type", tag="json_object", kw_only=True):
+    """{"type": "json_object"}: the output is one JSON object."""
+
+
+class JsonSchemaResponseFormat(_Body, tag_field="type", tag="json_schema", kw_only=True):
+    """{"type": "json_schema", "json_schema": {...}}: the output validates against it."""
+
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaResponseFormat
+
+
+class StructuredOutputs(_Body, kw_only=True):
+    """vLLM's `structured_outputs` extra (StructuredOutputsParams' names): exactly one of
+    json / regex / choice / grammar / json_object."""
+
+    # a JSON Schema (an object, or its JSON text)
+    json: JsonSchemaObject | SpecText | None = None
+    regex: SpecText | None = None
+    choice: Choices | None = None
+    # a Lark grammar (llguidance's dialect; GBNF is converted)
+    grammar: SpecText | None = None
+    json_object: bool | None = None
+    # JSON only: no whitespace between JSON tokens
+    disable_any_whitespace: bool | None = None
+    # JSON only: the whitespace allowed between JSON tokens, as a regex
+    whitespace_pattern: SpecText | None = None
+
+
+# logit_bias: OpenAI's JSON object of token id (a decimal string) -> bias in [-100, 100]
+LogitBiasKey = Annotated[str, Meta(pattern=r"^[0-9]{1,10}$")]
+LogitBias = Annotated[
+    dict[LogitBiasKey, Annotated[float, _meta(LOGIT_BIAS_RANGE)]],
+    Meta(max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit"),
+]
+BadWord = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
+# chat_template_kwargs: extra variables for the chat template (e.g. enable_thinking), JSON
+# scalars only under identifier names; the template's own variables cannot be overridden
+TemplateKwargName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+TemplateKwargValue = bool | int | float | Annotated[str, Meta(max_length=4096)] | None
+ChatTemplateKwargs = Annotated[dict[TemplateKwargName, TemplateKwargValue], Meta(max_length=32)]
 
 
 class GenerationBody(_Body, kw_only=True):
@@ -119,7 +199,7 @@ class GenerationBody(_Body, kw_only=True):
     priority: Priority | None = None
     # separates this request's prefix-cache entries from other tenants'
     cache_salt: CacheSalt | None = None
-    # the end user, for abuse monitoring: logged at DEBUG with the request id
+    # the end user, for abuse monitoring: logged at INFO with the request id
     user: Name | None = None
     # None: 16 for completions (OpenAI's default), until max_model_len for chat
     max_tokens: MaxTokens | None = None
@@ -141,6 +221,28 @@ class GenerationBody(_Body, kw_only=True):
     min_tokens: MinTokens | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # OpenAI's newer name for max_tokens; wins when both are given (both endpoints)
+    max_completion_tokens: MaxTokens | None = None
+    # token id (as a string) -> bias in [-100, 100] added to its logit on device
+    logit_bias: LogitBias | None = None
+    # only these token ids may be generated
+    allowed_token_ids: (
+        Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)] | None
+    ) = None
+    # words (strings) that are never generated
+    bad_words: Annotated[list[BadWord], Meta(max_length=MAX_BAD_WORDS)] | None = None
+    # top-N logprobs of every prompt token (vLLM's extension; not with stream=true)
+    prompt_logprobs: Logprobs | None = None
+    # the output follows a JSON schema / any JSON object (OpenAI)
+    response_format: ResponseFormat | None = None
+    # vLLM's constraint fields; at most one constraint source per request
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchemaObject | SpecText | None = None
+    guided_regex: SpecText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: SpecText | None = None
+    # with guided_json / a JSON response_format: the whitespace between JSON tokens, a regex
+    guided_whitespace_pattern: SpecText | None = None
 
 
 class CompletionBody(GenerationBody, kw_only=True):
@@ -149,7 +251,7 @@ class CompletionBody(GenerationBody, kw_only=True):
     prompt: Prompt
     # top-N logprobs per token (an int here, unlike chat's bool + top_logprobs)
     logprobs: Logprobs | None = None
-    # prepend the prompt text to each choice (not with logprobs)
+    # prepend the prompt text to each choice; with logprobs, the prompt tokens' logprobs too
     echo: bool | None = None
 
 
@@ -162,10 +264,18 @@ class TextPart(_Body, kw_only=True):
 
 
 class Message(_Body, kw_only=True):
-    # any role the chat template accepts (system, user, assistant, ...)
+    # any role the chat template accepts (system, user, assistant, tool, ...)
     role: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
-    content: str | list[TextPart]
+    # None only for an assistant message that holds tool_calls
+    content: str | list[TextPart] | None = None
     name: Name | None = None
+    # an assistant message's past function calls
+    tool_calls: Annotated[list[MessageToolCall], Meta(max_length=128)] | None = None
+    # a `tool` message: the id of the call it answers
+    tool_call_id: Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
+    # an assistant turn's reasoning as this server returned it (clients send their history
+    # back as they got it); handed to the template, which renders it or not (Qwen3's does)
+    reasoning_content: str | None = None
 
 
 Messages = Annotated[list[Message], Meta(min_length=1)]
@@ -175,12 +285,21 @@ class ChatBody(GenerationBody, kw_only=True):
     """POST /v1/chat/completions: messages are rendered with the model's chat template."""
 
     messages: Messages
-    # OpenAI's newer name for max_tokens; wins when both are given
-    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     # top alternatives per token; needs logprobs=true
     top_logprobs: Logprobs | None = None
+    # None: true, unless continue_final_message
     add_generation_prompt: bool | None = None
+    # render the last (assistant) message open, so the model continues it
+    continue_final_message: bool | None = None
+    # extra variables for the chat template (e.g. {"enable_thinking": false})
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    # functions the model may call (server/tools/)
+    tools: Tools | None = None
+    # "none", "auto" (the default with tools), "required", or {"type": "function", ...}
+    tool_choice: ToolChoiceField | None = None
+    # may one turn hold several calls (default true)
+    parallel_tool_calls: bool | None = None
 
 
 class EmbeddingBody(_Body, kw_only=True):
@@ -194,13 +313,18 @@ class EmbeddingBody(_Body, kw_only=True):
 
 
 class TokenizeBody(_Body, kw_only=True):
-    """POST /tokenize: exactly one of prompt or messages."""
+    """POST /tokenize: exactly one of prompt or messages (rendered as chat would render
+    them, with the same template options and tools)."""
 
     model: Name | None = None
     prompt: str | None = None
     messages: Messages | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    # rendered as under tool_choice "auto"
+    tools: Tools | None = None
 
 
 class DetokenizeBody(_Body, kw_only=True):
@@ -218,6 +342,7 @@ def fields(body: type[msgspec.Struct]) -> frozenset[str]:
 COMPLETION_FIELDS = fields(CompletionBody)
 CHAT_FIELDS = fields(ChatBody)
 EMBEDDING_FIELDS = fields(EmbeddingBody)
+TOKENIZE_FIELDS = fields(TokenizeBody)
 # the names SamplingParams and the bodies share (copied across when given)
 SAMPLING_FIELDS = fields(GenerationBody) & (set(INT_RANGES) | set(FLOAT_RANGES)) | {
     "stop",

@@ -17,6 +17,11 @@ from server import validate
 from server.errors import APIError, bad_request, param_from_message
 from server.fanout import EnginePrompt
 from server.state import STATE_KEY, ServerState
+from server.tools.definitions import ToolChoice, ToolRequest
+from server.tools.prompting import prepare_messages
+
+# A chat without tools (its assistant tool_calls and tool messages are still rendered)
+NO_TOOLS = ToolRequest([], ToolChoice("none"), is_parallel=True)
 
 T = TypeVar("T")
 
@@ -113,20 +118,37 @@ def decode_prompt(tokenizer: Any, prompt: EnginePrompt) -> str:
 
 
 async def render_chat(
-    state: ServerState, messages: list[dict], add_generation_prompt: bool
+    state: ServerState,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    *,
+    tools: ToolRequest = NO_TOOLS,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """The chat template's prompt ids (off the event loop for long conversations)."""
+    """The chat template's prompt ids (off the event loop for long conversations).
+
+    Tools reach the template when it renders them, else the system turn (server/tools/
+    prompting.py); past calls and tool results are rendered the same way."""
     tokenizer = state.engine.tokenizer
-    try:
-        return await off_loop(
-            validate.message_chars(messages),
-            lambda: apply_chat_template(
-                tokenizer,
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                allow_special_tokens_in_content=state.allow_special_tokens_in_content,
-            ),
+    chat = state.chat
+    extra = sum(len(str(t.parameters)) + len(t.description or "") for t in tools.tools)
+
+    def render() -> list[int]:
+        prepared, tools_arg = prepare_messages(messages, tools, chat.tool_support)
+        return apply_chat_template(
+            tokenizer,
+            prepared,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=chat.template,
+            allow_special_tokens_in_content=state.allow_special_tokens_in_content,
+            tools=tools_arg,
+            continue_final_message=continue_final_message,
+            template_kwargs=template_kwargs,
         )
+
+    try:
+        return await off_loop(validate.message_chars(messages) + extra, render)
     except ValueError as e:
         raise bad_request(str(e), param_from_message(str(e), {"messages"}) or "messages") from None
     except Exception as e:  # a template error (jinja raise_exception) on these messages

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jaxserve.outputs import Logprob, SampleLogprobs
+from jaxserve.outputs import Logprob, PromptLogprobs, SampleLogprobs
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -89,3 +89,65 @@ def chat_logprobs(
             }
         )
     return {"content": content}
+
+
+def _top(position: dict[int, Logprob], token_id: int, top_n: int) -> list[tuple[int, Logprob]]:
+    """The top_n ranked entries plus the token itself (the engine may have computed more)."""
+    return [
+        (t, lp)
+        for t, lp in _ranked(position)
+        if t == token_id or (lp.rank is not None and lp.rank <= top_n)
+    ]
+
+
+def prompt_completion_logprobs(
+    tokenizer: Any, token_ids: list[int], entries: PromptLogprobs, top_n: int
+) -> dict[str, Any]:
+    """The prompt's tokens in the completions shape (echo with logprobs): token_logprobs and
+    top_logprobs are null for the first token (nothing predicts it), as OpenAI and vLLM send."""
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    offset = 0
+    for token_id, position in zip(token_ids, entries, strict=False):
+        own = position.get(token_id) if position is not None else None
+        text = _token_text(tokenizer, token_id, own)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(own.logprob if own is not None else None)
+        out["top_logprobs"].append(
+            None
+            if position is None
+            else {
+                _token_text(tokenizer, t, lp): lp.logprob
+                for t, lp in _top(position, token_id, top_n)
+            }
+        )
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def vllm_prompt_logprobs(
+    tokenizer: Any, token_ids: list[int], entries: PromptLogprobs, top_n: int
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs` output: per prompt token None (the first) or
+    {"<token id>": {"logprob", "rank", "decoded_token"}} for its top_n and itself."""
+    out: list[dict[str, Any] | None] = []
+    for token_id, position in zip(token_ids, entries, strict=False):
+        if position is None:
+            out.append(None)
+            continue
+        out.append(
+            {
+                str(t): {
+                    "logprob": lp.logprob,
+                    "rank": lp.rank,
+                    "decoded_token": _token_text(tokenizer, t, lp),
+                }
+                for t, lp in _top(position, token_id, top_n)
+            }
+        )
+    return out

@@ -74,6 +74,10 @@ async def serve(
         allowed_hosts=ns.allowed_hosts,
         allowed_origins=ns.allowed_origins,
         allow_special_tokens_in_content=ns.allow_special_tokens_in_content,
+        # --chat-template's text (server/args.py read the file)
+        chat_template=getattr(ns, "chat_template", None),
+        tool_call_parser=getattr(ns, "tool_call_parser", "auto"),
+        reasoning_parser=getattr(ns, "reasoning_parser", None),
     )
     state = app[STATE_KEY]
     # shutdown_timeout: the drain below already waited; what is left is cancelled (aborted)

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import ServerMetrics
+from server.chat_config import ChatConfig
 from server.errors import APIError
 from server.protocol import Limits
 
@@ -27,6 +28,8 @@ class ServerState:
     allow_special_tokens_in_content: bool = False
     # unix time the app was made (the model card's `created`)
     created: int = 0
+    # the chat template, its tool support and the output parsers (decided at startup)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     # set on SIGTERM: /readyz answers 503 and new generation requests are refused
     draining: bool = False
     # generation/embedding requests being served (the drain waits for 0)

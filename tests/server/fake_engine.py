@@ -1,8 +1,12 @@
 """FakeEngine: an EngineClient with a real (byte-level, tiny) tokenizer and scripted output.
 
-Each completion "generates" the bytes of SCRIPT (rotated by its index), one token per step,
-then eos; stop strings go through the real IncrementalDetokenizer, so the server sees the
-same deltas, finish reasons and stop_reasons the real engine would give it.
+Each completion "generates" the bytes of its script (SCRIPT, or `engine.script` when a test
+sets one, rotated by the completion's index), one token per step, then eos; stop strings go
+through the real IncrementalDetokenizer, so the server sees the same deltas, finish reasons
+and stop_reasons the real engine would give it.
+
+Constraints are honoured trivially: a `choice` constraint generates its first choice. Prompt
+logprobs are made up (rank k has logprob -0.5 * k) but shaped as the engine's.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class FakeEngine(EngineClient):
         self.tokenizer = make_tokenizer()
         self.eos_token_id = self.tokenizer.eos_token_id
         self.step_delay = step_delay
+        # what every completion generates (None: SCRIPT)
+        self.script: str | None = None
+        # raised by generate() before anything is queued (an engine-side refusal)
+        self.refusal: Exception | None = None
         # switches the tests flip
         self.overloaded = False
         self.dead: str | None = None
@@ -62,9 +70,21 @@ class FakeEngine(EngineClient):
         self._seen_prompts: list[list[int]] = []
         self.active: set[str] = set()
 
-    def _script_ids(self, index: int) -> list[int]:
-        ids = self.tokenizer.encode(SCRIPT, add_special_tokens=False)
+    def _script_ids(self, index: int, params: SamplingParams) -> list[int]:
+        so = params.structured_outputs
+        if so is not None and so.choice is not None:
+            return self.tokenizer.encode(so.choice[0], add_special_tokens=False)
+        script = SCRIPT if self.script is None else self.script
+        ids = self.tokenizer.encode(script, add_special_tokens=False)
         return ids[index:] + ids[:index]
+
+    def _prompt_logprobs(self, ids: list[int], n: int) -> list[dict[int, Logprob] | None]:
+        out: list[dict[int, Logprob] | None] = [None]
+        for tok in ids[1:]:
+            top = {(tok + k) % 256: Logprob(-0.5 * (k + 1), k + 1) for k in range(1, n + 1)}
+            top[tok] = Logprob(-0.5, 1)
+            out.append(top)
+        return out
 
     def generate(
         self,
@@ -84,6 +104,8 @@ class FakeEngine(EngineClient):
             raise EngineDeadError(self.dead)
         if self.overloaded:
             raise EngineOverloadedError("waiting queue is full (1/1)")
+        if self.refusal is not None:
+            raise self.refusal
         ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else None
         if ids is None:
             ids = self.tokenizer.encode(prompt)
@@ -119,7 +141,7 @@ class FakeEngine(EngineClient):
                 for i in range(params.n):
                     if done[i]:
                         continue
-                    script = self._script_ids(i)
+                    script = self._script_ids(i, params)
                     step = counts[i]
                     tok = script[step] if step < len(script) else self.eos_token_id
                     if params.ignore_eos and tok == self.eos_token_id:
@@ -149,6 +171,7 @@ class FakeEngine(EngineClient):
                     outs.append(
                         CompletionOutput(i, text, [tok], None, logprobs, finish, stop_reason)
                     )
+                is_first = counts[0] == 1
                 yield RequestOutput(
                     request_id,
                     prompt.get("prompt") if isinstance(prompt, dict) else prompt,
@@ -156,6 +179,9 @@ class FakeEngine(EngineClient):
                     outs,
                     all(done),
                     num_cached_tokens=cached,
+                    prompt_logprobs=self._prompt_logprobs(ids, params.prompt_logprobs)
+                    if is_first and params.prompt_logprobs is not None
+                    else None,
                 )
         finally:
             self.active.discard(request_id)
