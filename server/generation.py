@@ -10,6 +10,7 @@ delta when streamed, on the whole text otherwise); the request's output constrai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, TypeVar
 
@@ -209,16 +210,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     check_prompt_len(state, ids, "messages")
     parsers = _chat_parsers(state, req, ids)
-    if parsers is not None and parsers.starts_in_reasoning and req.constraint.params is not None:
-        # the constraint would hold the reasoning to it too (the engine cannot yet start a
-        # grammar at the end of the reasoning): refused rather than answered broken
-        field = req.constraint.param("structured_outputs")
-        raise bad_request(
-            f"{field}: this prompt opens a reasoning block, and output constraints apply to "
-            "the reasoning too; turn reasoning off (e.g. chat_template_kwargs "
-            '{"enable_thinking": false}) to constrain the answer',
-            field,
-        )
+    req = constrain_the_answer_only(req, parsers)
     prompts = [EnginePrompt(None, ids)]
     return await _admit_and_run(
         request,
@@ -231,6 +223,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         fields=protocol.CHAT_FIELDS,
         parsers=parsers,
     )
+
+
+def constrain_the_answer_only(
+    req: validate.ChatRequest, parsers: ChatOutputParsers | None
+) -> validate.ChatRequest:
+    """When the prompt opens a reasoning block, the request's constraint starts after its end
+    tag (structured_outputs.after_token_id): the reasoning is free, the answer constrained."""
+    so = req.params.structured_outputs
+    if parsers is None or not parsers.starts_in_reasoning or so is None:
+        return req
+    reasoning = parsers.reasoning_parser
+    end = reasoning.tags.end_token_id if reasoning is not None else None
+    if end is None:  # a tag of several tokens cannot be found by token id
+        field = req.constraint.param("structured_outputs")
+        raise bad_request(
+            f"{field}: this prompt opens a reasoning block whose end tag is not one token, so "
+            "a constraint cannot start after it; turn reasoning off (e.g. chat_template_kwargs "
+            '{"enable_thinking": false}) to constrain the answer',
+            field,
+        )
+    so = dataclasses.replace(so, after_token_id=end)
+    return dataclasses.replace(req, params=req.params.with_updates(structured_outputs=so))
 
 
 def _chat_parsers(

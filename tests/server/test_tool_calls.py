@@ -353,3 +353,26 @@ async def test_llama3_json_parser(aiohttp_client):
     ]
     r = await client.post(CHAT, json={**body, "tool_choice": "required"})
     assert '"parameters"' in engine.requests[-1][2].structured_outputs.grammar
+
+
+def test_a_constraint_starts_after_a_one_token_reasoning_end():
+    import dataclasses
+
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.structured_output.params import StructuredOutputsParams
+    from server.generation import constrain_the_answer_only
+    from server.tools.chat_output import ChatOutputParsers
+    from server.tools.reasoning import ReasoningParser, ReasoningTags
+    from server.validate import ChatRequest
+
+    so = StructuredOutputsParams(json_object=True)
+    fields = {
+        f.name: None for f in dataclasses.fields(ChatRequest) if f.default is f.default_factory
+    }
+    req = ChatRequest(**{**fields, "params": SamplingParams(max_tokens=5, structured_outputs=so)})
+    parser = ReasoningParser(ReasoningTags(start_token_id=6, end_token_id=7))
+    opened = ChatOutputParsers(None, parser, starts_in_reasoning=True)
+    got = constrain_the_answer_only(req, opened).params.structured_outputs
+    assert got == dataclasses.replace(so, after_token_id=7)
+    closed = ChatOutputParsers(None, parser, starts_in_reasoning=False)
+    assert constrain_the_answer_only(req, closed) is req
