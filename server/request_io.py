@@ -13,7 +13,7 @@ from aiohttp import web
 from jaxserve.core import admission
 from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
 from jaxserve.tokenizer import apply_chat_template
-from server import validate
+from server import chat_args, validate
 from server.errors import APIError, bad_request, param_from_message
 from server.fanout import EnginePrompt
 from server.state import STATE_KEY, ServerState
@@ -148,7 +148,7 @@ async def render_chat(
         )
 
     try:
-        return await off_loop(validate.message_chars(messages) + extra, render)
+        return await off_loop(chat_args.message_chars(messages) + extra, render)
     except ValueError as e:
         raise bad_request(str(e), param_from_message(str(e), {"messages"}) or "messages") from None
     except Exception as e:  # a template error (jinja raise_exception) on these messages
