@@ -23,7 +23,7 @@ from server import generation, health, openapi, protocol, request_io, responses,
 from server.chat_config import make_chat_config
 from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
-from server.request_io import check_model, read_body, render_chat
+from server.request_io import check_model, read_body
 from server.security import POLICY_KEY, BrowserPolicy, add_cors_headers, security_middleware
 from server.state import STATE_KEY, ServerState
 
@@ -99,15 +99,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if req.prompt is not None:
         tokens = await request_io.tokenize_text(state, req.prompt, req.add_special_tokens)
     else:
-        assert req.messages is not None and req.tools is not None
-        tokens = await render_chat(
-            state,
-            req.messages,
-            req.add_generation_prompt,
-            tools=req.tools,
-            continue_final_message=req.continue_final_message,
-            template_kwargs=req.chat_template_kwargs,
-        )
+        tokens = await request_io.render_chat_request(state, req)
     return web.json_response(
         {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
     )

@@ -27,7 +27,7 @@ from server.request_io import (
     check_prompt_len,
     decode_prompt,
     read_body,
-    render_chat,
+    render_chat_request,
     tokenize_all,
 )
 from server.state import STATE_KEY, ServerState
@@ -199,15 +199,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         chat=state.chat,
     )
     check_model(state, req.model)
-    assert req.tools is not None
-    ids = await render_chat(
-        state,
-        req.messages,
-        req.add_generation_prompt,
-        tools=req.tools,
-        continue_final_message=req.continue_final_message,
-        template_kwargs=req.chat_template_kwargs,
-    )
+    ids = await render_chat_request(state, req)
     check_prompt_len(state, ids, "messages")
     parsers = _chat_parsers(state, req, ids)
     req = constrain_the_answer_only(req, parsers)

@@ -117,6 +117,21 @@ def decode_prompt(tokenizer: Any, prompt: EnginePrompt) -> str:
         raise bad_request("prompt holds token ids outside the vocabulary", "prompt") from None
 
 
+async def render_chat_request(
+    state: ServerState, req: validate.ChatRequest | validate.TokenizeRequest
+) -> list[int]:
+    """render_chat with a chat (or /tokenize) request's rendering fields."""
+    assert req.messages is not None
+    return await render_chat(
+        state,
+        req.messages,
+        req.add_generation_prompt,
+        tools=req.tools if req.tools is not None else NO_TOOLS,
+        continue_final_message=req.continue_final_message,
+        template_kwargs=req.chat_template_kwargs,
+    )
+
+
 async def render_chat(
     state: ServerState,
     messages: list[dict],
