@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,13 @@ def test_tiny_model_tp_matches_one_device(results: dict, model: str, tp: int) ->
     one, sharded = runs["tp1"], runs[f"tp{tp}"]
     assert sharded["greedy"] == one["greedy"]
     assert sharded["seeded"] == one["seeded"]
+    assert sharded["constrained"] == one["constrained"]
+    assert re.fullmatch("[a-z]{2,5}-[0-9]{2}", one["constrained"])
+    for got, want in zip(sharded["prompt_logprobs"], one["prompt_logprobs"], strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:  # the same top tokens; logprobs up to float32 rounding
+            assert got.keys() == want.keys()
+            assert max(abs(got[t] - want[t]) for t in want) < 1e-4
     assert sharded["kv_devices"] == tp
     diff = max(abs(a - b) for a, b in zip(sharded["embedding"], one["embedding"], strict=True))
     assert diff < 1e-5  # embeddings (unit norm) over the sharded params: same up to rounding

@@ -98,13 +98,24 @@ def run_llm(model: str, tp: int, prompts: list) -> dict:
     """Greedy and seeded-sampled tokens, plus where the KV cache and weights live."""
     from jaxserve import LLM, SamplingParams
     from jaxserve.runner.embedder import Embedder
+    from jaxserve.structured_output.params import StructuredOutputsParams
 
     tokens_prompts = isinstance(prompts[0], dict)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    # the token bitmask, logit_bias and prompt logprobs under the mesh too
+    constrained = SamplingParams(
+        max_tokens=12,
+        temperature=1.0,
+        seed=3,
+        logit_bias={300: 5.0},
+        prompt_logprobs=3,
+        structured_outputs=StructuredOutputsParams(regex="[a-z]{2,5}-[0-9]{2}"),
+    )
     with LLM(model, tensor_parallel_size=tp, **ENGINE) as llm:
         outs = llm.generate(prompts, greedy, use_tqdm=False)
         sampled = llm.generate(prompts[:1], seeded, use_tqdm=False)
+        con = llm.generate(prompts[:1], constrained, use_tqdm=False)[0]
         runner = llm.engine.core.runner
         per_device = runner.kv_cache_bytes_per_device
         # the server's /v1/embeddings path over the same (sharded, kv-repeated) params
@@ -114,6 +125,11 @@ def run_llm(model: str, tp: int, prompts: list) -> dict:
         return {
             "greedy": [o.outputs[0].token_ids for o in outs],
             "seeded": sampled[0].outputs[0].token_ids,
+            "constrained": con.outputs[0].text,
+            "prompt_logprobs": [
+                None if p is None else {str(t): lp.logprob for t, lp in p.items()}
+                for p in con.prompt_logprobs
+            ],
             "kv_total_bytes": runner.kv_cache_bytes,
             "kv_bytes_per_device": sorted(per_device.values()),
             "kv_devices": len(per_device),
