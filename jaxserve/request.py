@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from jaxserve.core.outputs import TokenLogprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -45,6 +42,20 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH_CAPPED: FinishReason.LENGTH,
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
 }
+
+
+@dataclass
+class TokenLogprobs:
+    """One position's logprobs (a sampled token's, or a prompt token's); core/outputs.py's
+    messages carry them, and a Request keeps its prompt's."""
+
+    # the sampled token and its log-probability under the model (before sampling filters)
+    token_id: int
+    logprob: float
+    # 1-based rank of the sampled token in the full distribution
+    rank: int
+    # the top-N (token id, logprob) pairs, most likely first; N = SamplingParams.logprobs
+    top: list[tuple[int, float]]
 
 
 class Request:

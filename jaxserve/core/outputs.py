@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jaxserve.request import FinishReason, Request
+from jaxserve.request import FinishReason, Request, TokenLogprobs
 
 
 @dataclass
@@ -41,17 +41,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass
-class TokenLogprobs:
-    # the sampled token and its log-probability under the model (before sampling filters)
-    token_id: int
-    logprob: float
-    # 1-based rank of the sampled token in the full distribution
-    rank: int
-    # the top-N (token id, logprob) pairs, most likely first; N = SamplingParams.logprobs
-    top: list[tuple[int, float]]
 
 
 @dataclass
