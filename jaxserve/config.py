@@ -2,8 +2,8 @@
 
 EngineArgs is the one declaration of every engine argument (vLLM's names, a comment each: the
 CLI's flags and their help come from it, see jaxserve/cli.py). `model_config()`,
-`cache_config()`, `scheduler_config()` and `parallel_config()` hand each part the fields it
-reads, picked by name, and each part validates its own.
+`cache_config()`, `scheduler_config()`, `lora_config()` and `parallel_config()` hand each part
+the fields it reads, picked by name, and each part validates its own.
 """
 
 from __future__ import annotations
@@ -105,6 +105,33 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    # serve LoRA adapters (the step gets adapter slots; off: today's program exactly)
+    enable_lora: bool = False
+    # adapters resident on the device at once (slot 0, "no adapter", comes on top)
+    max_loras: int = 1
+    # largest adapter rank accepted; every slot is this wide (smaller ranks are zero-padded)
+    max_lora_rank: int = 16
+    # adapters kept read in host memory (LRU); None: max_loras
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
+            )
+
+    @property
+    def num_cpu_loras(self) -> int:
+        """Adapters the host cache holds."""
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     # devices one engine replica shards its weights and KV cache over (Megatron-style TP);
     # must divide the model's query heads (checked at model load, naming the valid sizes)
@@ -163,6 +190,14 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     # engine replicas, each on its own tensor_parallel_size devices (data parallel)
     data_parallel_size: int = 1
+    # serve LoRA adapters (requests select one; see --lora-modules)
+    enable_lora: bool = False
+    # adapters resident on the device at once (with enable_lora)
+    max_loras: int = 1
+    # largest LoRA rank accepted (every device slot is this wide)
+    max_lora_rank: int = 16
+    # adapters kept in host memory, least recently used evicted first (default: max_loras)
+    max_cpu_loras: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineArgs:
@@ -174,6 +209,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         self.parallel_config()  # bad sizes fail here, naming the field
+        self.lora_config()
 
     def _pick(self, part: type) -> dict[str, Any]:
         """The fields of `part` this EngineArgs holds (same names)."""
@@ -185,6 +221,9 @@ class EngineArgs:
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(**self._pick(CacheConfig))
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(**self._pick(LoRAConfig))
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(**self._pick(ParallelConfig))
