@@ -13,6 +13,7 @@ from typing import Any
 
 from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine.processor import ProcessedPrompt, PromptType
+from jaxserve.lora.request import LoRARequest
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -44,8 +45,12 @@ class EngineClient(ABC):
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs as deltas (only what is new); the last has finished.
+
+        `lora_request`: the adapter it runs with (None: the base model); it must have been
+        added with add_lora (else ValueError naming `model`).
 
         Raises ValueError (bad input, naming the field) before anything is queued,
         EngineOverloadedError when the queue is full, EngineDeadError if the engine dies.
@@ -59,6 +64,25 @@ class EngineClient(ABC):
     @abstractmethod
     async def embed(self, prompt_token_ids: list[int]) -> list[float]:
         """The pooled, L2-normalized final hidden state of the prompt."""
+
+    # engine serves LoRA adapters (EngineArgs.enable_lora); False: the add/remove calls raise
+    lora_enabled: bool = False
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Reads and checks the adapter in the engine (PEFT format) and registers it, so
+        requests may select it; raises ValueError naming what is wrong with the adapter (the
+        engine is unchanged then). Re-adding a registered id is a no-op."""
+        raise ValueError("this engine does not serve LoRA adapters (start it with --enable-lora)")
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        """Unregisters the adapter: new requests may no longer select it; its running
+        requests finish first, then its device slot and host copy are freed. Unknown ids raise
+        ValueError."""
+        raise ValueError("this engine does not serve LoRA adapters (start it with --enable-lora)")
+
+    async def list_loras(self) -> list[LoRARequest]:
+        """The registered adapters, in the order they were added."""
+        return []
 
     @abstractmethod
     async def check_health(self, timeout: float) -> None:
