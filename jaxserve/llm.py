@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from jaxserve.config import DEFAULT_MODEL, EngineArgs
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.processor import ProcessedPrompt, PromptType
+from jaxserve.lora.request import LoRARequest
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.stats import Counters, RunRecorder, RunStats
@@ -88,11 +89,19 @@ class LLM:
         priority: int,
         cumulative: bool,
         sink: Callable[[RequestOutput], None],
+        lora_request: LoRARequest | None = None,
     ) -> str:
         engine = self._engine()
         request_id = f"{prefix}-{next(self._counter)}"
         try:
-            engine.add_request(request_id, prompt, params, priority=priority, stream=not cumulative)
+            engine.add_request(
+                request_id,
+                prompt,
+                params,
+                priority=priority,
+                stream=not cumulative,
+                lora_request=lora_request,
+            )
         except BaseException:
             engine.abort_request(request_id)  # a failed add leaves nothing half-queued
             raise
@@ -157,8 +166,12 @@ class LLM:
         *,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Runs the prompts to completion; outputs come back in input order.
+
+        lora_request: the adapter every prompt runs with, or one per prompt (None: the base
+        model); the engine needs enable_lora=True, and reads an adapter on first use.
 
         What the call did (tokens, steps, prefix hits, KV usage per step) is in `last_run`.
         """
@@ -179,6 +192,13 @@ class LLM:
             )
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
+        loras = (
+            list(lora_request)
+            if isinstance(lora_request, (list, tuple))
+            else [lora_request] * len(prompts)
+        )
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
         # Prompts are checked first; a request refused while adding aborts those before it
         # (the except below), so a bad one mid-batch leaves nothing queued either way.
         processed = [engine.process_prompt(p) for p in prompts]
@@ -195,7 +215,13 @@ class LLM:
                     prio = 0 if priority is None else priority[i]
                     ids.append(
                         self._add(
-                            prompt, p, prefix="gen", priority=prio, cumulative=True, sink=keep_final
+                            prompt,
+                            p,
+                            prefix="gen",
+                            priority=prio,
+                            cumulative=True,
+                            sink=keep_final,
+                            lora_request=loras[i],
                         )
                     )
                 self._run(ids, results, use_tqdm)
@@ -225,6 +251,7 @@ class LLM:
         *,
         delta: bool = False,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """`async for out in llm.stream(prompt, params)`: RequestOutputs as tokens arrive.
 
@@ -246,6 +273,7 @@ class LLM:
             priority=priority,
             cumulative=not delta,
             sink=queue.append,
+            lora_request=lora_request,
         )
         return RequestStream(
             request_id,

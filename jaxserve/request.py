@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from jaxserve.core.admission import EngineCoreRequest
+from jaxserve.lora.request import LoRARequest
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -70,7 +71,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-        adapter_id: str | None = None,
+        lora_request: LoRARequest | None = None,
         max_tokens: int,
     ) -> None:
         self.request_id = request_id
@@ -83,7 +84,10 @@ class Request:
         self.priority = priority
         # extra keys of the block hashes: requests with different salts never share blocks
         self.cache_salt = cache_salt
-        self.adapter_id = adapter_id
+        # the adapter it runs with (None: the base model)
+        self.lora_request = lora_request
+        # the other extra key: requests on different adapters never share blocks
+        self.adapter_id = None if lora_request is None else str(lora_request.lora_int_id)
         # max_tokens resolved against max_model_len
         self.max_tokens = max_tokens
         self.status = RequestStatus.WAITING
@@ -115,8 +119,14 @@ class Request:
             arrival_time=m.arrival_time,
             priority=m.priority,
             cache_salt=m.cache_salt,
+            lora_request=m.lora_request,
             max_tokens=m.max_tokens,
         )
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Container
 
 import msgspec
 
+from jaxserve.lora.request import LoRARequest
 from jaxserve.sampling_params import PRIORITY_RANGE, SamplingParams, as_token_ids, check_text
 
 # Health-probe request ids start with this; user request ids may not (engine/core_proc.py).
@@ -41,6 +42,8 @@ class EngineCoreRequest(msgspec.Struct, tag=True):
     # time.monotonic() of the process that made it (None: the core stamps it on arrival); only
     # compared with other requests' arrival times
     arrival_time: float | None = None
+    # the LoRA adapter it runs with (None: the base model)
+    lora_request: LoRARequest | None = None
 
 
 def check_prompt_len(num_tokens: int, max_model_len: int, field: str = "prompt") -> None:
@@ -73,6 +76,8 @@ class RequestLimits(msgspec.Struct, frozen=True):
     block_size: int
     # KV blocks a request can be given (the null block is never handed out)
     num_usable_blocks: int
+    # requests may name a LoRA adapter (EngineArgs.enable_lora)
+    enable_lora: bool = False
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """max_tokens capped by the room max_model_len leaves (None: all of it)."""
@@ -126,6 +131,11 @@ def validate_core_request(
     if not 1 <= req.max_tokens <= room:
         raise ValueError(f"max_tokens must be in [1, {room}] for this prompt, got {req.max_tokens}")
     limits.check_kv_capacity(num_prompt, req.max_tokens)
+    if req.lora_request is not None and not limits.enable_lora:
+        raise ValueError(
+            "lora_request: this engine serves no LoRA adapters (start it with enable_lora=True, "
+            "or --enable-lora)"
+        )
     if not is_probe and req.priority not in PRIORITY_RANGE:
         raise ValueError(
             f"priority must be an integer in {PRIORITY_RANGE.describe()}, got {req.priority!r}"

@@ -13,6 +13,7 @@ import logging
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.core.admission import check_new_request_id
 from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.lora_use import LoRAUse
 from jaxserve.core.outputs import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -29,8 +30,14 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        *,
+        max_loras: int | None = None,
     ) -> None:
+        """max_loras: LoRA device slots (None: LoRA off)."""
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = scheduler_config.max_model_len
@@ -55,6 +62,8 @@ class Scheduler:
         # req_id -> why it failed alone (its bookkeeping or staging raised); reported as an
         # error output by the next update_from_output (see fail_request)
         self._failed: dict[str, str] = {}
+        # unfinished requests per adapter, and the max_loras rule
+        self.lora_use = LoRAUse(max_loras)
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -75,6 +84,7 @@ class Scheduler:
             )
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
+        self.lora_use.add(request)
         if urgent:
             self._urgent_req_ids.add(request.request_id)
             self.waiting.add_front(request)
@@ -218,8 +228,13 @@ class Scheduler:
         kv = self.kv_cache_manager
         max_num_seqs = self.scheduler_config.max_num_seqs
         is_chunked = self.scheduler_config.enable_chunked_prefill
+        running_loras = self.lora_use.running_ids(self.running)
+        skipped: list[Request] = []  # over max_loras: back in the queue, in order, below
         while len(self.waiting) > 0 and token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting.peek()
+            if not self.lora_use.fits(request, running_loras):
+                skipped.append(self.waiting.pop())
+                continue
             if (
                 len(self.running) >= max_num_seqs - self.scheduler_config.num_reserved_seqs
                 and request.request_id not in self._urgent_req_ids
@@ -240,6 +255,8 @@ class Scheduler:
                     break
                 self.waiting.pop()
                 self.running.append(request)
+                if request.lora_int_id:
+                    running_loras.add(request.lora_int_id)
                 request.status = RequestStatus.RUNNING
                 request.num_computed_tokens = num_hit_tokens
                 if request.num_cached_tokens < 0:
@@ -248,6 +265,8 @@ class Scheduler:
                 token_budget -= num_new
             except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed
                 self._fail_on_exception(request, e)  # it leaves the queue; the others go on
+        for request in reversed(skipped):
+            self.waiting.add_front(request)
         return token_budget
 
     def _make_scheduled(
@@ -378,5 +397,6 @@ class Scheduler:
         """Frees a finished request's blocks and forgets it (the caller fixes up the queues)."""
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
+        self.lora_use.remove(request)
         self._urgent_req_ids.discard(request.request_id)
         self.finished_req_ids.append(request.request_id)

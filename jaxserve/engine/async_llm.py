@@ -48,6 +48,7 @@ from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverload
 from jaxserve.engine.core_supervisor import CoreSupervisor
 from jaxserve.engine.inflight import InFlight, RequestEntry
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
+from jaxserve.lora.request import LoRARequest
 from jaxserve.model.loader import load_tokenizer
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams, as_token_ids
@@ -164,6 +165,7 @@ class AsyncLLM(EngineClient):
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """See EngineClient.generate. Every check runs before the first AddRequest is sent.
 
@@ -187,7 +189,12 @@ class AsyncLLM(EngineClient):
                 f"{self.max_waiting_requests}); retry later"
             )
         requests = self.input_processor.make_requests(
-            request_id, processed, params, priority=priority, cache_salt=cache_salt
+            request_id,
+            processed,
+            params,
+            priority=priority,
+            cache_salt=cache_salt,
+            lora_request=lora_request,
         )
         # Encoded up front: what the wire cannot carry (a lone surrogate, an int past 64
         # bits) is a ValueError naming the field, before anything is registered.
@@ -231,6 +238,35 @@ class AsyncLLM(EngineClient):
             return await fut
         finally:
             self._inflight.pending.embeds.pop(req_id, None)
+
+    @property
+    def lora_enabled(self) -> bool:  # type: ignore[override]
+        return self.ready is not None and self.ready.limits.enable_lora
+
+    async def _lora_control(self, op: str, **fields: object) -> list[LoRARequest]:
+        self._check_alive()
+        req_id = f"lora-{next(self._ids)}"
+        fut: asyncio.Future[ipc.LoRAResult] = asyncio.get_running_loop().create_future()
+        self._inflight.pending.lora[req_id] = fut
+        try:
+            self._send(ipc.LoRAControl(req_id=req_id, op=op, **fields))  # type: ignore[arg-type]
+            return (await fut).loras
+        finally:
+            self._inflight.pending.lora.pop(req_id, None)
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """See EngineClient.add_lora: read and checked in the engine core."""
+        if not self.lora_enabled:
+            await super().add_lora(lora_request)
+        await self._lora_control("add", lora_request=lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        if not self.lora_enabled:
+            await super().remove_lora(lora_int_id)
+        await self._lora_control("remove", lora_int_id=lora_int_id)
+
+    async def list_loras(self) -> list[LoRARequest]:
+        return await self._lora_control("list") if self.lora_enabled else []
 
     async def check_health(self, timeout: float) -> None:
         """Raises EngineDeadError (dead or restarting core), TimeoutError, or RuntimeError

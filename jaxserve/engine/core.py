@@ -14,17 +14,20 @@ from collections.abc import Iterable, Sequence
 
 import jax
 
-from jaxserve.config import EngineArgs
+from jaxserve.config import EngineArgs, LoRAConfig
 from jaxserve.core.admission import EngineCoreRequest, RequestLimits, validate_core_request
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
+from jaxserve.lora.manager import LoRAManager
+from jaxserve.lora.request import LoRARequest
 from jaxserve.model import sharding
 from jaxserve.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_cache import PersistentCompileCache
-from jaxserve.runner.model_runner import ModelRunner, determine_num_blocks
+from jaxserve.runner.kv_sizing import determine_num_blocks
+from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.structured_output.token_mask import TokenMasks
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ class EngineCore:
                 )
         self.max_model_len = max_model_len
         cache_config = args.cache_config()
+        lora_config = args.lora_config()
         scheduler_config = dataclasses.replace(
             args.scheduler_config(max_model_len), num_reserved_seqs=num_reserved_seqs
         )
@@ -146,11 +150,21 @@ class EngineCore:
             ),
             tensor_parallel_size=tp,
             devices=devices,
+            lora_config=lora_config,
         )
         # The runner placed its own copy (on its devices, sharded); keeping the loaded one
         # would hold the weights twice (vllm#21073-like "memory never comes back").
         self.model = dataclasses.replace(self.model, params=None)
-        self.scheduler = Scheduler(scheduler_config, cache_config, num_blocks)
+        self.scheduler = Scheduler(
+            scheduler_config,
+            cache_config,
+            num_blocks,
+            max_loras=lora_config.max_loras if lora_config.enable_lora else None,
+        )
+        # the adapters (None: LoRA off): host copies and device slots
+        self.lora: LoRAManager | None = None
+        if lora_config.enable_lora:
+            self.lora = _make_lora_manager(spec, lora_config, self.runner)
         # structured output, allowed_token_ids and bad_words, as the step's token bitmask
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else self.model.tokenizer
         self.token_masks = TokenMasks(tokenizer, spec.vocab_size, spec.eos_token_id)
@@ -160,6 +174,7 @@ class EngineCore:
             max_model_len=max_model_len,
             block_size=cache_config.block_size,
             num_usable_blocks=self.scheduler.kv_cache_manager.num_usable_blocks,
+            enable_lora=self.lora is not None,
         )
         self.warmup_seconds = self._warmup(
             model_config.attention_backend, args.enable_warmup, show_progress
@@ -243,18 +258,42 @@ class EngineCore:
         """Queues a checked request. A request whose part of a step could not be staged (a
         value its arrays cannot hold) raises ValueError naming the field, before it is queued."""
         self.runner.check_request(request)
+        if request.lora_request is not None:
+            assert self.lora is not None  # validate_core_request refused it otherwise
+            # read now (a bad adapter fails this request alone); pinned while it runs
+            self.lora.add(request.lora_request, pinned=self.scheduler.lora_use.refs)
         self.token_masks.add(request)  # a grammar that cannot compile fails here
         try:
             self.scheduler.add_request(request, urgent=urgent)
         except BaseException:
             self.token_masks.remove(request.request_id)
             raise
+        if request.lora_request is not None and self.lora is not None:
+            self.lora.stats.requests[request.lora_request.lora_name] += 1
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Reads and checks an adapter into host memory (ValueError naming what is wrong)."""
+        if self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (start it with enable_lora)")
+        self.lora.add(lora_request, pinned=self.scheduler.lora_use.refs)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """New requests on the adapter are refused; it is freed when its last one ends."""
+        if self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (start it with enable_lora)")
+        self.lora.remove(lora_int_id)
+        self.lora.collect(self.scheduler.lora_use.refs)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [] if self.lora is None else self.lora.list_loras()
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         request_ids = list(request_ids)
         self.scheduler.abort_requests(request_ids)
         for rid in request_ids:
             self.token_masks.remove(rid)
+        if self.lora is not None:
+            self.lora.collect(self.scheduler.lora_use.refs)
 
     def finish_requests(self, request_ids: Iterable[str], stop_reason: str) -> None:
         """Ends requests whose stop string the detokenizer found (finish_reason "stop")."""
@@ -285,10 +324,27 @@ class EngineCore:
         usage = self.scheduler.kv_cache_manager.usage
         self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, usage)
         masks = self.token_masks
+        lora = self.lora
+        if lora is not None:
+            # the step's adapters by request (finished ones leave the scheduler in the update)
+            lora_names = {
+                sr.request.request_id: sr.request.lora_request.lora_name
+                for sr in scheduler_output.scheduled
+                if sr.request.lora_request is not None
+            }
+            step_ids = {sr.request.lora_int_id for sr in scheduler_output.scheduled} - {0}
+            lora.prepare(step_ids, self.scheduler.lora_use.running_ids(self.scheduler.running))
         runner_output = self.runner.execute(
-            scheduler_output, fill_mask=masks.fill if masks.num_requests else None
+            scheduler_output,
+            fill_mask=masks.fill if masks.num_requests else None,
+            lora_slot_of=(lambda r: lora.slot_of(r.lora_int_id)) if lora is not None else None,
         )
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if lora is not None:
+            for o in outputs.outputs:
+                if o.request_id in lora_names:
+                    lora.stats.generated_tokens[lora_names[o.request_id]] += len(o.new_token_ids)
+            lora.collect(self.scheduler.lora_use.refs)
         if masks.num_requests:
             for o in outputs.outputs:
                 masks.accept(o.request_id, o.new_token_ids)
@@ -319,3 +375,18 @@ class EngineCore:
         self.runner.close()
         self.compile_cache.close()
         self.model = None  # type: ignore[assignment]
+
+
+def _make_lora_manager(spec: ModelSpec, config: LoRAConfig, runner: ModelRunner) -> LoRAManager:
+    """Adapters are read against the checkpoint's spec and written into the runner's slots."""
+    from jaxserve.lora.adapter import load_peft_adapter
+
+    def read(lora: LoRARequest) -> object:
+        return load_peft_adapter(lora.lora_path, spec, config.max_lora_rank)
+
+    return LoRAManager(
+        max_loras=config.max_loras,
+        max_cpu_loras=config.num_cpu_loras,
+        read=read,
+        write_slot=runner.write_lora,
+    )

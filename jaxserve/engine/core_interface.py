@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
     from jaxserve.core.scheduler import Scheduler
     from jaxserve.engine.core import EngineCore
+    from jaxserve.lora.request import LoRARequest
     from jaxserve.model.loader import LoadedModel
     from jaxserve.model.spec import ModelSpec
     from jaxserve.runner.model_runner import ModelRunner
@@ -58,6 +59,16 @@ class EngineCoreInterface(Protocol):
     def abort_requests(self, request_ids: Iterable[str]) -> None: ...
 
     def finish_requests(self, request_ids: Iterable[str], stop_reason: str) -> None: ...
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Reads and checks an adapter (ValueError naming what is wrong)."""
+        ...
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Refuses new requests on it; frees it once its last request ends."""
+        ...
+
+    def list_loras(self) -> list[LoRARequest]: ...
 
     def has_unfinished_requests(self) -> bool: ...
 

@@ -203,6 +203,9 @@ class EngineCoreProc:
             elif isinstance(message, ipc.Embed):
                 request_id = message.req_id
                 self._embed(message)
+            elif isinstance(message, ipc.LoRAControl):
+                request_id = message.req_id
+                self._lora_control(message)
         except ValueError as e:
             self.send(ipc.Error(message=str(e), request_id=request_id, is_invalid_request=True))
         except Exception as e:  # noqa: BLE001 - one request never kills the loop
@@ -227,6 +230,17 @@ class EngineCoreProc:
             self.core.add_request(request, urgent=True, replica=replica)
             self._probes[core_id] = (probe_id, time.monotonic())
         self._probe_waiting[probe_id] = self.core.num_replicas
+
+    def _lora_control(self, message: ipc.LoRAControl) -> None:
+        if message.op == "add":
+            if message.lora_request is None:
+                raise ValueError("lora_request is required to add an adapter")
+            self.core.add_lora(message.lora_request)
+        elif message.op == "remove":
+            self.core.remove_lora(message.lora_int_id)
+        elif message.op != "list":
+            raise ValueError(f"unknown LoRA operation {message.op!r}")
+        self.send(ipc.LoRAResult(req_id=message.req_id, loras=self.core.list_loras()))
 
     def _embed(self, message: ipc.Embed) -> None:
         """Queues it; the loop runs it a slice per turn (engine/embed_queue.py)."""

@@ -30,6 +30,7 @@ from jaxserve.core.router import pick_replica, replica_load
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.engine.core import EngineCore
 from jaxserve.engine.core_interface import EngineCoreInterface
+from jaxserve.lora.request import LoRARequest
 from jaxserve.model import sharding
 from jaxserve.model.loader import load_model, resolve_dtype
 
@@ -188,6 +189,18 @@ class DPEngineCore:
     def finish_requests(self, request_ids: Iterable[str], stop_reason: str) -> None:
         for i, ids in self._by_replica(request_ids).items():
             self.replicas[i].finish_requests(ids, stop_reason)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """On every replica (each has its own slots); the first one checks the adapter."""
+        for core in self.replicas:
+            core.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        for core in self.replicas:
+            core.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.replicas[0].list_loras()
 
     def has_unfinished_requests(self) -> bool:
         return any(c.has_unfinished_requests() for c in self.replicas)

@@ -52,6 +52,7 @@ class _Pending:
 
     embeds: dict[str, asyncio.Future[list[float]]] = field(default_factory=dict)
     probes: dict[str, asyncio.Future[ipc.ProbeResult]] = field(default_factory=dict)
+    lora: dict[str, asyncio.Future[ipc.LoRAResult]] = field(default_factory=dict)
 
 
 class InFlight:
@@ -139,7 +140,8 @@ class InFlight:
             if not entry.finished:
                 entry.finished = True
                 entry.queue.put_nowait(EngineDeadError(reason))
-        for fut in [*self.pending.embeds.values(), *self.pending.probes.values()]:
+        pending = self.pending
+        for fut in [*pending.embeds.values(), *pending.probes.values(), *pending.lora.values()]:
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
 
@@ -167,6 +169,10 @@ class InFlight:
             efut = self.pending.embeds.get(msg.req_id)
             if efut is not None and not efut.done():
                 efut.set_result(msg.embedding)
+        elif isinstance(msg, ipc.LoRAResult):
+            lfut = self.pending.lora.get(msg.req_id)
+            if lfut is not None and not lfut.done():
+                lfut.set_result(msg)
         elif isinstance(msg, ipc.Error):
             self._on_error(msg)
 
@@ -195,7 +201,7 @@ class InFlight:
         rid = msg.request_id
         if rid is None:
             return
-        for futures in (self.pending.embeds, self.pending.probes):
+        for futures in (self.pending.embeds, self.pending.probes, self.pending.lora):
             fut = futures.get(rid)
             if fut is not None and not fut.done():
                 fut.set_exception(exc)

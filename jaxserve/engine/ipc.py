@@ -25,6 +25,7 @@ import msgspec
 
 from jaxserve.core.admission import EngineCoreRequest, RequestLimits
 from jaxserve.core.outputs import EngineCoreOutput, SchedulerStats
+from jaxserve.lora.request import LoRARequest
 
 # ---- API process -> engine core ----------------------------------------------------------
 
@@ -55,11 +56,24 @@ class Embed(msgspec.Struct, tag=True):
     token_ids: list[int]
 
 
+class LoRAControl(msgspec.Struct, tag=True):
+    """Adds ("add": read and check), removes ("remove") or lists ("list") LoRA adapters;
+    answered by LoRAResult, or an Error naming what is wrong."""
+
+    req_id: str
+    # "add" | "remove" | "list"
+    op: str
+    # the adapter to add
+    lora_request: LoRARequest | None = None
+    # the adapter to remove
+    lora_int_id: int = 0
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Stop the loop and exit 0."""
 
 
-ToCore = EngineCoreRequest | Abort | Finish | HealthProbe | Embed | Shutdown
+ToCore = EngineCoreRequest | Abort | Finish | HealthProbe | Embed | LoRAControl | Shutdown
 
 # ---- engine core -> API process ----------------------------------------------------------
 
@@ -106,6 +120,12 @@ class EmbedResult(msgspec.Struct, tag=True):
     embedding: list[float]
 
 
+class LoRAResult(msgspec.Struct, tag=True):
+    req_id: str
+    # the adapters the core holds after the operation
+    loras: list[LoRARequest]
+
+
 class Error(msgspec.Struct, tag=True):
     """A failure: of one request (request_id set) or of the whole core (fatal)."""
 
@@ -121,7 +141,7 @@ class Error(msgspec.Struct, tag=True):
     traceback: str | None = None
 
 
-FromCore = Ready | Outputs | Heartbeat | ProbeResult | EmbedResult | Error
+FromCore = Ready | Outputs | Heartbeat | ProbeResult | EmbedResult | LoRAResult | Error
 
 # The core sends a Heartbeat at least this often; the API side reads its age.
 HEARTBEAT_INTERVAL_S = 0.25

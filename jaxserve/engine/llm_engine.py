@@ -15,6 +15,7 @@ from jaxserve.config import EngineArgs
 from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
+from jaxserve.lora.request import LoRARequest
 from jaxserve.model.loader import load_tokenizer
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -55,6 +56,7 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         stream: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validates and queues one request (raises ValueError naming the field when bad).
 
@@ -62,7 +64,12 @@ class LLMEngine:
         """
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         requests = self.input_processor.make_requests(
-            request_id, processed, params, priority=priority, cache_salt=cache_salt
+            request_id,
+            processed,
+            params,
+            priority=priority,
+            cache_salt=cache_salt,
+            lora_request=lora_request,
         )
         self.output_processor.add_request(
             request_id, processed, params, [r.request_id for r in requests], stream=stream

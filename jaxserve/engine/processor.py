@@ -18,6 +18,7 @@ from jaxserve.core.admission import (
     check_prompt_len,
     validate_core_request,
 )
+from jaxserve.lora.request import LoRARequest
 from jaxserve.sampling_params import SamplingParams, as_token_ids, check_text, is_int
 
 # A prompt: text, or vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."}.
@@ -94,6 +95,7 @@ class InputProcessor:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[EngineCoreRequest]:
         """One core request per completion; children of n > 1 get ids f"{request_id}:{i}".
 
@@ -101,6 +103,8 @@ class InputProcessor:
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params)}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request)}")
         if not is_int(priority):  # its range is an admission rule
             raise ValueError(f"priority must be an integer, got {priority!r}")
         priority = int(priority)
@@ -130,6 +134,7 @@ class InputProcessor:
                     priority=priority,
                     cache_salt=cache_salt,
                     max_tokens=max_tokens,
+                    lora_request=lora_request,
                 )
             )
         # the n completions differ only in id and seed: one check covers them all

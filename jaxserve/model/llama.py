@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxserve.model import layers
 from jaxserve.model.attention import AttentionMetadata, KVCache, write_kv
+from jaxserve.model.lora import LoRAStacks, make_context, project
 from jaxserve.model.spec import ModelSpec
 
 
@@ -128,16 +129,26 @@ def forward(
     kv_cache: KVCache,
     *,
     attention: layers.AttentionFn | None = None,
+    lora: LoRAStacks | None = None,
+    lora_slots: jax.Array | None = None,  # i32[T] each token's adapter slot (0: none)
 ) -> tuple[jax.Array, KVCache]:  # ([T, E] after the final norm, updated cache)
     """Runs every layer over one flat ragged token batch; returns hidden states and the cache.
 
     `attention`: what each layer attends with (default: the xla backend on one device); the
     runner passes the backend it chose, wrapped in shard_map under tensor parallelism
     (sharding.attention_for), so this module knows nothing of meshes.
+    `lora`/`lora_slots`: the adapter slots and each token's slot (model/lora.py); both or
+    neither.
     """
     if attention is None:
         attention = layers.make_attention("xla")
     x = params.embed[input_ids]  # [T, E]
+    ctx = None
+    layer_lora = None
+    if lora is not None:
+        assert lora_slots is not None, "lora needs lora_slots"
+        ctx = make_context(lora_slots, lora.num_slots, x.dtype)
+        layer_lora = (lora.a, lora.b)  # scanned with the layers: each body sees its slice
     cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(spec))  # f32[T, head_dim]
     body = functools.partial(
         _layer,
@@ -147,22 +158,29 @@ def forward(
         cos=cos,
         sin=sin,
         attention=attention,
+        lora_ctx=ctx,
     )
     idx = jnp.arange(spec.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), (params.layers, idx))
+    xs = (params.layers, idx, layer_lora)
+    (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), xs)
     with jax.named_scope("final_norm"):
         x = layers.rms_norm(x, params.final_norm, spec.rms_norm_eps)
     return x, KVCache(k=k, v=v)
 
 
-def _layer(carry, xs, *, spec, positions, md, cos, sin, attention):
+def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora_ctx):
     x, k_all, v_all = carry  # [T, E], [L, num_blocks, block_size, num_kv_heads, head_dim] x2
-    lp, i = xs  # LayerParams of this layer (leading axis removed), i32[]
+    # LayerParams of this layer (leading axis removed), i32[], its adapter slots or None
+    lp, i, lora = xs
     t = x.shape[0]
     hq, hkv, hd = spec.num_q_heads, spec.num_kv_heads, spec.head_dim
+
+    def proj(h: jax.Array, target: str) -> jax.Array:
+        return project(h, getattr(lp, target), target, lora, lora_ctx)
+
     with jax.named_scope("attn"):
         h = layers.rms_norm(x, lp.attn_norm, spec.rms_norm_eps)
-        q, k, v = h @ lp.wq, h @ lp.wk, h @ lp.wv
+        q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
         if spec.qkv_bias:
             q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
         q = q.reshape(t, hq, hd)  # [T, num_q_heads, head_dim]
@@ -195,9 +213,13 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, attention):
         )  # [T, num_q_heads, head_dim]
         k_all = k_flat.reshape(k_all.shape)
         v_all = v_flat.reshape(v_all.shape)
-        x = x + o.reshape(t, hq * hd) @ lp.wo
+        x = x + proj(o.reshape(t, hq * hd), "wo")
     h = layers.rms_norm(x, lp.mlp_norm, spec.rms_norm_eps)
-    x = x + layers.swiglu_mlp(h, lp.w_gate, lp.w_up, lp.w_down)
+    if lora is None:
+        x = x + layers.swiglu_mlp(h, lp.w_gate, lp.w_up, lp.w_down)
+    else:
+        with jax.named_scope("mlp"):
+            x = x + proj(jax.nn.silu(proj(h, "w_gate")) * proj(h, "w_up"), "w_down")
     return (x, k_all, v_all), None
 
 

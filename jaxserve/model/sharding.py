@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxserve.model import layers
 from jaxserve.model.attention import KVCache
 from jaxserve.model.llama import LayerParams, Params, param_shapes
+from jaxserve.model.lora import LORA_TARGETS, LoRAStacks, stack_shapes
 from jaxserve.model.spec import ModelSpec
 
 # Mesh axes: `data` splits independent replicas (size 1 inside one engine), `model` is TP.
@@ -68,6 +69,8 @@ RULES: dict[str, str | None] = {
     "blocks": None,
     "block_size": None,
     "reqs": None,
+    "lora_slots": None,
+    "lora_rank": None,
 }
 
 
@@ -120,15 +123,10 @@ def named(mesh: Mesh, logical: str, shape: Sequence[int] | None = None) -> Named
     """The NamedSharding of a logical array; with `shape`, a dim the mesh axis does not divide
     stays replicated (e.g. SmolLM2's vocab 49152 or MLP 1536 at TP=9): correct, just unsplit.
     """
-    spec = logical_to_spec(LOGICAL_AXES[logical])
-    if shape is not None:
-        spec = PartitionSpec(
-            *(
-                ax if ax is None or dim % mesh.shape[ax] == 0 else None
-                for ax, dim in zip(spec, shape, strict=True)
-            )
-        )
-    return NamedSharding(mesh, spec)
+    axes = LOGICAL_AXES[logical]
+    if shape is None:
+        return NamedSharding(mesh, logical_to_spec(axes))
+    return _named_axes(mesh, axes, shape)
 
 
 def param_shardings(exec_spec: ModelSpec, mesh: Mesh) -> Params:
@@ -145,6 +143,54 @@ def param_shardings(exec_spec: ModelSpec, mesh: Mesh) -> Params:
         final_norm=of("final_norm"),
         lm_head=of("lm_head"),
     )
+
+
+def lora_axes(target: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Logical axes of a target's LoRA slots (A [L, in, S, r], B [L, S, r, out]).
+
+    A and B shard with the weight they modify: a column-parallel weight (output features
+    split) splits B's output, so each device adds the delta of its own columns; a row-parallel
+    one (input split) splits A's input, and x @ A is summed over devices like x @ W is.
+    """
+    layers_axis, in_axis, out_axis = LOGICAL_AXES[target]
+    return (
+        (layers_axis, in_axis, "lora_slots", "lora_rank"),
+        (layers_axis, "lora_slots", "lora_rank", out_axis),
+    )
+
+
+def _named_axes(mesh: Mesh, axes: Sequence[str], shape: Sequence[int]) -> NamedSharding:
+    """Logical axes -> NamedSharding; a dim the mesh axis does not divide stays replicated."""
+    spec = logical_to_spec(axes)
+    return NamedSharding(
+        mesh,
+        PartitionSpec(
+            *(
+                ax if ax is None or dim % mesh.shape[ax] == 0 else None
+                for ax, dim in zip(spec, shape, strict=True)
+            )
+        ),
+    )
+
+
+def lora_shardings(exec_spec: ModelSpec, mesh: Mesh, num_slots: int, rank: int) -> LoRAStacks:
+    """A LoRAStacks-shaped pytree of NamedShardings for the execution spec."""
+    shapes = stack_shapes(exec_spec, num_slots, rank)
+    a, b = {}, {}
+    for t in LORA_TARGETS:
+        a_axes, b_axes = lora_axes(t)
+        a[t] = _named_axes(mesh, a_axes, shapes[t][0])
+        b[t] = _named_axes(mesh, b_axes, shapes[t][1])
+    return LoRAStacks(a=a, b=b)
+
+
+def lora_b_exec_layout(spec: ModelSpec, tp: int, target: str, b: np.ndarray) -> np.ndarray:
+    """An adapter's B [..., out] in the execution layout: wk/wv columns repeated like the
+    weights when TP exceeds the kv heads (see `place_params`)."""
+    r = kv_repeat(spec, tp)
+    if r == 1 or target not in ("wk", "wv"):
+        return b
+    return _repeat_kv_columns(b, spec.head_dim, r)
 
 
 def kv_cache_sharding(mesh: Mesh) -> KVCache:
@@ -245,6 +291,9 @@ __all__ = [
     "kv_cache_sharding",
     "kv_repeat",
     "logical_to_spec",
+    "lora_axes",
+    "lora_b_exec_layout",
+    "lora_shardings",
     "make_mesh",
     "named",
     "param_shardings",

@@ -190,7 +190,7 @@ def abstract_step_collectives(
     kv = jax.ShapeDtypeStruct(kv_shape, dt, sharding=sharding.named(mesh, "kv_cache"))
     step = make_step_fn(exec_spec, "xla", mesh)
     inputs = dummy_step_inputs(shape, max_model_len, -(-exec_spec.vocab_size // 32))
-    text = step.lower(params, KVCache(k=kv, v=kv), inputs).compile().as_text()
+    text = step.lower(params, None, KVCache(k=kv, v=kv), inputs).compile().as_text()
     return collective_stats(text, exec_spec.num_layers)
 
 

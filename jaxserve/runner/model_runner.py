@@ -19,23 +19,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jaxserve.config import CacheConfig, SchedulerConfig
+from jaxserve.config import CacheConfig, LoRAConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxserve.model import sharding
 from jaxserve.model.attention import KVCache
 from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import compute_logits, forward
+from jaxserve.model.lora import LoRAStacks
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
 from jaxserve.runner import prompt_logprobs as plp
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_counter import CompileCounter
+from jaxserve.runner.lora_slots import DeviceLoRASlots
 from jaxserve.runner.prompt_logprobs import PromptLogprobsOutput, prompt_logprobs
 from jaxserve.runner.sampler import SamplerOutput, sample
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
 from jaxserve.runner.step_inputs import (
     Buckets,
     FillMask,
+    LoRASlotOf,
     StepInputs,
     build_step_inputs,
     dummy_step_inputs,
@@ -43,13 +46,10 @@ from jaxserve.runner.step_inputs import (
 
 logger = logging.getLogger(__name__)
 
-# On CPU, with no kv_cache_memory given, the cache holds max_num_seqs full-length requests
-# but never more than this many bytes.
-_DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-
 
 def _step(
     params: object,
+    lora: LoRAStacks | None,
     kv_cache: KVCache,
     inputs: StepInputs,
     *,
@@ -58,7 +58,15 @@ def _step(
     mesh: Mesh | None,
 ) -> tuple[KVCache, SamplerOutput, PromptLogprobsOutput]:
     hidden, kv_cache = forward(
-        params, spec, inputs.input_ids, inputs.positions, inputs.attn, kv_cache, attention=attention
+        params,
+        spec,
+        inputs.input_ids,
+        inputs.positions,
+        inputs.attn,
+        kv_cache,
+        attention=attention,
+        lora=lora,
+        lora_slots=inputs.lora_slots,
     )
 
     def logits_of(h: jax.Array) -> jax.Array:
@@ -77,10 +85,16 @@ def _step(
 
 
 def make_step_fn(
-    spec: ModelSpec, attention_backend: str, mesh: Mesh | None, *, platform: str | None = None
+    spec: ModelSpec,
+    attention_backend: str,
+    mesh: Mesh | None,
+    *,
+    platform: str | None = None,
+    lora_shardings: LoRAStacks | None = None,
 ) -> Any:
     """The one jitted step; `spec` is the execution spec (sharding.tp_spec) under a mesh;
-    `platform`: its devices' (default: jax's default backend)."""
+    `platform`: its devices' (default: jax's default backend); `lora_shardings`: the LoRA
+    slots' under a mesh (None: LoRA off)."""
     attention = sharding.attention_for(attention_backend, mesh, platform or jax.default_backend())
     step = functools.partial(_step, spec=spec, attention=attention, mesh=mesh)
     if mesh is None:
@@ -91,65 +105,19 @@ def make_step_fn(
     # stays in place) and the step inputs/outputs are replicated on every device.
     return jax.jit(
         step,
-        in_shardings=(sharding.param_shardings(spec, mesh), kv_sh, replicated),
+        in_shardings=(sharding.param_shardings(spec, mesh), lora_shardings, kv_sh, replicated),
         out_shardings=(kv_sh, replicated, replicated),
         donate_argnames=("kv_cache",),
     )
 
 
+def _no_adapter(request: Request) -> int:
+    return 0
+
+
 def _host(x: jax.Array) -> np.ndarray:
     """A replicated step output as numpy (multi-host: this process's copy)."""
     return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
-
-
-def kv_block_bytes(spec: ModelSpec, block_size: int, dtype: jnp.dtype) -> int:
-    """Bytes of one KV block over all layers (K and V)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
-
-
-def determine_num_blocks(
-    spec: ModelSpec,
-    cache_config: CacheConfig,
-    scheduler_config: SchedulerConfig,
-    dtype: jnp.dtype,
-    params_bytes: int,
-    devices: Sequence[jax.Device] | None = None,
-) -> int:
-    """How many KV blocks to allocate (block 0, the null block, included).
-
-    `spec` is the execution spec (kv heads as the cache stores them); `devices` the engine's
-    devices: on accelerators each contributes its free memory (the cache splits evenly).
-    """
-    if cache_config.num_gpu_blocks_override is not None:
-        return cache_config.num_gpu_blocks_override
-    per_block = kv_block_bytes(spec, cache_config.block_size, dtype)
-    if cache_config.kv_cache_memory is not None:
-        budget = cache_config.kv_cache_memory
-    elif jax.default_backend() != "cpu":
-        devices = list(devices) if devices is not None else jax.devices()[:1]
-        # multi-host: only this process's devices can be asked (all are alike)
-        local = [d for d in devices if d.process_index == jax.process_index()]
-        stats = local[0].memory_stats() or {}
-        limit = stats.get("bytes_limit", 0)
-        # The weights are already resident (bytes_in_use); keep 10% of the rest for activations.
-        in_use = stats.get("bytes_in_use", params_bytes // len(devices))
-        per_device = int((limit * cache_config.gpu_memory_utilization - in_use) * 0.9)
-        budget = per_device * len(devices)
-    else:
-        blocks_per_seq = -(-scheduler_config.max_model_len // cache_config.block_size)
-        wanted = scheduler_config.max_num_seqs * blocks_per_seq + 1
-        budget = min(wanted * per_block, _DEFAULT_CPU_KV_CACHE_BYTES)
-    num_blocks = budget // per_block
-    min_blocks = -(-scheduler_config.max_model_len // cache_config.block_size) + 1
-    if num_blocks < min_blocks:
-        raise ValueError(
-            f"the KV cache budget ({budget} bytes, {num_blocks} blocks of {per_block} bytes) "
-            f"cannot hold one max_model_len={scheduler_config.max_model_len} request "
-            f"({min_blocks} blocks); raise kv_cache_memory / gpu_memory_utilization or lower "
-            "max_model_len"
-        )
-    return int(num_blocks)
 
 
 class ModelRunner:
@@ -165,8 +133,11 @@ class ModelRunner:
         attention_backend: str = "xla",
         tensor_parallel_size: int = 1,
         devices: Sequence[jax.Device] | None = None,
+        lora_config: LoRAConfig | None = None,
     ) -> None:
         """`spec`/`params`: the model as loaded (params may already be placed on the mesh).
+
+        `lora_config` with enable_lora: the step gets max_loras adapter slots (lora_slots.py).
 
         `devices`: the devices this engine replica owns (default jax.devices()[:TP]); with
         tensor_parallel_size > 1 the params and the KV cache are sharded over them.
@@ -203,7 +174,6 @@ class ModelRunner:
         )
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         shape = (spec.num_layers, *shape)
-        self._step_fn = make_step_fn(spec, attention_backend, self.mesh, platform=self.platform)
         self._kv_cache_shape = shape
         if self.mesh is None:
             # Commit params and cache to the device: jit keys its cache on committed-ness, and
@@ -216,6 +186,21 @@ class ModelRunner:
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
         # that own the rest of the mesh (engine/follower.py); they run the same step.
         self.multihost = self.mesh is not None and step_broadcast.spans_processes(self.devices)
+        # the adapter slots (None: LoRA off, the step is the base model's program exactly)
+        self.lora_slots: DeviceLoRASlots | None = None
+        if lora_config is not None and lora_config.enable_lora:
+            if self.multihost:
+                raise ValueError("enable_lora across several processes is not supported yet")
+            self.lora_slots = DeviceLoRASlots(
+                self.model_spec,
+                spec,
+                num_slots=lora_config.max_loras,
+                rank=lora_config.max_lora_rank,
+                dtype=dtype,
+                mesh=self.mesh,
+                device=self.devices[0],
+            )
+        self._step_fn = self._make_step_fn(attention_backend)
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
         # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
@@ -223,6 +208,31 @@ class ModelRunner:
         # counts this process's lowerings until close() (read around each step)
         self.compiles = CompileCounter()
         self.num_steps = 0
+
+    def _make_step_fn(self, backend: str) -> Any:
+        lora_sh = None if self.lora_slots is None else self.lora_slots.shardings
+        return make_step_fn(
+            self.spec, backend, self.mesh, platform=self.platform, lora_shardings=lora_sh
+        )
+
+    def _dummy_inputs(self, shape: tuple[int, int, int]) -> StepInputs:
+        return dummy_step_inputs(
+            shape, self.penalty_len, self.bitmask_width, lora=self.lora_slots is not None
+        )
+
+    @property
+    def _lora_stacks(self) -> LoRAStacks | None:
+        return None if self.lora_slots is None else self.lora_slots.stacks
+
+    def write_lora(self, slot: int, weights: object) -> None:
+        """Device LoRA slot `slot` := an adapter's LoRAWeights (None: zeros); never compiles
+        after warmup (a compile would be counted like a step's)."""
+        assert self.lora_slots is not None, "LoRA is off"
+        before = self.compiles.count
+        self.lora_slots.write(slot, weights)  # type: ignore[arg-type]
+        if self.is_warmed_up and self.compiles.count != before:
+            self.num_compiles_after_warmup += self.compiles.count - before
+            logger.warning("a LoRA slot write compiled after warmup")
 
     def _new_kv_cache(self) -> KVCache:
         """An all-zero KV cache on the runner's devices (committed, or sharded on the mesh)."""
@@ -240,17 +250,15 @@ class ModelRunner:
         """Rebuilds the step for another attention backend (auto's fallback when the Pallas
         kernel fails to compile); a KV cache a failed call consumed is allocated again."""
         self.attention_backend = backend
-        self._step_fn = make_step_fn(self.spec, backend, self.mesh, platform=self.platform)
+        self._step_fn = self._make_step_fn(backend)
         if self.kv_cache.k.is_deleted() or self.kv_cache.v.is_deleted():
             self.kv_cache = self._new_kv_cache()
 
     def compile_smallest_bucket(self) -> None:
         """Compiles (without running) the step of the smallest bucket: a cheap check that the
         attention backend compiles at all, for engines started without warmup."""
-        inputs = dummy_step_inputs(
-            self.buckets.all_shapes()[0], self.penalty_len, self.bitmask_width
-        )
-        self._step_fn.lower(self.params, self.kv_cache, inputs).compile()
+        inputs = self._dummy_inputs(self.buckets.all_shapes()[0])
+        self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs).compile()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -271,13 +279,15 @@ class ModelRunner:
             if self.is_leader:
                 step_broadcast.send_step(inputs)
             inputs = step_broadcast.to_global(inputs, self.mesh)
-        self.kv_cache, out, prompt_out = self._step_fn(self.params, self.kv_cache, inputs)
+        self.kv_cache, out, prompt_out = self._step_fn(
+            self.params, self._lora_stacks, self.kv_cache, inputs
+        )
         return out, prompt_out
 
     def run_followed_step(self, inputs: StepInputs) -> None:
         """A follower process: runs one step process 0 broadcast (engine/follower.py's loop)."""
         inputs = step_broadcast.to_global(inputs, self.mesh)
-        self.kv_cache, _, _ = self._step_fn(self.params, self.kv_cache, inputs)
+        self.kv_cache, _, _ = self._step_fn(self.params, self._lora_stacks, self.kv_cache, inputs)
         self.num_steps += 1
 
     def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
@@ -285,16 +295,18 @@ class ModelRunner:
         bucket (max requests, widest block table). For hlo_stats.collective_stats."""
         if shape is None:
             shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
-        inputs = dummy_step_inputs(shape, self.penalty_len, self.bitmask_width)
-        return self._step_fn.lower(self.params, self.kv_cache, inputs).compile().as_text()
+        inputs = self._dummy_inputs(shape)
+        lowered = self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs)
+        return lowered.compile().as_text()
 
     def warmup(self, *, show_progress: bool = True) -> float:
         """Compiles every declared bucket once; returns the seconds it took."""
         start = time.perf_counter()
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
-            inputs = dummy_step_inputs(shape, self.penalty_len, self.bitmask_width)
-            out, _ = self._run_step(inputs)
+            out, _ = self._run_step(self._dummy_inputs(shape))
+        if self.lora_slots is not None:
+            self.lora_slots.warmup()
         jax.block_until_ready(out.token_ids)
         self.is_warmed_up = True
         elapsed = time.perf_counter() - start
@@ -308,10 +320,14 @@ class ModelRunner:
         check_sampling_row(SamplingRow.from_request(request), self.penalty_len)
 
     def execute(
-        self, scheduler_output: SchedulerOutput, fill_mask: FillMask | None = None
+        self,
+        scheduler_output: SchedulerOutput,
+        fill_mask: FillMask | None = None,
+        lora_slot_of: LoRASlotOf | None = None,
     ) -> ModelRunnerOutput:
         """Stages, runs and reads back one step; fill_mask gives its token bitmask rows
-        (TokenMasks.fill), None when no scheduled request is constrained.
+        (TokenMasks.fill), None when no scheduled request is constrained; lora_slot_of the
+        device slot of each request's adapter (required when LoRA is on).
 
         NOTE on failures: staging and reading back are per request (a request that fails
         there is named in ModelRunnerOutput.failed and the others go on); only the device
@@ -326,6 +342,7 @@ class ModelRunner:
             self.penalty_len,
             bitmask_width=self.bitmask_width,
             fill_mask=fill_mask,
+            lora_slot_of=(lora_slot_of or _no_adapter) if self.lora_slots is not None else None,
         )
         failed = dict(staged.failed)
         inputs = staged.inputs
@@ -394,6 +411,8 @@ class ModelRunner:
         for leaf in jax.tree.leaves((self.params, self.kv_cache)):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
+        if self.lora_slots is not None:
+            self.lora_slots.close()
         self.compiles.close()
         self.params = None
         self.kv_cache = None  # type: ignore[assignment]

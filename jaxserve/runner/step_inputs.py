@@ -30,7 +30,15 @@ logger = logging.getLogger(__name__)
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["input_ids", "positions", "attn", "logits_indices", "sampling", "prompt_targets"],
+    data_fields=[
+        "input_ids",
+        "positions",
+        "attn",
+        "logits_indices",
+        "sampling",
+        "prompt_targets",
+        "lora_slots",
+    ],
     meta_fields=["num_tokens", "num_reqs", "num_blocks_per_req"],
 )
 @dataclasses.dataclass
@@ -45,6 +53,8 @@ class StepInputs:
     num_tokens: int  # T, the token bucket
     num_reqs: int  # R, the request bucket
     num_blocks_per_req: int  # B, the block-table width bucket
+    # i32[T] each token's LoRA adapter slot (0: none, padding too); None when LoRA is off
+    lora_slots: jax.Array | None = None
 
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -125,6 +135,8 @@ class StagedStep:
 # TokenMasks.fill: the sampling rows' requests (None: not sampling) and R -> (bitmask, has_mask),
 # or None when no row is constrained.
 FillMask = Callable[[Sequence[Request | None], int], "tuple[np.ndarray, np.ndarray] | None"]
+# The device LoRA slot a request's tokens use (0: none); None when LoRA is off.
+LoRASlotOf = Callable[[Request], int]
 
 
 def build_step_inputs(
@@ -135,6 +147,7 @@ def build_step_inputs(
     *,
     bitmask_width: int | None = None,
     fill_mask: FillMask | None = None,
+    lora_slot_of: LoRASlotOf | None = None,
 ) -> StagedStep:
     """Host-side (numpy) staging of one step; O(tokens + block-table entries).
 
@@ -151,7 +164,9 @@ def build_step_inputs(
         if not todo:
             return StagedStep(inputs=None, staged=[], failed=failed)
         try:
-            inputs = _stage(todo, buckets, block_size, penalty_len, bitmask_width, fill_mask)
+            inputs = _stage(
+                todo, buckets, block_size, penalty_len, bitmask_width, fill_mask, lora_slot_of
+            )
             spans = _prompt_spans(todo)
             if spans:
                 inputs.prompt_targets = _targets(spans, inputs.num_tokens)
@@ -244,6 +259,7 @@ def _stage(
     penalty_len: int,
     bitmask_width: int | None = None,
     fill_mask: FillMask | None = None,
+    lora_slot_of: LoRASlotOf | None = None,
 ) -> StepInputs:
     """The padded arrays of `scheduled`; raises _RequestStagingError naming the one that fails."""
     max_blocks = max(len(s.block_ids) for s in scheduled)
@@ -257,6 +273,7 @@ def _stage(
     kv_lens = np.zeros(r, np.int32)
     cu_q_lens = np.zeros(r + 1, np.int32)
     logits_indices = np.zeros(r, np.int32)
+    lora_slots = None if lora_slot_of is None else np.zeros(t, np.int32)
     rows: list[SamplingRow | None] = [None] * r
     offset = 0
     for i, sr in enumerate(scheduled):
@@ -273,6 +290,8 @@ def _stage(
             kv_lens[i] = start + n
             cu_q_lens[i + 1] = end
             logits_indices[i] = end - 1
+            if lora_slots is not None:
+                lora_slots[offset:end] = lora_slot_of(sr.request)
             if sr.is_sampling:
                 rows[i] = SamplingRow.from_request(sr.request)
         except Exception as e:  # noqa: BLE001 - a failure here is this request's alone
@@ -309,11 +328,16 @@ def _stage(
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,
+        lora_slots=lora_slots,
     )
 
 
 def dummy_step_inputs(
-    shape: tuple[int, int, int], penalty_len: int, bitmask_width: int | None = None
+    shape: tuple[int, int, int],
+    penalty_len: int,
+    bitmask_width: int | None = None,
+    *,
+    lora: bool = False,
 ) -> StepInputs:
     """An all-padding step of the given bucket (for warmup): every write hits the null block."""
     t, r, b = shape
@@ -335,4 +359,5 @@ def dummy_step_inputs(
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,
+        lora_slots=zeros(t) if lora else None,
     )

@@ -8,10 +8,16 @@ from jaxserve.core.kv_cache_manager import (
     root_block_hash,
     update_block_hashes,
 )
+from jaxserve.lora.request import LoRARequest
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
+
+
+def _lora_id(name: str) -> int:
+    """A distinct positive id per adapter name (the hash keys on the id)."""
+    return 1 + int.from_bytes(name.encode(), "little")
 
 
 def make_request(req_id, prompt, cache_salt=None, adapter_id=None, max_tokens=8):
@@ -22,7 +28,9 @@ def make_request(req_id, prompt, cache_salt=None, adapter_id=None, max_tokens=8)
         eos_token_id=None,
         sampling_seed=0,
         cache_salt=cache_salt,
-        adapter_id=adapter_id,
+        lora_request=None
+        if adapter_id is None
+        else LoRARequest(adapter_id, _lora_id(adapter_id), "/a"),
         max_tokens=max_tokens,
     )
 

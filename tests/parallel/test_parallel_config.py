@@ -49,7 +49,7 @@ def test_accelerator_kv_budget_counts_every_tp_device(monkeypatch: pytest.Monkey
     import jax.numpy as jnp
 
     from jaxserve.config import CacheConfig, SchedulerConfig
-    from jaxserve.runner.model_runner import determine_num_blocks, kv_block_bytes
+    from jaxserve.runner.kv_sizing import determine_num_blocks, kv_block_bytes
     from tests.model.helpers import tiny_spec
 
     class FakeGpu:
