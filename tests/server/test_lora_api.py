@@ -452,3 +452,61 @@ async def test_openai_client_selects_an_adapter(make_client, lora_engine, tmp_pa
             await oai.completions.create(model="sq", prompt="x")
         assert e.value.body["param"] == "model"
     assert list(lora_engine.lora_requests.values()) == [lora_engine.loras[1]] * 2
+
+
+async def test_engine_refusing_the_adapter_names_model(make_client, lora_engine, tmp_path):
+    from server.state import STATE_KEY
+
+    client = await make_client()
+    await _load(client, "a", make_adapter(tmp_path, "a"))
+    body = _body("/v1/completions", "a", False)
+    # the engine lost it (still registered here): its ValueError is a 400 naming `model`
+    await lora_engine.remove_lora(1)
+    err = await _error(await client.post("/v1/completions", json=body), 400)
+    assert err["param"] == "model" and "not loaded" in err["message"]
+    # an unload between the lookup and the engine call: 404, as for a name never loaded
+    await _load(client, "b", make_adapter(tmp_path, "b"))
+    registry = client.app[STATE_KEY].loras
+    generate = lora_engine.generate
+
+    def unloaded_meanwhile(*args, **kwargs):
+        registry._loaded.pop("b")
+        lora_engine.loras.pop(2)
+        return generate(*args, **kwargs)
+
+    lora_engine.generate = unloaded_meanwhile
+    for stream in (False, True):
+        registry._loaded["b"] = LoRARequest("b", 2, str(tmp_path / "b"))
+        lora_engine.loras[2] = registry._loaded["b"]
+        body = _body("/v1/completions", "b", stream)
+        err = await _error(await client.post("/v1/completions", json=body), 404)
+        assert err["param"] == "model" and err["code"] == "model_not_found"
+
+
+async def test_a_dead_engine_changes_nothing(make_client, lora_engine, tmp_path):
+    client = await make_client()
+    await _load(client, "a", make_adapter(tmp_path, "a"))
+    lora_engine.dead = "core exited"
+    body = {"lora_name": "b", "lora_path": make_adapter(tmp_path, "b")}
+    assert (await _error(await client.post(LOAD, json=body), 503))["code"] == "engine_unavailable"
+    assert (await client.post(UNLOAD, json={"lora_name": "a"})).status == 503
+    lora_engine.dead = None
+    # the unload did not happen, so "a" is still served; "b" was not taken
+    data = (await (await client.get("/v1/models")).json())["data"]
+    assert [m["id"] for m in data] == [BASE, "a"]
+    await _load(client, "b", body["lora_path"])
+    assert (await client.post(UNLOAD, json={"lora_name": "a"})).status == 200
+
+
+async def test_a_client_leaving_mid_load_leaves_no_orphan(make_client, lora_engine, tmp_path):
+    client = await make_client()
+    lora_engine.add_lora_delay = 0.1
+    body = {"lora_name": "a", "lora_path": make_adapter(tmp_path, "a")}
+    task = asyncio.ensure_future(client.post(LOAD, json=body))
+    await asyncio.sleep(0.03)
+    task.cancel()  # the connection drops while the engine loads
+    await asyncio.sleep(0.15)
+    # the load completed and is registered: the engine holds nothing the server does not know
+    assert list(lora_engine.loras) == [1]
+    data = (await (await client.get("/v1/models")).json())["data"]
+    assert [m["id"] for m in data] == [BASE, "a"]
