@@ -96,13 +96,8 @@ def test_lora_modules_bad_values(capsys, value, expect):
     assert "--lora-modules" in err and expect in err
 
 
-@pytest.mark.parametrize(
-    ("modules", "expect"),
-    [
-        ([LoRAModule("a", "/p")], "--lora-modules needs --enable-lora"),
-    ],
-)
-def test_lora_modules_need_enable_lora(modules, expect):
+def test_lora_modules_need_enable_lora():
+    modules, expect = [LoRAModule("a", "/p")], "--lora-modules needs --enable-lora"
     with pytest.raises(ValueError, match=expect):
         check_lora_modules(modules, enable_lora=False, base_name=BASE)
     with pytest.raises(ValueError, match=expect):
