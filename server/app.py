@@ -19,37 +19,26 @@ import jaxserve
 from jaxserve.core.admission import check_embed_len
 from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import CONTENT_TYPE, ServerMetrics
-from server import generation, health, openapi, protocol, request_io, responses, validate
+from server import (
+    generation,
+    health,
+    lora_api,
+    models,
+    openapi,
+    protocol,
+    request_io,
+    responses,
+    validate,
+)
 from server.chat_config import make_chat_config
 from server.connections import connection_middleware, set_server_header
 from server.errors import APIError, bad_request, error_middleware
+from server.lora import LoRAModule, check_lora_modules
 from server.request_io import check_model, read_body
 from server.security import POLICY_KEY, BrowserPolicy, add_cors_headers, security_middleware
 from server.state import STATE_KEY, ServerState
 
 logger = logging.getLogger(__name__)
-
-
-async def list_models(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    return web.json_response({"object": "list", "data": [_model_card(state)]})
-
-
-async def get_model(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    check_model(state, request.match_info["model"])
-    return web.json_response(_model_card(state))
-
-
-def _model_card(state: ServerState) -> dict:
-    return {
-        "id": state.model_name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "jaxserve",
-        "root": state.engine.model_name,
-        "max_model_len": state.engine.max_model_len,
-    }
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -58,7 +47,14 @@ async def embeddings(request: web.Request) -> web.Response:
     float32s, which is what the openai client asks for by default."""
     state = request.app[STATE_KEY]
     req = validate.parse_embedding(await read_body(request), state.limits)
-    check_model(state, req.model)
+    if check_model(state, req.model) is not None:
+        # EngineClient.embed takes no adapter: answering with the base model's embedding
+        # would ignore the field
+        raise bad_request(
+            f"model: {req.model!r} is a LoRA adapter; embeddings come from the served model "
+            f"{state.model_name!r} only",
+            "model",
+        )
     if req.user is not None:
         logger.info("embeddings from user %r", req.user)
     all_ids = await request_io.tokenize_all(state, req.inputs)
@@ -133,7 +129,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(openapi.spec(request.app[STATE_KEY].model_name))
+    state = request.app[STATE_KEY]
+    return web.json_response(
+        openapi.spec(state.model_name, lora_routes=request.app[LORA_ROUTES_KEY])
+    )
 
 
 # (method, path, handler); paths under PROTECTED_PREFIXES need the API key when one is set
@@ -141,8 +140,8 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespons
     ("POST", "/v1/completions", generation.completions),
     ("POST", "/v1/chat/completions", generation.chat_completions),
     ("POST", "/v1/embeddings", embeddings),
-    ("GET", "/v1/models", list_models),
-    ("GET", "/v1/models/{model}", get_model),
+    ("GET", "/v1/models", models.list_models),
+    ("GET", "/v1/models/{model}", models.get_model),
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
     ("GET", "/version", version),
@@ -153,6 +152,8 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespons
     ("GET", "/openapi.json", openapi_json),
 ]
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# whether the app serves lora_api.ROUTES (load/unload adapters at runtime)
+LORA_ROUTES_KEY = web.AppKey("lora_routes", bool)
 
 
 @web.middleware
@@ -195,6 +196,8 @@ def make_app(
     chat_template: str | None = None,
     tool_call_parser: str = "auto",
     reasoning_parser: str | None = None,
+    lora_modules: Sequence[LoRAModule] = (),
+    runtime_lora_updating: bool = True,
 ) -> web.Application:
     """The OpenAI-compatible app around `engine`; the caller owns the engine's lifecycle.
 
@@ -202,6 +205,9 @@ def make_app(
     (server/security.py). None (unknown, as in tests) leaves it off.
     `chat_template`: the template text replacing the model's (--chat-template);
     `tool_call_parser` / `reasoning_parser`: the flags' values (server/chat_config.py).
+    `lora_modules`: adapters added when the app starts (a bad one fails the startup);
+    `runtime_lora_updating`: serve /v1/load_lora_adapter and /v1/unload_lora_adapter (only
+    ever with an engine that serves LoRA).
     """
     chat = make_chat_config(
         engine.tokenizer,
@@ -218,6 +224,7 @@ def make_app(
         max_body_bytes=max_body_bytes,
     )
     model_name = served_model_name or engine.model_name
+    check_lora_modules(lora_modules, enable_lora=engine.lora_enabled, base_name=model_name)
     # connection_middleware is outermost: it only tracks the connection and never raises;
     # then error_middleware, so that refusals (security, auth) and bugs get the OpenAI shape;
     # security before auth: a preflight carries no credentials, a rebinding page gets nothing
@@ -239,6 +246,10 @@ def make_app(
         chat=chat,
     )
     app[health.HEALTH_KEY] = health.HealthProbe(engine)
-    for method, path, handler in ROUTES:
+    app[lora_api.MODULES_KEY] = tuple(lora_modules)
+    app.on_startup.append(lora_api.load_lora_modules)
+    app[LORA_ROUTES_KEY] = engine.lora_enabled and runtime_lora_updating
+    routes = ROUTES + lora_api.ROUTES if app[LORA_ROUTES_KEY] else ROUTES
+    for method, path, handler in routes:
         app.router.add_route(method, path, handler)
     return app

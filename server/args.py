@@ -59,6 +59,34 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     add_chat_args(parser)
     add_http_args(parser)
+    add_lora_args(parser)
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """LoRA adapters served next to the model (server/lora.py; the engine's --enable-lora,
+    --max-loras, --max-lora-rank and --max-cpu-loras come with the engine's flags)."""
+    from server.lora import parse_lora_module
+
+    g = parser.add_argument_group("LoRA adapters")
+    g.add_argument(
+        "--lora-modules",
+        type=parse_lora_module,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=PATH|JSON",
+        help="adapters (PEFT directories) loaded at startup, each selected by its name as "
+        "`model`; name=path, or vLLM's JSON form "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\'; needs --enable-lora',
+    )
+    g.add_argument(
+        "--runtime-lora-updating",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with "
+        "--enable-lora; behind --api-key when one is set). They read any directory on the "
+        "server that the client names: turn them off on a server open to untrusted clients",
+    )
 
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:

@@ -66,14 +66,17 @@ class Generation:
         parsers: ChatOutputParsers | None = None,
         stream: bool = False,
         max_tool_calls: int | None = None,
+        model_name: str | None = None,
     ) -> None:
         """echo_texts with top_logprobs: the prompt's tokens and logprobs come first (the
         engine was asked for prompt_logprobs >= top_logprobs); prompt_logprobs: the vLLM
         field's N (its own output field); parsers: chat output through the tool and
         reasoning parsers (streamed ones parse delta by delta); max_tool_calls: 1 under
         parallel_tool_calls=false (later calls are dropped; a forced grammar never makes
-        them), None: no limit."""
+        them), None: no limit; model_name: the `model` of the response (the LoRA adapter's
+        name when one was selected), None: the served model's."""
         self.state = state
+        self.model_name = state.model_name if model_name is None else model_name
         self.is_chat = is_chat
         self.n = n
         self.top_logprobs = top_logprobs
@@ -219,7 +222,7 @@ class Generation:
         )
 
     def _envelope(self, kind: str) -> dict[str, Any]:
-        return responses.envelope(kind, self.id, self.created, self.state.model_name)
+        return responses.envelope(kind, self.id, self.created, self.model_name)
 
     def chunk(self, choice: Choice, delta: dict) -> dict[str, Any]:
         body = self._envelope(self.chunk_object)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxserve.engine.client import EngineClient
+from jaxserve.lora.request import LoRARequest
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -47,6 +48,7 @@ class Fanout:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self._engine = engine
         self._prompts = prompts
@@ -55,6 +57,8 @@ class Fanout:
         self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         self._priority = priority
         self._cache_salt = cache_salt
+        # passed only when set, so the base model's call is the one every engine takes
+        self._lora_kwargs = {} if lora_request is None else {"lora_request": lora_request}
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
 
@@ -77,6 +81,7 @@ class Fanout:
                 self.request_ids[index],
                 priority=self._priority,
                 cache_salt=self._cache_salt,
+                **self._lora_kwargs,
             )
             async for out in stream:
                 self._queue.put_nowait((index, out))

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
+from jaxserve.lora.request import LoRARequest
 from server import protocol, request_io, sse, validate
 from server.choices import Generation
 from server.constraints import Constraint
@@ -51,14 +52,26 @@ async def _run(
     cache_salt: str | None,
     fields: frozenset[str],
     constraint: Constraint,
+    lora: LoRARequest | None,
 ) -> web.StreamResponse:
     def engine_error(e: Exception, fields: frozenset[str]) -> APIError:
-        # the engine names a constraint's fields as StructuredOutputsParams does
         if isinstance(e, ValueError):
+            if lora is not None and lora not in state.loras.adapters:
+                # unloaded between the lookup and the engine: as if it had never been there
+                return state.loras.model_not_found(lora.lora_name)
+            # the engine names a constraint's fields as StructuredOutputsParams does
             e = ValueError(constraint.rename_message(str(e)))
         return request_io.engine_error(e, fields)
 
-    fanout = Fanout(state.engine, prompts, params, gen.id, priority=priority, cache_salt=cache_salt)
+    fanout = Fanout(
+        state.engine,
+        prompts,
+        params,
+        gen.id,
+        priority=priority,
+        cache_salt=cache_salt,
+        lora_request=lora,
+    )
     is_complete = False
     try:
         async with fanout:
@@ -116,7 +129,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         state.engine.max_model_len,
         vocab_size=len(state.engine.tokenizer),
     )
-    check_model(state, req.model)
+    lora = check_model(state, req.model)
     prompts = []
     all_ids = await tokenize_all(state, req.prompts)
     for i, (raw, ids) in enumerate(zip(req.prompts, all_ids, strict=True)):
@@ -139,6 +152,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         top_logprobs=req.logprobs,
         echo_texts=echo_texts,
         fields=protocol.COMPLETION_FIELDS,
+        lora=lora,
     )
 
 
@@ -153,8 +167,10 @@ async def _admit_and_run(
     echo_texts: list[str] | None,
     fields: frozenset[str],
     parsers: ChatOutputParsers | None = None,
+    lora: LoRARequest | None = None,
 ) -> web.StreamResponse:
-    """The shared tail of both generation endpoints: admit, fan out, stream or collect."""
+    """The shared tail of both generation endpoints: admit, fan out, stream or collect;
+    `lora`: the adapter `model` selected (None: the base model)."""
     with state.admit():
         gen = Generation(
             state,
@@ -168,6 +184,7 @@ async def _admit_and_run(
             parsers=parsers,
             stream=req.stream,
             max_tool_calls=1 if is_chat and req.tools and not req.tools.is_parallel else None,
+            model_name=None if lora is None else lora.lora_name,
         )
         if req.user is not None:
             # OpenAI's end-user label, recorded for abuse tracing (one INFO line per request
@@ -185,6 +202,7 @@ async def _admit_and_run(
             cache_salt=req.cache_salt,
             fields=fields,
             constraint=req.constraint,
+            lora=lora,
         )
 
 
@@ -198,7 +216,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         vocab_size=len(state.engine.tokenizer),
         chat=state.chat,
     )
-    check_model(state, req.model)
+    lora = check_model(state, req.model)
     ids = await render_chat_request(state, req)
     check_prompt_len(state, ids, "messages")
     parsers = _chat_parsers(state, req, ids)
@@ -214,6 +232,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         echo_texts=None,
         fields=protocol.CHAT_FIELDS,
         parsers=parsers,
+        lora=lora,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 
 import jaxserve
-from server import protocol
+from server import lora_api, protocol
 
 # -- responses --------------------------------------------------------------------------------
 
@@ -164,7 +164,10 @@ class ModelCard(_Out):
     object: Literal["model"]
     created: int
     owned_by: str
+    # the served model: its path; a LoRA adapter: its directory
     root: str
+    # a LoRA adapter: the served model's id; the served model: null
+    parent: str | None
     max_model_len: int
 
 
@@ -266,10 +269,35 @@ def _get(summary: str, response: type | None, codes: tuple[int, ...] = ()) -> di
     return {"get": {"summary": summary, "responses": _responses(ok, codes)}}
 
 
+def _lora_paths() -> dict[str, Any]:
+    """server/lora_api.py's routes (served with --enable-lora)."""
+    ok = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+    load = _post(
+        "Adds a LoRA adapter (PEFT directory on the server) that requests then select by "
+        "`model`. 400 names lora_name (taken) or lora_path (what is wrong with the adapter).",
+        lora_api.LoadLoRABody,
+        Error,
+        (400, 401, 413, 503),
+    )
+    unload = _post(
+        "Removes a LoRA adapter (by lora_name or lora_int_id): new requests selecting it get "
+        "404 at once; it returns once the adapter's running requests have finished.",
+        lora_api.UnloadLoRABody,
+        Error,
+        (400, 401, 404, 413, 503),
+    )
+    for path in (load, unload):
+        path["post"]["responses"]["200"] = {"description": "OK", **ok}
+    unload["post"]["responses"]["404"]["description"] = "no such LoRA adapter"
+    return {"/v1/load_lora_adapter": load, "/v1/unload_lora_adapter": unload}
+
+
 @functools.lru_cache(maxsize=4)
-def spec(model_name: str) -> dict[str, Any]:
-    """The document (built once per served name; callers must not mutate it)."""
-    _, schemas = msgspec.json.schema_components((*protocol.BODIES, *_RESPONSES), ref_template=_REF)
+def spec(model_name: str, *, lora_routes: bool = False) -> dict[str, Any]:
+    """The document (built once per served name; callers must not mutate it);
+    `lora_routes`: the server serves server/lora_api.py's routes."""
+    bodies = (*protocol.BODIES, *(lora_api.BODIES if lora_routes else ()))
+    _, schemas = msgspec.json.schema_components((*bodies, *_RESPONSES), ref_template=_REF)
     model_path = _get("One model card.", ModelCard, (401, 404))
     model_path["get"]["parameters"] = [
         {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -302,7 +330,7 @@ def spec(model_name: str) -> dict[str, Any]:
             EmbeddingResponse,
             _GEN_CODES,
         ),
-        "/v1/models": _get("The served model.", ModelList, (401,)),
+        "/v1/models": _get("The served model, then its LoRA adapters.", ModelList, (401,)),
         "/v1/models/{model}": model_path,
         "/tokenize": _post(
             "Token ids of a prompt, or of messages rendered with the chat template.",
@@ -328,6 +356,7 @@ def spec(model_name: str) -> dict[str, Any]:
         ),
         "/metrics": _get("Prometheus metrics.", None),
         "/openapi.json": _get("This document.", None),
+        **(_lora_paths() if lora_routes else {}),
     }
     paths["/openapi.json"]["get"]["responses"]["200"] = {
         "description": "OK",

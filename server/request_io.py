@@ -12,6 +12,7 @@ from aiohttp import web
 
 from jaxserve.core import admission
 from jaxserve.engine.client import EngineDeadError, EngineOverloadedError
+from jaxserve.lora.request import LoRARequest
 from jaxserve.tokenizer import apply_chat_template
 from server import chat_args, validate
 from server.errors import APIError, bad_request, param_from_message
@@ -73,14 +74,10 @@ async def off_loop(num_chars: int, fn: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
-def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+def check_model(state: ServerState, model: str | None) -> LoRARequest | None:
+    """What `model` selects: None for the served model (or no `model`), a LoRA adapter by
+    its name; 404 naming `model` for anything else (server/lora.py)."""
+    return state.loras.resolve(model)
 
 
 async def tokenize_text(

@@ -21,6 +21,7 @@ from jaxserve.config import EngineArgs
 from jaxserve.engine.client import EngineClient
 from server.app import make_app
 from server.connections import ConnectionLimits, ensure_fd_limit, start_http
+from server.lora import LoRAModule, check_lora_modules
 from server.state import STATE_KEY
 
 logger = logging.getLogger("jaxserve.serve")
@@ -60,10 +61,34 @@ async def serve(
     `engine_args`."""
     limits = connection_limits_from(ns)  # bad flags fail before minutes of engine start-up
     ensure_fd_limit(limits.max_connections)
+    lora_modules = getattr(ns, "lora_modules", [])
     if engine is None:
         if engine_args is None:
             raise ValueError("serve() needs an engine or the EngineArgs to make one")
+        check_lora_modules(
+            lora_modules,
+            enable_lora=engine_args.enable_lora,
+            # the engine's name when --served-model-name is absent (AsyncLLM.model_name)
+            base_name=ns.served_model_name or engine_args.model,
+        )
         engine = await create_engine(ns, engine_args)
+    try:
+        return await _serve_app(ns, engine, limits, lora_modules)
+    finally:
+        try:
+            await asyncio.wait_for(engine.shutdown(), _ENGINE_SHUTDOWN_TIMEOUT_S)
+        except Exception:
+            logger.exception("engine shutdown failed")
+
+
+async def _serve_app(
+    ns: argparse.Namespace,
+    engine: EngineClient,
+    limits: ConnectionLimits,
+    lora_modules: list[LoRAModule],
+) -> int:
+    """serve() once the engine is up; a startup failure (a bad --lora-modules adapter)
+    raises, and serve() still shuts the engine down."""
     app = make_app(
         engine,
         api_key=ns.api_key,
@@ -78,6 +103,8 @@ async def serve(
         chat_template=getattr(ns, "chat_template", None),
         tool_call_parser=getattr(ns, "tool_call_parser", "auto"),
         reasoning_parser=getattr(ns, "reasoning_parser", None),
+        lora_modules=lora_modules,
+        runtime_lora_updating=getattr(ns, "runtime_lora_updating", True),
     )
     state = app[STATE_KEY]
     # shutdown_timeout: the drain below already waited; what is left is cancelled (aborted)
@@ -128,10 +155,6 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
-        try:
-            await asyncio.wait_for(engine.shutdown(), _ENGINE_SHUTDOWN_TIMEOUT_S)
-        except Exception:
-            logger.exception("engine shutdown failed")
     return rc
 
 

@@ -13,6 +13,7 @@ from jaxserve.engine.client import EngineClient
 from jaxserve.metrics import ServerMetrics
 from server.chat_config import ChatConfig
 from server.errors import APIError
+from server.lora import LoRARegistry
 from server.protocol import Limits
 
 
@@ -36,9 +37,12 @@ class ServerState:
     num_in_flight: int = 0
     # set whenever num_in_flight drops to 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # the LoRA adapters served (empty without --enable-lora) and what `model` selects
+    loras: LoRARegistry = field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.loras = LoRARegistry(self.model_name)
 
     @contextmanager
     def admit(self) -> Iterator[None]:

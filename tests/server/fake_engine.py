@@ -7,12 +7,19 @@ and stop_reasons the real engine would give it.
 
 Constraints are honoured trivially: a `choice` constraint generates its first choice. Prompt
 logprobs are made up (rank k has logprob -0.5 * k) but shaped as the engine's.
+
+LoRA (with `enable_lora=True`) follows the EngineClient contract: add_lora refuses a path that
+is not a directory holding adapter_config.json (ValueError naming lora_path) and is a no-op for
+an id already added; generate refuses an adapter not added (ValueError naming `model`);
+remove_lora unregisters at once and returns when the adapter's running requests have ended.
+`lora_requests` records the lora_request each generate got, by request id.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -20,6 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 from jaxserve.core.outputs import SchedulerStats
 from jaxserve.engine.client import EngineClient, EngineDeadError, EngineOverloadedError
+from jaxserve.lora.request import LoRARequest
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
@@ -45,8 +53,21 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 class FakeEngine(EngineClient):
-    def __init__(self, *, max_model_len: int = 256, step_delay: float = 0.0) -> None:
+    def __init__(
+        self, *, max_model_len: int = 256, step_delay: float = 0.0, enable_lora: bool = False
+    ) -> None:
         self.model_name = "fake-model"
+        self.lora_enabled = enable_lora
+        # the added adapters by id, in the order they were added
+        self.loras: dict[int, LoRARequest] = {}
+        # seconds add_lora takes (a test can make loads overlap)
+        self.add_lora_delay = 0.0
+        # request id -> the lora_request its generate() got (None: the base model)
+        self.lora_requests: dict[str, LoRARequest | None] = {}
+        # ("add" | "remove", lora_int_id) in call order, successful calls only
+        self.lora_calls: list[tuple[str, int]] = []
+        # request id -> adapter id of the requests running now with an adapter
+        self._running_loras: dict[str, int] = {}
         self.max_model_len = max_model_len
         self.tokenizer = make_tokenizer()
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -94,11 +115,12 @@ class FakeEngine(EngineClient):
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return self._generate(prompt, params, request_id)
+        return self._generate(prompt, params, request_id, lora_request)
 
     async def _generate(
-        self, prompt: Any, params: SamplingParams, request_id: str
+        self, prompt: Any, params: SamplingParams, request_id: str, lora: LoRARequest | None
     ) -> AsyncIterator[RequestOutput]:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
@@ -106,6 +128,8 @@ class FakeEngine(EngineClient):
             raise EngineOverloadedError("waiting queue is full (1/1)")
         if self.refusal is not None:
             raise self.refusal
+        if lora is not None and self.loras.get(lora.lora_int_id) != lora:
+            raise ValueError(f"model: the LoRA adapter {lora.lora_name!r} is not loaded")
         ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else None
         if ids is None:
             ids = self.tokenizer.encode(prompt)
@@ -117,6 +141,9 @@ class FakeEngine(EngineClient):
         cached = (len(ids) - 1) // 4 * 4 if ids in self._seen_prompts else 0
         self._seen_prompts.append(ids)
         self.requests.append((request_id, ids, params))
+        self.lora_requests[request_id] = lora
+        if lora is not None:
+            self._running_loras[request_id] = lora.lora_int_id
         self.active.add(request_id)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -185,8 +212,41 @@ class FakeEngine(EngineClient):
                 )
         finally:
             self.active.discard(request_id)
+            self._running_loras.pop(request_id, None)
             if not all(done):
                 await self.abort(request_id)
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        if not self.lora_enabled:
+            return await super().add_lora(lora_request)
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        await asyncio.sleep(self.add_lora_delay)
+        if lora_request.lora_int_id in self.loras:
+            return
+        path = Path(lora_request.lora_path)
+        if not path.is_dir():
+            raise ValueError(f"lora_path {lora_request.lora_path!r} is not a directory")
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(f"lora_path {lora_request.lora_path!r} holds no adapter_config.json")
+        self.loras[lora_request.lora_int_id] = lora_request
+        self.lora_calls.append(("add", lora_request.lora_int_id))
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        if not self.lora_enabled:
+            return await super().remove_lora(lora_int_id)
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if lora_int_id not in self.loras:
+            raise ValueError(f"lora_int_id {lora_int_id} is not a loaded adapter")
+        del self.loras[lora_int_id]
+        self.lora_calls.append(("remove", lora_int_id))
+        # polled: the fake has no scheduler to signal the end of a request
+        while lora_int_id in self._running_loras.values():
+            await asyncio.sleep(0.001)
+
+    async def list_loras(self) -> list[LoRARequest]:
+        return list(self.loras.values())
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

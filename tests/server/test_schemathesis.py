@@ -4,12 +4,20 @@ and every response matches its documented status, content type and schema.
 
 Driven through hypothesis directly (operation.as_strategy) rather than schemathesis' pytest
 plugin, whose lazy fixture loader does not run under pytest 9.
+
+The LoRA routes (server/lora_api.py) exist only with --enable-lora, which the live server (the
+tiny model, no adapters) does not have: they are fuzzed against the fake engine's app served
+on loopback instead (test_lora_api), which is what they talk to the engine through anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 import schemathesis
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -20,8 +28,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.app import ROUTES
+from server import lora_api
+from server.app import ROUTES, make_app
 from tests.server.conftest import LIVE_API_KEY
+from tests.server.fake_engine import FakeEngine
 
 CHECKS = [
     not_a_server_error,
@@ -68,7 +78,36 @@ PARAMS = [(m, p, GenerationMode.POSITIVE) for m, p, _ in ROUTES] + [
 
 @pytest.mark.parametrize(("method", "path", "mode"), PARAMS)
 def test_api(live_schema, live_server, method, path, mode):
-    operation = live_schema[path][method]
+    _fuzz(live_schema, live_server.url, method, path, mode)
+
+
+@pytest.fixture(scope="module")
+def lora_server_url():
+    """make_app(FakeEngine(enable_lora=True)) on a loopback port, its loop in a thread."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_app(FakeEngine(enable_lora=True), api_key=LIVE_API_KEY))
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize(("method", "path"), [(m, p) for m, p, _ in lora_api.ROUTES])
+def test_lora_api(lora_server_url, method, path, mode):
+    schema = schemathesis.openapi.from_url(f"{lora_server_url}/openapi.json")
+    _fuzz(schema, lora_server_url, method, path, mode)
+
+
+def _fuzz(schema, url: str, method: str, path: str, mode: GenerationMode) -> None:
+    operation = schema[path][method]
     auth = {"Authorization": f"Bearer {LIVE_API_KEY}"}
     cases = operation.as_strategy(mode, headers=auth)
     if mode == GenerationMode.POSITIVE:
@@ -85,6 +124,6 @@ def test_api(live_schema, live_server, method, path, mode):
     def run(case):
         # invalid requests must also be refused (4xx): the schema and the validation are one
         checks = CHECKS if mode == GenerationMode.POSITIVE else [*CHECKS, negative_data_rejection]
-        case.call_and_validate(base_url=live_server.url, checks=checks, timeout=60)
+        case.call_and_validate(base_url=url, checks=checks, timeout=60)
 
     run()
