@@ -175,12 +175,13 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora_ctx):
     t = x.shape[0]
     hq, hkv, hd = spec.num_q_heads, spec.num_kv_heads, spec.head_dim
 
-    def proj(h: jax.Array, target: str) -> jax.Array:
-        return project(h, getattr(lp, target), target, lora, lora_ctx)
+    def proj(h: jax.Array, *targets: str) -> list[jax.Array]:
+        ys = project(h, {t: getattr(lp, t) for t in targets}, lora, lora_ctx)
+        return [ys[t] for t in targets]
 
     with jax.named_scope("attn"):
         h = layers.rms_norm(x, lp.attn_norm, spec.rms_norm_eps)
-        q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
+        q, k, v = proj(h, "wq", "wk", "wv")
         if spec.qkv_bias:
             q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
         q = q.reshape(t, hq, hd)  # [T, num_q_heads, head_dim]
@@ -213,13 +214,16 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora_ctx):
         )  # [T, num_q_heads, head_dim]
         k_all = k_flat.reshape(k_all.shape)
         v_all = v_flat.reshape(v_all.shape)
-        x = x + proj(o.reshape(t, hq * hd), "wo")
+        (o,) = proj(o.reshape(t, hq * hd), "wo")
+        x = x + o
     h = layers.rms_norm(x, lp.mlp_norm, spec.rms_norm_eps)
     if lora is None:
         x = x + layers.swiglu_mlp(h, lp.w_gate, lp.w_up, lp.w_down)
     else:
         with jax.named_scope("mlp"):
-            x = x + proj(jax.nn.silu(proj(h, "w_gate")) * proj(h, "w_up"), "w_down")
+            gate, up = proj(h, "w_gate", "w_up")
+            (down,) = proj(jax.nn.silu(gate) * up, "w_down")
+            x = x + down
     return (x, k_all, v_all), None
 
 

@@ -108,17 +108,22 @@ def lora_delta(
 
 def project(
     x: jax.Array,  # [T, in]
-    w: jax.Array,  # [in, out]
-    target: str,
+    weights: dict[str, jax.Array],  # target -> [in, out] (targets that share the input x)
     layer_lora: tuple[dict[str, jax.Array], dict[str, jax.Array]] | None,
     ctx: LoRAContext | None,
-) -> jax.Array:  # [T, out]
-    """x @ w, plus each token's adapter delta when the step has any (else exactly x @ w)."""
-    y = x @ w
+) -> dict[str, jax.Array]:  # target -> [T, out]
+    """x @ w for each target, plus each token's adapter delta when the step has any (else
+    exactly x @ w). Targets reading the same x (q/k/v, gate/up) share one lax.cond: fewer
+    branches to compile."""
+    ys = {t: x @ w for t, w in weights.items()}
     if layer_lora is None or ctx is None:
-        return y
-    a, b = layer_lora[0][target], layer_lora[1][target]
-    return jax.lax.cond(ctx.active, lambda: y + lora_delta(x, a, b, ctx.onehot), lambda: y)
+        return ys
+    a, b = layer_lora
+
+    def with_delta() -> dict[str, jax.Array]:
+        return {t: y + lora_delta(x, a[t], b[t], ctx.onehot) for t, y in ys.items()}
+
+    return jax.lax.cond(ctx.active, with_delta, lambda: ys)
 
 
 __all__ = [
