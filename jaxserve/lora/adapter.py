@@ -37,12 +37,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
 
-from jaxserve.model.spec import ModelSpec
+if TYPE_CHECKING:  # only its fields are read; importing it would import jax
+    from jaxserve.model.spec import ModelSpec
 
 # the LayerParams fields (jaxserve/model/llama.py) a LoRA adapter may modify
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -162,13 +163,13 @@ def load_peft_adapter(path: str | Path, spec: ModelSpec, max_lora_rank: int) -> 
 
     file = root / WEIGHTS_FILE
     pairs = _read_pairs(file, spec)
-    for key in pairs.keys() - expected.keys():
+    for key in sorted(pairs.keys() - expected.keys()):
         layer, module = key
         raise ValueError(
             f"{file}: has tensors for layer {layer} {module}, which adapter_config.json's "
             f"target_modules / layers_to_transform do not target"
         )
-    for key in expected.keys() - pairs.keys():
+    for key in sorted(expected.keys() - pairs.keys()):
         raise ValueError(f"{file}: no lora_A/lora_B tensors for the targeted {expected[key]}")
 
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
