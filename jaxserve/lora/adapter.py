@@ -163,14 +163,17 @@ def load_peft_adapter(path: str | Path, spec: ModelSpec, max_lora_rank: int) -> 
 
     file = root / WEIGHTS_FILE
     pairs = _read_pairs(file, spec)
-    for key in sorted(pairs.keys() - expected.keys()):
-        layer, module = key
+    extra, missing = sorted(pairs.keys() - expected.keys()), sorted(expected.keys() - pairs.keys())
+    if extra:  # PEFT would skip them: a sign the config and the weights disagree
+        layer, module = extra[0]
         raise ValueError(
             f"{file}: has tensors for layer {layer} {module}, which adapter_config.json's "
             f"target_modules / layers_to_transform do not target"
         )
-    for key in sorted(expected.keys() - pairs.keys()):
-        raise ValueError(f"{file}: no lora_A/lora_B tensors for the targeted {expected[key]}")
+    if missing:  # PEFT would run these modules with their random init
+        raise ValueError(
+            f"{file}: no lora_A/lora_B tensors for the targeted {expected[missing[0]]}"
+        )
 
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for (layer, module), (a_key, a_w, b_key, b_w) in sorted(pairs.items()):
