@@ -148,8 +148,8 @@ def load_peft_adapter(path: str | Path, spec: ModelSpec, max_lora_rank: int) -> 
     ranks: dict[tuple[int, str], int] = {}
     scales: dict[tuple[int, str], float] = {}
     for key, hf_name in expected.items():
-        r = _pattern_value(config.get("rank_pattern") or {}, hf_name, rank, "rank_pattern")
-        a = _pattern_value(config.get("alpha_pattern") or {}, hf_name, alpha, "alpha_pattern")
+        r = _pattern_value(config, "rank_pattern", hf_name, rank, cfg_name)
+        a = _pattern_value(config, "alpha_pattern", hf_name, alpha, cfg_name)
         if not isinstance(r, int):
             raise ValueError(f"{cfg_name}: rank_pattern gives {hf_name} a non-integer rank {r!r}")
         if r < 1 or r > max_lora_rank:
@@ -323,14 +323,21 @@ def _check_config(config: dict[str, Any], where: str) -> tuple[int, float, bool]
     return r, float(alpha), bool(config.get("use_rslora", False))
 
 
-def _pattern_value(pattern: Any, hf_name: str, default: float, field: str) -> Any:
+def _pattern_value(
+    config: dict[str, Any], field: str, hf_name: str, default: float, where: str
+) -> Any:
     """PEFT's get_pattern_key: the first key whose regex matches a dotted suffix of the name."""
+    pattern = config.get(field) or {}
     if not isinstance(pattern, dict):
-        raise ValueError(f"{field} must be a JSON object, got {pattern!r}")
+        raise ValueError(f"{where}: {field} must be a JSON object, got {pattern!r}")
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", hf_name):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", hf_name)
+        except re.error as e:
+            raise ValueError(f"{where}: {field} key {key!r} is not a regex ({e})") from None
+        if hit:
             if not isinstance(value, int | float) or isinstance(value, bool):
-                raise ValueError(f"{field}[{key!r}] must be a number, got {value!r}")
+                raise ValueError(f"{where}: {field}[{key!r}] must be a number, got {value!r}")
             return value
     return default
 

@@ -213,6 +213,7 @@ CONFIG_CASES = [
     ("lora_bias", dict(lora_bias=True), ["lora_bias"]),
     ("pissa", dict(init_lora_weights="pissa"), ["init_lora_weights = 'pissa'"]),
     ("rank_pattern", dict(rank_pattern={"q_proj": 32}), ["rank_pattern", "q_proj", "32"]),
+    ("alpha_pattern", dict(alpha_pattern={"q_proj": "x"}), ["alpha_pattern['q_proj']", "number"]),
     ("layers_to_transform", dict(layers_to_transform=[5]), ["layers_to_transform", "layer 5"]),
     ("extra_tensors", dict(target_modules=["q_proj"]), ["layer 0 down_proj", "do not target"]),
 ]
