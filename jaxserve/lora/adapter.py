@@ -37,12 +37,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
 
-from jaxserve.model.spec import ModelSpec
+if TYPE_CHECKING:  # only its fields are read; importing it would import jax
+    from jaxserve.model.spec import ModelSpec
 
 # the LayerParams fields (jaxserve/model/llama.py) a LoRA adapter may modify
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -147,8 +148,8 @@ def load_peft_adapter(path: str | Path, spec: ModelSpec, max_lora_rank: int) -> 
     ranks: dict[tuple[int, str], int] = {}
     scales: dict[tuple[int, str], float] = {}
     for key, hf_name in expected.items():
-        r = _pattern_value(config.get("rank_pattern") or {}, hf_name, rank, "rank_pattern")
-        a = _pattern_value(config.get("alpha_pattern") or {}, hf_name, alpha, "alpha_pattern")
+        r = _pattern_value(config, "rank_pattern", hf_name, rank, cfg_name)
+        a = _pattern_value(config, "alpha_pattern", hf_name, alpha, cfg_name)
         if not isinstance(r, int):
             raise ValueError(f"{cfg_name}: rank_pattern gives {hf_name} a non-integer rank {r!r}")
         if r < 1 or r > max_lora_rank:
@@ -162,14 +163,17 @@ def load_peft_adapter(path: str | Path, spec: ModelSpec, max_lora_rank: int) -> 
 
     file = root / WEIGHTS_FILE
     pairs = _read_pairs(file, spec)
-    for key in pairs.keys() - expected.keys():
-        layer, module = key
+    extra, missing = sorted(pairs.keys() - expected.keys()), sorted(expected.keys() - pairs.keys())
+    if extra:  # PEFT would skip them: a sign the config and the weights disagree
+        layer, module = extra[0]
         raise ValueError(
             f"{file}: has tensors for layer {layer} {module}, which adapter_config.json's "
             f"target_modules / layers_to_transform do not target"
         )
-    for key in expected.keys() - pairs.keys():
-        raise ValueError(f"{file}: no lora_A/lora_B tensors for the targeted {expected[key]}")
+    if missing:  # PEFT would run these modules with their random init
+        raise ValueError(
+            f"{file}: no lora_A/lora_B tensors for the targeted {expected[missing[0]]}"
+        )
 
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for (layer, module), (a_key, a_w, b_key, b_w) in sorted(pairs.items()):
@@ -319,14 +323,21 @@ def _check_config(config: dict[str, Any], where: str) -> tuple[int, float, bool]
     return r, float(alpha), bool(config.get("use_rslora", False))
 
 
-def _pattern_value(pattern: Any, hf_name: str, default: float, field: str) -> Any:
+def _pattern_value(
+    config: dict[str, Any], field: str, hf_name: str, default: float, where: str
+) -> Any:
     """PEFT's get_pattern_key: the first key whose regex matches a dotted suffix of the name."""
+    pattern = config.get(field) or {}
     if not isinstance(pattern, dict):
-        raise ValueError(f"{field} must be a JSON object, got {pattern!r}")
+        raise ValueError(f"{where}: {field} must be a JSON object, got {pattern!r}")
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", hf_name):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", hf_name)
+        except re.error as e:
+            raise ValueError(f"{where}: {field} key {key!r} is not a regex ({e})") from None
+        if hit:
             if not isinstance(value, int | float) or isinstance(value, bool):
-                raise ValueError(f"{field}[{key!r}] must be a number, got {value!r}")
+                raise ValueError(f"{where}: {field}[{key!r}] must be a number, got {value!r}")
             return value
     return default
 

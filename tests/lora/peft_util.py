@@ -26,25 +26,29 @@ DELTA_REL_STD = 0.1
 
 def hf_base_model(base: str | Path) -> Any:
     """A fresh transformers model (float32, eval) of `base`; callers may modify it freely."""
-    return copy.deepcopy(_load_base(str(base)))
-
-
-@functools.lru_cache(maxsize=2)
-def _load_base(base: str) -> Any:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from jaxserve.model.builtin import BUILTIN_MODELS, fetch_builtin
 
-    path = fetch_builtin(base) if base in BUILTIN_MODELS else Path(base)
-    if path.is_dir():
+    path = fetch_builtin(str(base)) if str(base) in BUILTIN_MODELS else Path(base)
+    if path.is_dir():  # fast: not cached, so a rewritten dir is always read afresh
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    # a GGUF: transformers' dequantize + Q/K un-permute, without from_pretrained(gguf_file=)
+    return copy.deepcopy(_load_gguf(str(path)))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_gguf(path: str) -> Any:
+    """transformers' dequantize + Q/K un-permute, without from_pretrained(gguf_file=), as in
+    tests/model/test_smollm2.py; ~35 s for smollm2 on 2 cores, hence cached per process."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    gguf = Path(path)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
     missing = model.load_state_dict(state, strict=False).missing_keys
     assert missing in ([], ["lm_head.weight"]), missing  # lm_head is missing only when tied
     model.tie_weights()
