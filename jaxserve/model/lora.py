@@ -25,26 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxserve.lora.adapter import LORA_TARGETS, target_dims
 from jaxserve.model.spec import ModelSpec
-
-# The layer weights an adapter may modify (LayerParams field names).
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
-
-def target_dims(spec: ModelSpec, target: str) -> tuple[int, int]:
-    """(in, out) features of a target's weight in `spec` (x @ W layout)."""
-    e, f = spec.hidden_size, spec.intermediate_size
-    q, kv = spec.num_q_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    dims = {
-        "wq": (e, q),
-        "wk": (e, kv),
-        "wv": (e, kv),
-        "wo": (q, e),
-        "w_gate": (e, f),
-        "w_up": (e, f),
-        "w_down": (f, e),
-    }
-    return dims[target]
 
 
 def stack_shapes(
