@@ -27,63 +27,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.lora.request import LoRARequest  # noqa: E402
 from jaxserve.model.spec import ModelSpec  # noqa: E402
-
-PEFT_MODULES = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
+from tests.lora.random_adapter import write_random_adapter  # noqa: E402
 
 
-def write_random_adapter(path: Path, spec: ModelSpec, rank: int, seed: int) -> Path:
-    """A random rank-`rank` PEFT LoRA adapter on all 7 projections of `spec`."""
-    from safetensors.numpy import save_file
-
-    e, f = spec.hidden_size, spec.intermediate_size
-    q, kv = spec.num_q_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    dims = {
-        "q_proj": (e, q),
-        "k_proj": (e, kv),
-        "v_proj": (e, kv),
-        "o_proj": (q, e),
-        "gate_proj": (e, f),
-        "up_proj": (e, f),
-        "down_proj": (f, e),
-    }
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(spec.num_layers):
-        for module, parent in PEFT_MODULES.items():
-            d_in, d_out = dims[module]
-            key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, d_in)) * 0.01).astype(
-                np.float32
-            )
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * 0.01).astype(
-                np.float32
-            )
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": sorted(PEFT_MODULES),
-        "bias": "none",
-    }
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
+def write_adapter(path: Path, spec: ModelSpec, rank: int, seed: int) -> Path:
+    """A random rank-`rank` PEFT adapter on all 7 projections of `spec`."""
+    return write_random_adapter(
+        path,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        q_size=spec.num_q_heads * spec.head_dim,
+        kv_size=spec.num_kv_heads * spec.head_dim,
+        rank=rank,
+        seed=seed,
+    )
 
 
 def prompts(n: int, length: int) -> list[dict[str, list[int]]]:
@@ -129,7 +92,7 @@ def main() -> None:
                 LoRARequest(
                     f"a{i}",
                     i + 1,
-                    str(write_random_adapter(Path(tmp) / f"a{i}", spec, args.rank, i)),
+                    str(write_adapter(Path(tmp) / f"a{i}", spec, args.rank, i)),
                 )
                 for i in range(9)
             ]

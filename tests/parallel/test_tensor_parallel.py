@@ -27,7 +27,7 @@ def results(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> dic
     tmp = tmp_path_factory.mktemp("tp")
     out = tmp / "results.json"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    groups = ["smollm2", "tiny", "orbax", "shard_map", "hlo"]
+    groups = ["smollm2", "tiny", "orbax", "shard_map", "hlo", "lora"]
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(out), str(tmp), *groups],
         env=env,
@@ -95,6 +95,22 @@ def test_tiny_model_tp_matches_one_device(results: dict, model: str, tp: int) ->
     else:  # replicated: each device holds one (repeated) kv head
         assert sharded["kv_shard_shape"][3] == 1
         assert sharded["kv_global_shape"][3] == tp
+
+
+@pytest.mark.parametrize("model", ["kv8", "kv2"])
+def test_lora_under_tp_matches_one_device(results: dict, model: str) -> None:
+    runs = _group(results, "lora")[model]
+    one = runs["tp1"]
+    # the adapters change the output (base, lora 1, lora 2 on one prompt all differ)
+    assert len({tuple(t) for t in one["greedy"][:3]}) == 3
+    for tp in (2, 4):
+        got = runs[f"tp{tp}"]
+        assert got["greedy"] == one["greedy"], tp
+        # B of a column-parallel weight splits its output, A of a row-parallel one its input
+        assert got["b_q_shard_shape"][-1] * tp == one["b_q_shard_shape"][-1]
+        assert got["a_o_shard_shape"][1] * tp == one["a_o_shard_shape"][1]
+    if model == "kv2":  # TP 4 > 2 kv heads: k columns of B repeated like wk's
+        assert runs["tp4"]["b_k_global_shape"][-1] == 2 * one["b_k_global_shape"][-1]
 
 
 def test_orbax_sharded_round_trip_is_bit_exact(results: dict) -> None:

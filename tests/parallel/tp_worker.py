@@ -161,6 +161,58 @@ def group_tiny(tmp: Path) -> dict:
     return out
 
 
+def group_lora(tmp: Path) -> dict:
+    """Two adapters and the base model in one batch, at TP 1, 2 and 4 (kv2 at TP 4 repeats
+    its kv heads, so the adapters' k/v columns are repeated like the weights)."""
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.lora.request import LoRARequest
+    from tests.lora.random_adapter import write_random_adapter
+
+    out = {}
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for name, cfg in TINY.items():
+        path = tmp / name
+        if not path.exists():
+            write_tiny_hf(path, **cfg)
+        kv = cfg["kv_heads"] * 16
+        loras = [
+            LoRARequest(
+                f"{name}-{i}",
+                i + 1,
+                str(
+                    write_random_adapter(
+                        tmp / f"{name}-lora{i}",
+                        num_layers=2,
+                        hidden_size=128,
+                        intermediate_size=256,
+                        q_size=128,
+                        kv_size=kv,
+                        rank=8,
+                        seed=i,
+                        std=0.15,
+                    )
+                ),
+            )
+            for i in range(2)
+        ]
+        prompts = [TINY_PROMPTS[0]] * 3 + [TINY_PROMPTS[1]] * 3
+        mix = [None, *loras] * 2
+        out[name] = {}
+        for tp in (1, 2, 4):
+            with LLM(
+                str(path), tensor_parallel_size=tp, enable_lora=True, max_loras=2, **ENGINE
+            ) as llm:
+                outs = llm.generate(prompts, greedy, lora_request=mix, use_tqdm=False)
+                slots = llm.engine.core.runner.lora_slots
+                out[name][f"tp{tp}"] = {
+                    "greedy": [o.outputs[0].token_ids for o in outs],
+                    "b_q_shard_shape": list(slots.stacks.b["wq"].addressable_shards[0].data.shape),
+                    "a_o_shard_shape": list(slots.stacks.a["wo"].addressable_shards[0].data.shape),
+                    "b_k_global_shape": list(slots.stacks.b["wk"].shape),
+                }
+    return out
+
+
 def group_orbax(tmp: Path) -> dict:
     """Sharded save -> restore into shardings (same and other TP, and unsharded): bit-exact."""
     import jax
@@ -280,6 +332,7 @@ GROUPS = {
     "smollm2": group_smollm2,
     "tiny": group_tiny,
     "orbax": group_orbax,
+    "lora": group_lora,
     "shard_map": group_shard_map,
     "hlo": group_hlo,
 }
