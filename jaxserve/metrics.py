@@ -101,6 +101,7 @@ class _EngineStatsCollector(Collector):
             "Engine-core processes started after one died (see --max-core-restarts).",
             stats.num_core_restarts,
         )
+        yield from self._lora(stats, counter)
         if stats.requests_per_replica:
             routed = CounterMetricFamily(
                 "jaxserve_dp_requests_routed",
@@ -110,6 +111,36 @@ class _EngineStatsCollector(Collector):
             for i, n in enumerate(stats.requests_per_replica):
                 routed.add_metric([self._model_name, str(i)], n)
             yield routed
+
+    def _lora(
+        self, stats: SchedulerStats, counter: Callable[[str, str, float], CounterMetricFamily]
+    ) -> Iterator[Metric]:
+        """LoRA counters, once an adapter has been read (absent on engines without LoRA)."""
+        if not stats.lora_loads:
+            return
+        yield counter("jaxserve_lora_loads", "LoRA adapters read from disk.", stats.lora_loads)
+        yield counter(
+            "jaxserve_lora_cpu_evictions",
+            "LoRA adapters dropped from host memory (--max-cpu-loras).",
+            stats.lora_cpu_evictions,
+        )
+        yield counter(
+            "jaxserve_lora_slot_evictions",
+            "LoRA adapters evicted from a device slot for another (--max-loras).",
+            stats.lora_slot_evictions,
+        )
+        for name, doc, values in (
+            ("jaxserve_lora_requests", "Requests admitted per LoRA adapter.", stats.lora_requests),
+            (
+                "jaxserve_lora_generation_tokens",
+                "Tokens generated per LoRA adapter.",
+                stats.lora_generated_tokens,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model_name", "lora_name"])
+            for lora_name, n in sorted(values.items()):
+                family.add_metric([self._model_name, lora_name], n)
+            yield family
 
 
 class ServerMetrics:

@@ -81,6 +81,14 @@ class SchedulerStats:
     requests_per_replica: list[int] = field(default_factory=list)
     # filled by the API process (AsyncLLM), not the core: engine-core processes it restarted
     num_core_restarts: int = 0
+    # LoRA, filled by the engine core (all 0/empty with LoRA off): adapters read from disk,
+    # dropped from host memory, and evicted from a device slot (cumulative)
+    lora_loads: int = 0
+    lora_cpu_evictions: int = 0
+    lora_slot_evictions: int = 0
+    # per adapter name, cumulative: requests admitted, tokens generated
+    lora_requests: dict[str, int] = field(default_factory=dict)
+    lora_generated_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -360,6 +360,13 @@ class EngineCore:
         stats.num_steps = self.num_steps
         stats.step_seconds_total = self.step_seconds_total
         stats.num_compiles_after_warmup = self.runner.num_compiles_after_warmup
+        if self.lora is not None:
+            ls = self.lora.stats
+            stats.lora_loads = ls.num_loads
+            stats.lora_cpu_evictions = ls.num_cpu_evictions
+            stats.lora_slot_evictions = ls.num_slot_evictions
+            stats.lora_requests = dict(ls.requests)
+            stats.lora_generated_tokens = dict(ls.generated_tokens)
         return stats
 
     def make_stats(self) -> SchedulerStats:

@@ -57,8 +57,15 @@ def merge_stats(stats: Sequence[SchedulerStats]) -> SchedulerStats:
     total = SchedulerStats()
     for s in stats:
         for f in dataclasses.fields(SchedulerStats):
-            if f.name not in ("kv_cache_usage", "requests_per_replica"):
-                setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+            if f.name in ("kv_cache_usage", "requests_per_replica"):
+                continue
+            value = getattr(s, f.name)
+            if isinstance(value, dict):  # per LoRA adapter: summed by name
+                merged = getattr(total, f.name)
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            else:
+                setattr(total, f.name, getattr(total, f.name) + value)
     usable = sum(s.num_total_blocks for s in stats)
     total.kv_cache_usage = total.num_used_blocks / usable if usable else 0.0
     return total
