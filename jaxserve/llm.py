@@ -17,16 +17,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 from tqdm.auto import tqdm
 
 from jaxserve.config import DEFAULT_MODEL, EngineArgs
+from jaxserve.describe import describe
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.processor import ProcessedPrompt, PromptType
 from jaxserve.lora.request import LoRARequest
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.stats import Counters, RunRecorder, RunStats
+from jaxserve.stats import Counters, RunRecorder, RunStats, engine_stats
 from jaxserve.stream import RequestStream
 from jaxserve.tokenizer import apply_chat_template
 
@@ -292,6 +292,7 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         allow_special_tokens_in_content: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """generate() over conversations rendered with the model's chat template.
 
@@ -311,7 +312,7 @@ class LLM:
             }
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     # ---- what the engine did -----------------------------------------------------------------
 
@@ -341,27 +342,7 @@ class LLM:
     @property
     def stats(self) -> dict[str, Any]:
         """Cumulative counters since this LLM was made, and the KV cache now (JSON-ready)."""
-        core = self._engine().core
-        now = core.make_stats()
-        counters = self._counters()
-        return {
-            "num_requests": counters.num_requests,
-            "prompt_tokens": counters.prompt_tokens,
-            "generation_tokens": counters.generation_tokens,
-            "num_steps": counters.num_steps,
-            "step_seconds": counters.step_seconds,
-            "num_compiles_after_warmup": counters.num_compiles_after_warmup,
-            "prefix_cache_queries": counters.prefix_cache_queries,
-            "prefix_cache_hits": counters.prefix_cache_hits,
-            "prefix_cache_hit_rate": counters.prefix_cache_hit_rate,
-            "num_preemptions": counters.num_preemptions,
-            "num_running_reqs": now.num_running_reqs,
-            "num_waiting_reqs": now.num_waiting_reqs,
-            "kv_cache_usage": now.kv_cache_usage,
-            "peak_kv_cache_usage": core.peak_kv_cache_usage,
-            "num_used_blocks": now.num_used_blocks,
-            "num_blocks": core.runner.num_blocks,
-        }
+        return engine_stats(self._engine().core, self._counters())
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -387,35 +368,3 @@ class LLM:
         if self.engine is None:
             return f"LLM(model={self.args.model!r}, closed)"
         return describe(self)
-
-
-def id_(device: jax.Device) -> int:
-    return device.id
-
-
-def describe(llm: LLM) -> str:
-    """The repr of an open LLM: model, dtype, devices, KV cache, buckets, backend."""
-    assert llm.engine is not None
-    core = llm.engine.core
-    runner = core.runner
-    args = llm.args
-    num_params = sum(x.size for x in jax.tree.leaves(runner.params))
-    devices = " | ".join(
-        ", ".join(f"{d.platform}:{d.id}" for d in sorted(r.runner.kv_cache.k.devices(), key=id_))
-        for r in core.replicas
-    )
-    buckets = runner.buckets
-    num_programs = len(buckets.token_sizes) * len(buckets.block_sizes)
-    return (
-        f"LLM(model={args.model!r}, dtype={core.dtype.name}, params={num_params / 1e6:.1f}M, "
-        f"devices=[{devices}],\n"
-        f"    tensor_parallel_size={args.tensor_parallel_size}, "
-        f"data_parallel_size={args.data_parallel_size} (KV cache below is per replica),\n"
-        f"    max_model_len={core.max_model_len}, max_num_seqs={args.max_num_seqs}, "
-        f"max_num_batched_tokens={args.max_num_batched_tokens},\n"
-        f"    kv_cache={runner.num_blocks - 1} blocks x {runner.block_size} tokens "
-        f"({runner.kv_cache_bytes / 2**20:.1f} MiB), "
-        f"prefix_caching={args.enable_prefix_caching},\n"
-        f"    buckets=tokens {buckets.token_sizes} x block-table widths {buckets.block_sizes} "
-        f"({num_programs} programs), attention_backend={runner.attention_backend!r})"
-    )

@@ -145,3 +145,26 @@ class RunRecorder:
             kv_blocks_used=tuple(self._kv),
         )
         return self.result
+
+
+def engine_stats(core: Any, counters: Counters) -> dict[str, Any]:
+    """LLM.stats: cumulative counters and the KV cache now (JSON-ready)."""
+    now = core.make_stats()
+    return {
+        "num_requests": counters.num_requests,
+        "prompt_tokens": counters.prompt_tokens,
+        "generation_tokens": counters.generation_tokens,
+        "num_steps": counters.num_steps,
+        "step_seconds": counters.step_seconds,
+        "num_compiles_after_warmup": counters.num_compiles_after_warmup,
+        "prefix_cache_queries": counters.prefix_cache_queries,
+        "prefix_cache_hits": counters.prefix_cache_hits,
+        "prefix_cache_hit_rate": counters.prefix_cache_hit_rate,
+        "num_preemptions": counters.num_preemptions,
+        "num_running_reqs": now.num_running_reqs,
+        "num_waiting_reqs": now.num_waiting_reqs,
+        "kv_cache_usage": now.kv_cache_usage,
+        "peak_kv_cache_usage": core.peak_kv_cache_usage,
+        "num_used_blocks": now.num_used_blocks,
+        "num_blocks": core.runner.num_blocks,
+    }

@@ -15,12 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, LoRAConfig, SchedulerConfig
-from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxserve.model import sharding
 from jaxserve.model.attention import KVCache
 from jaxserve.model.layers import AttentionFn
@@ -28,7 +27,6 @@ from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.lora import LoRAStacks
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
-from jaxserve.runner import prompt_logprobs as plp
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_counter import CompileCounter
 from jaxserve.runner.lora_slots import DeviceLoRASlots
@@ -43,6 +41,7 @@ from jaxserve.runner.step_inputs import (
     build_step_inputs,
     dummy_step_inputs,
 )
+from jaxserve.runner.step_outputs import host_array, read_step_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +112,6 @@ def make_step_fn(
 
 def _no_adapter(request: Request) -> int:
     return 0
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A replicated step output as numpy (multi-host: this process's copy)."""
-    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
 class ModelRunner:
@@ -350,7 +344,7 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
         before = self.compiles.count
         out, prompt_out = self._run_step(inputs)
-        token_ids = _host(out.token_ids)
+        token_ids = host_array(out.token_ids)
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(
@@ -360,49 +354,7 @@ class ModelRunner:
                 inputs.num_blocks_per_req,
             )
         self.num_steps += 1
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, TokenLogprobs] = {}
-        rows = staged.staged
-        want_logprobs = any(
-            sr.is_sampling and sr.request.sampling_params.logprobs is not None for sr in rows
-        )
-        if want_logprobs:
-            lp, ranks = _host(out.logprobs), _host(out.ranks)
-            top_ids, top_lps = _host(out.top_token_ids), _host(out.top_logprobs)
-        for i, sr in enumerate(rows):
-            if not sr.is_sampling:
-                continue
-            req_id = sr.request.request_id
-            try:
-                sampled[req_id] = int(token_ids[i])
-                n = sr.request.sampling_params.logprobs
-                if n is not None:
-                    logprobs[req_id] = TokenLogprobs(
-                        token_id=int(token_ids[i]),
-                        logprob=float(lp[i]),
-                        rank=int(ranks[i]),
-                        top=[
-                            (int(t), float(v))
-                            for t, v in zip(top_ids[i, :n], top_lps[i, :n], strict=True)
-                        ],
-                    )
-            except Exception as e:  # noqa: BLE001 - this request's read-back alone failed
-                logger.exception("reading back request %s failed", req_id)
-                sampled.pop(req_id, None)
-                failed[req_id] = f"the engine could not read this request's output: {e!r}"
-        prompt_logprobs = {}
-        if staged.prompt_spans:
-            host_out = jax.tree.map(_host, prompt_out)
-            for span in staged.prompt_spans:
-                if span.request_id not in failed:
-                    entries = plp.entries(host_out, span.offset, span.target_ids, span.top_n)
-                    prompt_logprobs[span.request_id] = (span.first_index, entries)
-        return ModelRunnerOutput(
-            sampled_token_ids=sampled,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            failed=failed,
-        )
+        return read_step_outputs(staged, token_ids, out, prompt_out, failed)
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""
