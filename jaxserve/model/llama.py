@@ -144,11 +144,9 @@ def forward(
         attention = layers.make_attention("xla")
     x = params.embed[input_ids]  # [T, E]
     ctx = None
-    layer_lora = None
     if lora is not None:
         assert lora_slots is not None, "lora needs lora_slots"
         ctx = make_context(lora_slots, lora.num_slots, x.dtype)
-        layer_lora = (lora.a, lora.b)  # scanned with the layers: each body sees its slice
     cos, sin = layers.rope_cos_sin(positions, layers.rope_inv_freq(spec))  # f32[T, head_dim]
     body = functools.partial(
         _layer,
@@ -158,25 +156,26 @@ def forward(
         cos=cos,
         sin=sin,
         attention=attention,
+        lora=lora,
         lora_ctx=ctx,
     )
     idx = jnp.arange(spec.num_layers, dtype=jnp.int32)
-    xs = (params.layers, idx, layer_lora)
+    xs = (params.layers, idx)
     (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), xs)
     with jax.named_scope("final_norm"):
         x = layers.rms_norm(x, params.final_norm, spec.rms_norm_eps)
     return x, KVCache(k=k, v=v)
 
 
-def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora_ctx):
+def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora, lora_ctx):
     x, k_all, v_all = carry  # [T, E], [L, num_blocks, block_size, num_kv_heads, head_dim] x2
-    # LayerParams of this layer (leading axis removed), i32[], its adapter slots or None
-    lp, i, lora = xs
+    # LayerParams of this layer (leading axis removed), and its index i32[]
+    lp, i = xs
     t = x.shape[0]
     hq, hkv, hd = spec.num_q_heads, spec.num_kv_heads, spec.head_dim
 
     def proj(h: jax.Array, *targets: str) -> list[jax.Array]:
-        ys = project(h, {t: getattr(lp, t) for t in targets}, lora, lora_ctx)
+        ys = project(h, {t: getattr(lp, t) for t in targets}, lora, i, lora_ctx)
         return [ys[t] for t in targets]
 
     with jax.named_scope("attn"):

@@ -91,19 +91,30 @@ def lora_delta(
 def project(
     x: jax.Array,  # [T, in]
     weights: dict[str, jax.Array],  # target -> [in, out] (targets that share the input x)
-    layer_lora: tuple[dict[str, jax.Array], dict[str, jax.Array]] | None,
+    lora: LoRAStacks | None,
+    layer: jax.Array,  # i32[] this layer's index into the stacks
     ctx: LoRAContext | None,
 ) -> dict[str, jax.Array]:  # target -> [T, out]
     """x @ w for each target, plus each token's adapter delta when the step has any (else
     exactly x @ w). Targets reading the same x (q/k/v, gate/up) share one lax.cond: fewer
-    branches to compile."""
+    branches to compile.
+
+    NOTE: the layer's slots are sliced out of the stacks inside the branch, not by the layer
+    scan: a slice feeding a lax.cond cannot fuse into its consumer, so scanning over the
+    stacks made XLA copy every layer's slots every step, adapters or not (measured: 6% of a
+    step of the default model with 8 slots of rank 16).
+    """
     ys = {t: x @ w for t, w in weights.items()}
-    if layer_lora is None or ctx is None:
+    if lora is None or ctx is None:
         return ys
-    a, b = layer_lora
 
     def with_delta() -> dict[str, jax.Array]:
-        return {t: y + lora_delta(x, a[t], b[t], ctx.onehot) for t, y in ys.items()}
+        out = {}
+        for t, y in ys.items():
+            a = jax.lax.dynamic_index_in_dim(lora.a[t], layer, axis=0, keepdims=False)
+            b = jax.lax.dynamic_index_in_dim(lora.b[t], layer, axis=0, keepdims=False)
+            out[t] = y + lora_delta(x, a, b, ctx.onehot)
+        return out
 
     return jax.lax.cond(ctx.active, with_delta, lambda: ys)
 

@@ -22,7 +22,8 @@ from jaxserve.model import llama
 from jaxserve.model.loader import load_model
 from jaxserve.runner.lora_slots import DeviceLoRASlots
 from tests.lora.peft_util import make_peft_adapter, peft_greedy, peft_logits
-from tests.model.helpers import BLOCK_SIZE, NUM_BLOCKS, rel_err, single_request_md, tiny_hf_model
+from tests.model.helpers import BLOCK_SIZE, NUM_BLOCKS, rel_err, single_request_md
+from tests.model.tiny_hf import write_tiny_hf
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -33,8 +34,10 @@ PROMPT = [5, 17, 42, 99, 3, 250, 77, 12, 1, 200, 31, 64]
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
-    qwen2 = tmp_path_factory.mktemp("qwen2")
-    tiny_hf_model("qwen2").save_pretrained(qwen2, safe_serialization=True)  # qkv biases
+    # qkv biases, an untied lm_head, and SmolLM2's tokenizer (so the engine can serve it)
+    qwen2 = write_tiny_hf(
+        tmp_path_factory.mktemp("qwen2"), arch="Qwen2ForCausalLM", kv_heads=2, tie=False
+    )
     return {"llama": str(tiny_model_dir), "qwen2": str(qwen2), "smollm2": "smollm2-135m"}
 
 
@@ -93,7 +96,7 @@ def test_logits_match_peft(bases, adapters, base):
         assert rel_err(plain, want) > 1e-2  # the adapter matters: the test can fail
 
 
-@pytest.mark.parametrize("base", ["llama", "smollm2"])
+@pytest.mark.parametrize("base", ["llama", "qwen2", "smollm2"])
 def test_32_greedy_tokens_match_peft_with_all_adapters_in_one_engine(bases, adapters, base):
     loras = [LoRARequest(f"{base}-{i}", i + 1, str(adapters[(base, i)])) for i in range(len(CASES))]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
