@@ -47,6 +47,8 @@ def write_tiny_hf(path: Path, arch: str, kv_heads: int, tie: bool) -> Path:
     save_file(t, str(path / "model.safetensors"))
     config = dict(
         architectures=[arch],
+        # transformers' AutoConfig needs it (the peft oracle loads these dirs)
+        model_type={"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[arch],
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
