@@ -255,8 +255,7 @@ class Scheduler:
                     break
                 self.waiting.pop()
                 self.running.append(request)
-                if request.lora_int_id:
-                    running_loras.add(request.lora_int_id)
+                running_loras |= self.lora_use.running_ids([request])
                 request.status = RequestStatus.RUNNING
                 request.num_computed_tokens = num_hit_tokens
                 if request.num_cached_tokens < 0:
@@ -265,8 +264,7 @@ class Scheduler:
                 token_budget -= num_new
             except Exception as e:  # noqa: BLE001 - one request's bookkeeping failed
                 self._fail_on_exception(request, e)  # it leaves the queue; the others go on
-        for request in reversed(skipped):
-            self.waiting.add_front(request)
+        self.waiting.add_front_in_order(skipped)
         return token_budget
 
     def _make_scheduled(

@@ -38,6 +38,11 @@ class WaitingQueue:
         else:
             self._fifo.appendleft(request)
 
+    def add_front_in_order(self, requests: list[Request]) -> None:
+        """Puts requests taken from the front back there, in the order they were taken."""
+        for request in reversed(requests):
+            self.add_front(request)
+
     def peek(self) -> Request:
         return self._heap[0][3] if self.is_priority else self._fifo[0]
 
