@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -33,7 +36,15 @@ class KVCache:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["slot_mapping", "token_req_idx", "block_tables", "kv_lens", "cu_q_lens"],
+    data_fields=[
+        "slot_mapping",
+        "token_req_idx",
+        "block_tables",
+        "kv_lens",
+        "cu_q_lens",
+        "tile_starts",
+        "tile_lens",
+    ],
     meta_fields=[],
 )
 @dataclasses.dataclass
@@ -48,6 +59,11 @@ class AttentionMetadata:
     kv_lens: jax.Array
     # i32[R + 1] cumulative query lengths; rows past the real requests repeat the total
     cu_q_lens: jax.Array
+    # i32[max(1, T // 2)] first token of each prefill query tile (query_tiles); padding: 0.
+    # None: the xla attention derives them from cu_q_lens (the embedder, tests)
+    tile_starts: jax.Array | None = None
+    # i32[max(1, T // 2)] real tokens in each tile, tiles packed first (padding tiles: 0)
+    tile_lens: jax.Array | None = None
 
 
 def write_kv(
@@ -61,10 +77,41 @@ def write_kv(
     return flat.at[slot_mapping].set(new.astype(cache.dtype)).reshape(nb, bs, hkv, d)
 
 
-# Keys per step of xla_paged_attention's loop over the context: small enough that one step's
-# gathered K/V stays in cache, large enough that the loop overhead does not show (measured on
-# a 2-core CPU: 32 keys beat 16 and 64-128 by 20-40%).
-_KEYS_PER_CHUNK = 32
+# Query tokens per prefill tile: a tile's keys are gathered once for all its tokens, and its
+# scores are one [tile * group, head_dim] x [head_dim, keys] dot per kv head.
+QUERY_TILE = 64
+
+
+def query_tiles(cu_q_lens: Any, num_tokens: int, xp: Any = np) -> tuple[Any, Any]:
+    """The prefill tiles of a step: (first token index, real tokens) per tile, i32[max(1, T//2)].
+
+    A request with two or more query tokens is cut into tiles of QUERY_TILE tokens (the last
+    may be shorter); a request with one (a decode, or a prefill's last token) has none and
+    goes through the per-token path. Tiles are packed first, padding tiles have length 0.
+    `xp` is numpy on the host (step_inputs builds them) or jax.numpy inside a jit.
+    """
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    per_req = xp.where(q_lens >= 2, (q_lens + QUERY_TILE - 1) // QUERY_TILE, 0)
+    cum = xp.cumsum(per_req)
+    j = xp.arange(max(1, num_tokens // 2), dtype=np.int32)  # a tile has >= 2 tokens
+    req = xp.minimum(xp.searchsorted(cum, j, side="right"), q_lens.shape[0] - 1)
+    start = cu_q_lens[req] + (j - (cum[req] - per_req[req])) * QUERY_TILE
+    lens = xp.where(j < cum[-1], xp.minimum(QUERY_TILE, cu_q_lens[req + 1] - start), 0)
+    return xp.where(lens > 0, start, 0).astype(np.int32), lens.astype(np.int32)
+
+
+# Keys per step of every walk over a context: small enough that one step's gathered K/V for
+# every decode row stays in cache, large enough that the loop overhead does not show
+# (measured on a 2-core CPU: 32 keys beat 16 and 64-128 by 20-40%). It is one number for
+# decodes and tiles alike because the online softmax's rounding depends on where the chunks
+# split the keys: a token must get the same bits whether the scheduler gave it a step of its
+# own (the per-token path) or a place in a prefill tile.
+_CHUNK_KEYS = 32
+# Fewest rows the per-token path runs (padded with rows that see nothing): XLA:CPU vectorises
+# the softmax's fused reductions differently below 32 rows, and a decode then got other bits
+# than the same token in a query tile (measured: 2-16 rows differ in the last bit, 32 and 64
+# match), so a token's bits would depend on how many requests shared its step.
+_MIN_DECODE_ROWS = 32
 
 
 def xla_paged_attention(
@@ -78,64 +125,181 @@ def xla_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
-    """The reference attention (pallas_kernels' ref_paged_attention) computed over chunks of
-    blocks with an online softmax.
+    """The reference attention (pallas_kernels' ref_paged_attention), computed a chunk of keys
+    at a time with an online softmax: per token for requests with one query token this step
+    (decodes), per query tile for the rest (prefill chunks). Tokens of no request (the step's
+    padding) get zeros.
 
-    NOTE: gathering the whole context per token materialises T x S x kv_heads x head_dim
-    floats per layer, and on CPU that memory traffic, not the math, was the cost. Walking the
-    block table a chunk at a time keeps each gathered piece small. Chunks past a request's
-    length are fully masked and leave the running max, sum and output bit-for-bit unchanged,
-    so the result does not depend on the block-table bucket (batched == alone). With one
-    request row (R == 1, static: the embedder's chunks, or max_num_seqs=1) every token reads
-    the same blocks, so each chunk of them is gathered once and shared, not copied per token.
+    NOTE: on CPU the memory traffic of gathering the context, not the math, is the cost.
+    Gathering per token would copy a 512-token prefill chunk's context 512 times; a tile of
+    QUERY_TILE tokens shares one gather. Each walk over the keys stops at the last key its
+    rows can see (a dynamic trip count), so a step costs what its contexts hold, not what the
+    block-table bucket could hold. A chunk a row cannot see leaves its running max, sum and
+    output bit-for-bit unchanged, so a row's result does not depend on its batch-mates or on
+    the bucket (batched == alone).
     """
     t, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
-    b = md.block_tables.shape[1]
-    group = hq // hkv
-    # The same chunk whatever B is (the table is padded with null blocks, which are masked),
-    # so a request's arithmetic does not depend on its batch-mates.
-    blocks_per_chunk = max(1, _KEYS_PER_CHUNK // bs)
-    num_chunks = -(-b // blocks_per_chunk)
-    chunk_keys = blocks_per_chunk * bs
-    one_request = md.block_tables.shape[0] == 1
-    pad = num_chunks * blocks_per_chunk - b
-    if one_request:
-        tables = jnp.pad(md.block_tables, ((0, 0), (0, pad)))  # [1, B]: shared by every token
-        kv_shape: tuple[int, ...] = (chunk_keys, hkv, d)
-        qk, pv = "tkgd,skd->tkgs", "tkgs,skd->tkgd"
-    else:
-        tables = jnp.pad(md.block_tables[md.token_req_idx], ((0, 0), (0, pad)))  # [T, B]
-        kv_shape = (t, chunk_keys, hkv, d)
-        qk, pv = "tkgd,tskd->tkgs", "tkgs,tskd->tkgd"
-    qg = q.reshape(t, hkv, group, d).astype(jnp.float32) * sm_scale
+    out = jnp.zeros((t, hq, d), jnp.float32)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    out = _decode_rows(out, q, k_cache, v_cache, positions, md, **kw)
+    tile_starts, tile_lens = md.tile_starts, md.tile_lens
+    if tile_starts is None or tile_lens is None:
+        tile_starts, tile_lens = query_tiles(md.cu_q_lens, t, jnp)
+    out = _prefill_tiles(out, q, k_cache, v_cache, positions, md, tile_starts, tile_lens, **kw)
+    return out.astype(q.dtype)
 
-    def step(carry, j):
-        m_prev, l_prev, acc = carry  # [T, K, G], [T, K, G], [T, K, G, D]
-        blocks = jax.lax.dynamic_slice_in_dim(tables, j * blocks_per_chunk, blocks_per_chunk, 1)
-        k = k_cache[blocks].reshape(kv_shape).astype(jnp.float32)
+
+def _decode_rows(
+    out: jax.Array,  # f32[T, num_q_heads, head_dim]
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    md: AttentionMetadata,
+    **kw: Any,
+) -> jax.Array:
+    """Rows with exactly one query token: each gathers its own blocks, all rows per step."""
+    t, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    group = hq // hkv
+    q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
+    is_decode = q_lens == 1
+    tok = jnp.where(is_decode, md.cu_q_lens[:-1], 0)  # [R]
+    pos = jnp.where(is_decode, positions[tok], -1)  # -1: the row sees no key
+    if tok.shape[0] < _MIN_DECODE_ROWS:  # rows that see nothing, so the rounding is a batch's
+        extra = _MIN_DECODE_ROWS - tok.shape[0]
+        is_decode = jnp.pad(is_decode, (0, extra))
+        tok, pos = jnp.pad(tok, (0, extra)), jnp.pad(pos, (0, extra), constant_values=-1)
+        tables = jnp.pad(md.block_tables, ((0, extra), (0, 0)))
+    else:
+        tables = md.block_tables
+    n = tok.shape[0]
+    qg = q[tok].reshape(n, hkv, group, d).astype(jnp.float32) * kw["sm_scale"]
+    per_chunk = max(1, _CHUNK_KEYS // bs)
+    kv_shape = (n, per_chunk * bs, hkv, d)
+
+    def chunk(blocks: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, Callable]:
+        k = k_cache[blocks].reshape(kv_shape).astype(jnp.float32)  # blocks: [R, per_chunk]
         v = v_cache[blocks].reshape(kv_shape).astype(jnp.float32)
-        scores = jnp.einsum(qk, qg, k)
+        v = jnp.where((key_pos[None, :] <= pos[:, None])[:, :, None, None], v, 0.0)
+        scores = jnp.einsum("nkgd,nskd->nkgs", qg, k)  # [R, K, G, S]
+        return scores, lambda p: jnp.einsum("nkgs,nskd->nkgd", p, v)
+
+    acc, l_final = _walk(
+        chunk,
+        tables,
+        pos,
+        per_chunk,
+        bs,
+        (n, hkv, group),
+        d,
+        pos[:, None, None, None],
+        **kw,
+    )
+    rows = (acc / l_final[..., None]).reshape(n, hq, d)
+    return out.at[jnp.where(is_decode, tok, t)].set(rows, mode="drop")
+
+
+def _prefill_tiles(
+    out: jax.Array,  # f32[T, num_q_heads, head_dim]
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    md: AttentionMetadata,
+    starts: jax.Array,
+    lens: jax.Array,
+    **kw: Any,
+) -> jax.Array:
+    """Query tiles: a tile's QUERY_TILE tokens share one walk over their request's blocks.
+
+    Inside a tile everything is kv-head-major ([K, tile * G, ...]), the layout the dots take,
+    so XLA transposes only the gathered keys and values, not the scores."""
+    t, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    group = hq // hkv
+    offsets = jnp.arange(QUERY_TILE, dtype=jnp.int32)
+    per_chunk = max(1, _CHUNK_KEYS // bs)
+    kv_shape = (per_chunk * bs, hkv, d)
+
+    def tile(i: jax.Array, out: jax.Array) -> jax.Array:
+        valid = offsets < lens[i]
+        idx = jnp.minimum(starts[i] + offsets, t - 1)
+        pos = jnp.where(valid, positions[idx], -1)
+        table = md.block_tables[md.token_req_idx[starts[i]]][None]  # [1, B]
+        qg = q[idx].reshape(QUERY_TILE, hkv, group, d).astype(jnp.float32) * kw["sm_scale"]
+        qg = qg.transpose(1, 0, 2, 3).reshape(hkv, QUERY_TILE * group, d)
+        row_pos = jnp.repeat(pos, group)[None, :, None]  # [1, tile * G, 1]
+        last = jnp.max(pos)
+
+        def chunk(blocks: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, Callable]:
+            k = k_cache[blocks[0]].reshape(kv_shape).astype(jnp.float32)  # blocks: [1, per_chunk]
+            v = v_cache[blocks[0]].reshape(kv_shape).astype(jnp.float32)
+            v = jnp.where((key_pos <= last)[:, None, None], v, 0.0)
+            scores = jnp.einsum("kqd,skd->kqs", qg, k)  # [K, tile * G, S]
+            return scores, lambda p: jnp.einsum("kqs,skd->kqd", p, v)
+
+        acc, l_final = _walk(
+            chunk, table, pos, per_chunk, bs, (hkv, QUERY_TILE * group), d, row_pos, **kw
+        )
+        rows = (acc / l_final[..., None]).reshape(hkv, QUERY_TILE, group, d)
+        rows = rows.transpose(1, 0, 2, 3).reshape(QUERY_TILE, hq, d)
+        return out.at[jnp.where(valid, idx, t)].set(rows, mode="drop")
+
+    return jax.lax.fori_loop(0, jnp.sum(lens > 0), tile, out)
+
+
+def _walk(
+    chunk: Callable,  # (blocks [N or 1, per_chunk], key positions [S]) -> (scores, p -> p @ V)
+    tables: jax.Array,  # i32[N or 1, B]
+    pos: jax.Array,  # i32[N] the queries' positions (-1: sees nothing)
+    per_chunk: int,  # blocks per chunk
+    block_size: int,
+    row_shape: tuple[int, ...],  # the scores' shape without the key axis
+    head_dim: int,
+    row_pos: jax.Array,  # pos, shaped to broadcast against the scores [*row_shape, S]
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> tuple[jax.Array, jax.Array]:  # (unnormalised output [*row_shape, D], softmax sum)
+    """The online softmax over the chunks of keys from the first any query can see to the
+    last; a query that sees nothing ends with a sum of 1 and an output of 0."""
+    del sm_scale  # already folded into q
+    chunk_keys = per_chunk * block_size
+    b = tables.shape[1]
+    tables = jnp.pad(tables, ((0, 0), (0, -(-b // per_chunk) * per_chunk - b)))
+    sees = pos >= 0
+    stop = (jnp.max(pos) + chunk_keys) // chunk_keys  # 0 when no query sees anything
+    first = 0
+    if sliding_window is not None:  # chunks before every query's window are skipped
+        lowest = jnp.min(jnp.where(sees, pos, jnp.iinfo(jnp.int32).max)) - sliding_window + 1
+        first = jnp.clip(lowest // chunk_keys, 0, stop)
+
+    def step(j: jax.Array, carry: tuple) -> tuple:
+        m_prev, l_prev, acc = carry
+        blocks = jax.lax.dynamic_slice_in_dim(tables, j * per_chunk, per_chunk, 1)
+        key_pos = j * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
+        scores, weigh = chunk(blocks, key_pos)
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
-        key_pos = j * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
-        mask = key_pos[None, :] <= positions[:, None]
+        mask = key_pos <= row_pos
         if sliding_window is not None:
-            mask &= key_pos[None, :] > positions[:, None] - sliding_window
-        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+            mask &= key_pos > row_pos - sliding_window
+        scores = jnp.where(mask, scores, -jnp.inf)
         m_new = jnp.maximum(m_prev, scores.max(axis=-1))
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(scores - m_new[..., None])
-        l_new = alpha * l_prev + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum(pv, p, v)
-        return (m_new, l_new, acc), None
+        return m_new, alpha * l_prev + p.sum(axis=-1), acc * alpha[..., None] + weigh(p)
 
-    # Every token sees at least key 0 of its request (position >= 0), so m is finite after
-    # the first chunk; the finite initial max avoids inf - inf.
+    # A finite initial max avoids inf - inf; a chunk a query cannot see leaves its state
+    # bit-for-bit unchanged (alpha = 1, p = 0). `chunk` zeroes the values of keys no query
+    # sees (slots past a request's length hold another request's or no KV), since p = 0
+    # times a non-finite value would still poison the sum.
     init = (
-        jnp.full((t, hkv, group), -1e30, jnp.float32),
-        jnp.zeros((t, hkv, group), jnp.float32),
-        jnp.zeros((t, hkv, group, d), jnp.float32),
+        jnp.full(row_shape, -1e30, jnp.float32),
+        jnp.zeros(row_shape, jnp.float32),
+        jnp.zeros((*row_shape, head_dim), jnp.float32),
     )
-    (_, l_final, acc), _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
-    return (acc / l_final[..., None]).reshape(t, hq, d).astype(q.dtype)
+    _, l_final, acc = jax.lax.fori_loop(first, stop, step, init)
+    return acc, jnp.where(l_final > 0, l_final, 1.0)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
-from jaxserve.model.attention import AttentionMetadata
+from jaxserve.model.attention import AttentionMetadata, query_tiles
 from jaxserve.request import Request
 from jaxserve.runner.sampler import SamplingMetadata
 from jaxserve.runner.sampling_metadata import (
@@ -298,6 +298,7 @@ def _stage(
             raise _RequestStagingError(sr) from e
         offset = end
     cu_q_lens[len(scheduled) + 1 :] = offset
+    tile_starts, tile_lens = query_tiles(cu_q_lens, t)
     token_mask = None
     if fill_mask is not None:
         sampling_requests = [sr.request if sr.is_sampling else None for sr in scheduled]
@@ -321,6 +322,8 @@ def _stage(
             block_tables=block_tables,
             kv_lens=kv_lens,
             cu_q_lens=cu_q_lens,
+            tile_starts=tile_starts,
+            tile_lens=tile_lens,
         ),
         logits_indices=logits_indices,
         sampling=sampling,
@@ -352,6 +355,8 @@ def dummy_step_inputs(
             block_tables=zeros((r, b)),
             kv_lens=zeros(r),
             cu_q_lens=zeros(r + 1),
+            tile_starts=zeros(max(1, t // 2)),
+            tile_lens=zeros(max(1, t // 2)),
         ),
         logits_indices=zeros(r),
         prompt_targets=_no_targets(t),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.model import attention
 from jaxserve.model.attention import AttentionMetadata, xla_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ref_paged_attention
 
@@ -52,19 +53,106 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Every case as one ragged batch: the requests are independent, so mixing them is a case too.
+ALL_Q = [q for qs, _ in CASES.values() for q in qs]
+ALL_KV = [kv for _, kvs in CASES.values() for kv in kvs]
+
+
+@pytest.fixture(params=["default", "small"])
+def tiling(request, monkeypatch):
+    """The engine's tile sizes, and small ones so that these short requests span several
+    query tiles and key chunks (the chunking and the online softmax across chunks)."""
+    if request.param == "small":
+        monkeypatch.setattr(attention, "QUERY_TILE", 4)
+        monkeypatch.setattr(attention, "_CHUNK_KEYS", 8)
+    return request.param
+
+
+def reference(q, k, v, pos, md, **kw):
+    fn = lambda q, k, v, pos, md: ref_paged_attention(  # noqa: E731
+        q, k, v, pos, md.token_req_idx, md.block_tables, **kw
+    )
+    return np.asarray(jax.jit(fn)(q, k, v, pos, md))
+
+
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("window, cap", [(None, None), (6, None), (None, 5.0)])
-def test_chunked_matches_reference(case, hq, hkv, window, cap):
-    q, k, v, pos, md = ragged_batch(*CASES[case], hq=hq, hkv=hkv)
+def test_chunked_matches_reference(tiling, hq, hkv, window, cap):
+    q, k, v, pos, md = ragged_batch(ALL_Q, ALL_KV, hq=hq, hkv=hkv, num_blocks=96)
     kw = dict(sm_scale=0.25, sliding_window=window, soft_cap=cap)
     got = jax.jit(lambda *a: xla_paged_attention(*a, **kw))(q, k, v, pos, md)
-    want = jax.jit(
-        lambda q, k, v, pos, md: ref_paged_attention(
-            q, k, v, pos, md.token_req_idx, md.block_tables, **kw
+    np.testing.assert_allclose(np.asarray(got), reference(q, k, v, pos, md, **kw), 2e-5, 2e-5)
+
+
+def test_host_tiles_match_device_tiles(tiling):
+    # step_inputs builds the tiles with numpy; the embedder and these tests let the attention
+    # derive them with jnp: one function, both must agree (and cover every prefill token once).
+    cu = np.cumsum([0, *ALL_Q, 0, 0]).astype(np.int32)  # two padding rows
+    t = int(cu[-1]) + 5
+    host = attention.query_tiles(cu, t)
+    dev = jax.jit(lambda c: attention.query_tiles(c, t, jnp))(jnp.asarray(cu))
+    for h, d in zip(host, dev, strict=True):
+        assert np.array_equal(h, np.asarray(d))
+    starts, lens = host
+    covered = sorted(s + i for s, n in zip(starts, lens, strict=True) for i in range(n))
+    prefill = [i for r, n in enumerate(np.diff(cu)) if n >= 2 for i in range(cu[r], cu[r + 1])]
+    assert covered == prefill
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(6, 2, 16), (9, 3, 64)])  # the second: smollm2's
+def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d):
+    # How the scheduler splits a request's tokens over steps depends on its batch-mates (the
+    # token budget); the same token must get the same bits whichever way it was split: in one
+    # query tile, across tiles, or alone through the per-token path.
+    q, k, v, pos, md = ragged_batch([30], [70], hq=hq, hkv=hkv, d=d)
+    table = md.block_tables
+
+    def run(q_lens):
+        n = len(q_lens)
+        split = AttentionMetadata(
+            slot_mapping=md.slot_mapping,
+            token_req_idx=jnp.asarray(np.repeat(np.arange(n), q_lens), jnp.int32),
+            block_tables=jnp.repeat(table, n, axis=0),
+            kv_lens=jnp.asarray(40 + np.cumsum(q_lens), jnp.int32),
+            cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
         )
-    )(q, k, v, pos, md)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+        return np.asarray(
+            jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=0.3))(q, k, v, pos, split)
+        )
+
+    whole = run([30])
+    for q_lens in ([29, 1], [1] * 30, [7, 1, 13, 9], [1, 29]):
+        assert np.array_equal(run(q_lens), whole), q_lens
+
+
+def test_nan_poisoned_padding():
+    # Blocks a request does not own (the null block too, which pads every table), the cache
+    # slots past each request's length, and the step's padding tokens are all NaN: the real
+    # tokens' outputs must equal the reference on clean inputs, and padding outputs are 0.
+    q_lens, kv_lens = [1, 7, 1, 12], [30, 20, 3, 13]
+    q, k, v, pos, md = ragged_batch(q_lens, kv_lens, hq=6, hkv=2)
+    kw = dict(sm_scale=0.3, sliding_window=None, soft_cap=None)
+    want = reference(q, k, v, pos, md, **kw)
+    t = q.shape[0]
+    slot_ok = np.zeros(k.shape[:2], bool)  # [num_blocks, block_size]: holds a request's KV
+    for row, kv in zip(np.asarray(md.block_tables), kv_lens, strict=True):
+        for p in range(kv):
+            slot_ok[row[p // BLOCK_SIZE], p % BLOCK_SIZE] = True
+    poison = jnp.asarray(~slot_ok)[:, :, None, None]
+    kp, vp = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+    pad = 5  # padding tokens: q NaN, row 0, position 0, as step_inputs pads
+    qp = jnp.concatenate([q, jnp.full((pad, *q.shape[1:]), jnp.nan)])
+    padded = AttentionMetadata(
+        slot_mapping=jnp.zeros(t + pad, jnp.int32),
+        token_req_idx=jnp.concatenate([md.token_req_idx, jnp.zeros(pad, jnp.int32)]),
+        block_tables=jnp.concatenate([md.block_tables, jnp.zeros_like(md.block_tables)]),
+        kv_lens=jnp.concatenate([md.kv_lens, jnp.zeros(4, jnp.int32)]),
+        cu_q_lens=jnp.concatenate([md.cu_q_lens, jnp.full(4, t, jnp.int32)]),
+    )
+    posp = jnp.concatenate([pos, jnp.zeros(pad, jnp.int32)])
+    got = np.asarray(jax.jit(lambda *a: xla_paged_attention(*a, **kw))(qp, kp, vp, posp, padded))
+    np.testing.assert_allclose(got[:t], want, rtol=2e-5, atol=2e-5)
+    assert np.array_equal(got[t:], np.zeros_like(got[t:]))
 
 
 def test_independent_of_block_table_width():
@@ -88,8 +176,8 @@ def test_sees_only_its_own_keys():
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_one_request_row_matches_many(window):
-    # R == 1 gathers each chunk of blocks once for all tokens; the same request as row 0 of a
-    # two-row table (the per-token gather) must attend the same way.
+    # A padding row (no query tokens, no KV) in the table must change nothing, bit for bit:
+    # the row bucket R grows with the batch.
     q, k, v, pos, md = ragged_batch([9], [30], hq=6, hkv=2)
     two = AttentionMetadata(
         slot_mapping=md.slot_mapping,

@@ -21,20 +21,21 @@ def _step(params, ids, pos, md, kv_cache):
 
 
 def test_donated_cache_is_updated_in_place():
-    # 4 layers x 512 blocks x 4 x 2 x 16 x 4 B x (k, v) = 2 MiB of cache
-    cache = llama.init_kv_cache(SPEC, 512, 4)
+    # 4 layers x 512 blocks x 4 x 2 x 16 x 4 B x (k, v) = 2 MiB of cache, then 4x that
     params = llama.init_params(SPEC, jax.random.key(0))
     ids = jnp.zeros((4,), jnp.int32)
     pos = jnp.arange(4, dtype=jnp.int32)
     md = single_request_md(0, 4, 2)
-    compiled = (
-        jax.jit(_step, donate_argnames="kv_cache").lower(params, ids, pos, md, cache).compile()
-    )
-    mem = compiled.memory_analysis()
-    cache_bytes = cache.k.nbytes + cache.v.nbytes
-    assert mem.alias_size_in_bytes == cache_bytes  # the output cache is the input buffer
-    # no per-layer copy of the cache may appear as a temporary (one layer = 1/4 of it)
-    assert mem.temp_size_in_bytes < cache_bytes // (4 * SPEC.num_layers)
+    temps = []
+    for num_blocks in (512, 2048):
+        cache = llama.init_kv_cache(SPEC, num_blocks, 4)
+        step = jax.jit(_step, donate_argnames="kv_cache")
+        mem = step.lower(params, ids, pos, md, cache).compile().memory_analysis()
+        assert mem.alias_size_in_bytes == cache.k.nbytes + cache.v.nbytes  # the input buffer
+        temps.append(mem.temp_size_in_bytes)
+    # no copy of the cache (or of a layer of it) may appear as a temporary: the temporaries
+    # (the attention's tiles, the activations) do not grow with the cache
+    assert temps[0] == temps[1], temps
 
 
 def test_cache_receives_this_steps_kv_in_every_layer():
