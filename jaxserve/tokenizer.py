@@ -129,7 +129,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,  # None: a model without one (no text)
         prompt_token_ids: Sequence[int],
         *,
         skip_special_tokens: bool = True,
@@ -171,7 +171,7 @@ class IncrementalDetokenizer:
 
     def update(self, new_token_ids: Sequence[int]) -> str:
         """Adds generated ids; returns the text delta to stream ("" while nothing is ready)."""
-        if self.finished:
+        if self.finished or self.tokenizer is None:  # no tokenizer: token ids only, no text
             return ""
         self._ids.extend(new_token_ids)
         self._num_output_ids += len(new_token_ids)
@@ -180,7 +180,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the end of the request: everything still held back (or undecodable), if no stop
         string matched."""
-        if self.finished:
+        if self.finished or self.tokenizer is None:
             return ""
         out = self._add_text(self._decode_ready(force=True))
         if not self.finished:
