@@ -14,6 +14,7 @@ from jaxserve import LLM, SamplingParams
 from jaxserve.config import EngineArgs
 from jaxserve.model import presets, sharding
 from jaxserve.model.dummy import dummy_params, dummy_spec
+from jaxserve.model.llama import init_params
 from jaxserve.model.loader import load_model, load_tokenizer
 
 ENGINE = dict(
@@ -75,6 +76,9 @@ def test_llama3_8b_preset_has_llama_3_1_8b_shapes():
     assert (spec.num_q_heads, spec.num_kv_heads, spec.head_dim) == (32, 8, 128)
     assert spec.vocab_size == 128256 and not spec.tie_word_embeddings
     assert spec.rope_scaling is not None and spec.rope_scaling.rope_type == "llama3"
+    # 8.03e9 parameters, 16 GB in bf16 (shapes only: nothing is allocated)
+    shapes = jax.eval_shape(lambda k: init_params(spec, k, jnp.bfloat16), jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == 8_030_261_248
 
 
 @pytest.mark.parametrize(
