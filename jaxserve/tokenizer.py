@@ -63,6 +63,8 @@ def apply_chat_template(
     `allow_special_tokens_in_content=True` encodes them as control tokens again (the behaviour
     of vLLM and of jaxserve before), for callers whose messages are trusted.
     """
+    if tokenizer is None:  # a load_format="dummy" model without tokenizer files
+        raise ValueError("messages need a tokenizer and this model has none: give prompt_token_ids")
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if not template:
         raise ValueError("the model's tokenizer has no chat template; pass chat_template")

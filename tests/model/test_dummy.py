@@ -114,3 +114,5 @@ def test_tokenizerless_engine_refuses_what_needs_text():
             llm.generate(PROMPTS[:1], SamplingParams(stop=["x"]), use_tqdm=False)
         with pytest.raises(ValueError, match="bad_words needs a tokenizer"):
             llm.generate(PROMPTS[:1], SamplingParams(bad_words=["x"]), use_tqdm=False)
+        with pytest.raises(ValueError, match="messages need a tokenizer"):
+            llm.chat([{"role": "user", "content": "hi"}], use_tqdm=False)
