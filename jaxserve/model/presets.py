@@ -14,10 +14,12 @@ DUMMY_PREFIX = "dummy:"
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5}
 
-# name -> HF config.json fields. The vocabularies sit below any real tokenizer's special ids:
-# these models are driven with prompt_token_ids and have no tokenizer.
+# name -> HF config.json fields. A preset has no tokenizer: it takes prompt_token_ids (any id
+# below its vocab_size) and returns token ids.
 PRESETS: dict[str, dict[str, Any]] = {
-    # A small shape both Pallas kernels take (CUDA: head_dim % 64 == 0), GQA 2 over 2 kv heads.
+    # A small shape both Pallas kernels take (CUDA: head_dim % 64 == 0), GQA 2 over 2 kv heads;
+    # untied: with random weights a tied head mostly repeats the current token, whatever the
+    # attention says, so greedy tokens would not compare the backends
     "tiny": {
         **_LLAMA,
         "vocab_size": 512,
@@ -29,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_dim": 64,
         "max_position_embeddings": 2048,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,
     },
     # SmolLM2-135M (the built-in default model's shape: GQA 3, head_dim 64, tied embeddings).
     "smollm2-135m": {
