@@ -34,7 +34,7 @@ def _generate(model: str) -> list:
         return llm.generate(PROMPTS, GREEDY, use_tqdm=False)
 
 
-def test_tiny_preset_generates_and_a_config_json_alone_gives_the_same_model(tmp_path):
+def test_tiny_preset_generates_and_a_config_json_alone_is_the_same_model(tmp_path):
     outs = _generate("dummy:tiny")
     vocab = presets.PRESETS["tiny"]["vocab_size"]
     for o in outs:
@@ -46,10 +46,16 @@ def test_tiny_preset_generates_and_a_config_json_alone_gives_the_same_model(tmp_
             max(p.values(), key=lambda lp: lp.logprob).logprob > -np.log(vocab) + 0.5
             for p in c.logprobs
         )
-    # the same shape from a config.json (no safetensors) draws the same weights (fixed seed)
+    # the same shape from a config.json alone (no safetensors) is the same model: same spec,
+    # same weights (fixed seed), no tokenizer
     (tmp_path / "config.json").write_text(json.dumps(presets.PRESETS["tiny"]))
-    again = _generate(str(tmp_path))
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    from_dir = load_model(str(tmp_path), "float32", load_format="dummy")
+    from_preset = load_model("dummy:tiny", "float32", load_format="dummy")
+    assert from_dir.spec == from_preset.spec and from_dir.tokenizer is None
+    for a, b in zip(
+        jax.tree.leaves(from_dir.params), jax.tree.leaves(from_preset.params), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_params_are_made_in_the_target_dtype_and_sharding():
