@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
     platforms = {"tpu": ["tpu"], "gpu": ["cuda"], "cuda": ["cuda"]}.get(backend, ["tpu", "cuda"])
+    if args.platforms:
+        platforms = [p for p in platforms if p in args.platforms.split(",")]
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
     hq, hkv, d, bs = args.num_q_heads, args.num_kv_heads, args.head_dim, args.block_size
     if on_cpu:
@@ -125,6 +127,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tol = {"float32": 2e-5, "bfloat16": 3e-2}[jnp.dtype(dtype).name]
     ref = jax.jit(ref_ragged_paged_attention, static_argnames=("sm_scale",))
     for mix in mixes(on_cpu):
+        if args.mixes and mix.name not in args.mixes.split(","):
+            continue
         inputs = make_inputs(mix, hq, hkv, d, bs, dtype, seed=0)
         want = ref(**inputs, sm_scale=d**-0.5)
         for plat in platforms:
@@ -182,6 +186,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--copy-mib", type=int, default=1024)
+    ap.add_argument("--platforms", default="", help="comma list of kernels (tpu,cuda) to run")
+    ap.add_argument("--mixes", default="", help="comma list of mixes (decode_heavy,...) to run")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     record = run(args)

@@ -12,9 +12,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jaxserve.model import presets
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "xla", "pallas"]
 SchedulingPolicy = Literal["fcfs", "priority"]
+LoadFormat = Literal["auto", "dummy"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -30,8 +33,19 @@ class ModelConfig:
     # "auto" | "xla" | "pallas": the attention inside the step; auto = pallas on TPU and CUDA,
     # xla on CPU (where "pallas" runs the TPU kernel in interpret mode: tests only, slow)
     attention_backend: str = "auto"
+    # "auto": read the weights `model` names; "dummy": random weights of its shape, made on
+    # the device (model/dummy.py); a "dummy:<preset>" model needs it
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto|dummy, got {self.load_format!r}")
+        if presets.is_preset_name(self.model):
+            presets.preset_config(self.model)  # an unknown preset: ValueError naming model
+            if self.load_format != "dummy":
+                raise ValueError(
+                    f"model={self.model!r} is a shape preset: it needs load_format='dummy'"
+                )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
@@ -154,7 +168,8 @@ class EngineArgs:
     """
 
     # a built-in name (smollm2-135m), a Hugging Face model dir, a .gguf file, or a dir written
-    # by `jaxserve convert`
+    # by `jaxserve convert`; with --load-format dummy also a shape preset (dummy:tiny,
+    # dummy:smollm2-135m, dummy:llama3-8b)
     model: str = DEFAULT_MODEL
     # where the tokenizer comes from (same forms as model); default: the model's own
     tokenizer: str | None = None
@@ -162,6 +177,10 @@ class EngineArgs:
     dtype: Dtype = "auto"
     # longest prompt + output a request may have (default: min(model context, 2048))
     max_model_len: int | None = None
+    # auto: read the model's weights; dummy: random weights of its shape made on the device
+    # (no download: a preset or a config.json is enough; such a model has no tokenizer unless
+    # its dir holds one, so prompts are token ids)
+    load_format: LoadFormat = "auto"
     # seed of the engine's RNG, which draws the seeds of requests that give none
     seed: int = 0
     # the attention inside the step; auto: the Pallas kernels on TPU and CUDA, xla on CPU
@@ -208,6 +227,7 @@ class EngineArgs:
         return cls(**kwargs)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
+        self.model_config()  # a bad load_format or preset fails here, naming the field
         self.parallel_config()  # bad sizes fail here, naming the field
         self.lora_config()
 

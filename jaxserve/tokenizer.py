@@ -63,6 +63,8 @@ def apply_chat_template(
     `allow_special_tokens_in_content=True` encodes them as control tokens again (the behaviour
     of vLLM and of jaxserve before), for callers whose messages are trusted.
     """
+    if tokenizer is None:  # a load_format="dummy" model without tokenizer files
+        raise ValueError("messages need a tokenizer and this model has none: give prompt_token_ids")
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if not template:
         raise ValueError("the model's tokenizer has no chat template; pass chat_template")
@@ -129,7 +131,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,  # None: a model without one (no text)
         prompt_token_ids: Sequence[int],
         *,
         skip_special_tokens: bool = True,
@@ -171,7 +173,7 @@ class IncrementalDetokenizer:
 
     def update(self, new_token_ids: Sequence[int]) -> str:
         """Adds generated ids; returns the text delta to stream ("" while nothing is ready)."""
-        if self.finished:
+        if self.finished or self.tokenizer is None:  # no tokenizer: token ids only, no text
             return ""
         self._ids.extend(new_token_ids)
         self._num_output_ids += len(new_token_ids)
@@ -180,7 +182,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the end of the request: everything still held back (or undecodable), if no stop
         string matched."""
-        if self.finished:
+        if self.finished or self.tokenizer is None:
             return ""
         out = self._add_text(self._decode_ready(force=True))
         if not self.finished:

@@ -101,7 +101,9 @@ class EngineCore:
         self.dtype = resolve_dtype(model_config.dtype)
         mesh = sharding.make_mesh(tp, devices) if tp > 1 else None
         if loaded is None:
-            loaded = load_model(model_config.model, self.dtype, mesh=mesh)
+            loaded = load_model(
+                model_config.model, self.dtype, mesh=mesh, load_format=model_config.load_format
+            )
         self.model = loaded
         spec = self.model.spec
         if tp > 1:

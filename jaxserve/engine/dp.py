@@ -94,7 +94,9 @@ class DPEngineCore:
         # TP, so no device ever holds the whole model); every other replica's runner copies
         # it shard by shard onto its own slice, and this reference dies with __init__.
         mesh = sharding.make_mesh(tp, slices[0]) if tp > 1 else None
-        loaded = load_model(args.model, resolve_dtype(args.dtype), mesh=mesh)
+        loaded = load_model(
+            args.model, resolve_dtype(args.dtype), mesh=mesh, load_format=args.load_format
+        )
         self.replicas: list[EngineCore] = [
             EngineCore(
                 args,

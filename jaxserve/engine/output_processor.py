@@ -114,8 +114,8 @@ class OutputProcessor:
         """One position's dict: its top-N plus its own token, with their texts."""
         pos = {tid: Logprob(lp, rank=r + 1) for r, (tid, lp) in enumerate(e.top)}
         pos[e.token_id] = Logprob(e.logprob, rank=e.rank)
-        for tid, lp in pos.items():
-            lp.decoded_token = self.tokenizer.decode([tid])
+        for tid, lp in pos.items():  # (no tokenizer: decoded_token stays None)
+            lp.decoded_token = None if self.tokenizer is None else self.tokenizer.decode([tid])
         return pos
 
     def _add_logprobs(self, comp: _Completion, entries: list[TokenLogprobs]) -> None:

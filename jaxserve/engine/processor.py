@@ -21,6 +21,9 @@ from jaxserve.core.admission import (
 from jaxserve.lora.request import LoRARequest
 from jaxserve.sampling_params import SamplingParams, as_token_ids, check_text, is_int
 
+# Without a tokenizer (a load_format="dummy" model) requests are token ids in, token ids out.
+_NO_TOKENIZER = "{field} needs a tokenizer and this model has none: give prompt_token_ids"
+
 # A prompt: text, or vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."}.
 PromptType = str | Mapping[str, Any]
 
@@ -53,6 +56,8 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError(_NO_TOKENIZER.format(field="a text prompt"))
             ids = self.tokenizer.encode(check_text(prompt, "prompt"))
             text: str | None = prompt
         elif isinstance(prompt, Mapping):
@@ -108,6 +113,8 @@ class InputProcessor:
         if not is_int(priority):  # its range is an admission rule
             raise ValueError(f"priority must be an integer, got {priority!r}")
         priority = int(priority)
+        if self.tokenizer is None and (params.stop or params.bad_words):
+            raise ValueError(_NO_TOKENIZER.format(field="stop" if params.stop else "bad_words"))
         if params.bad_words and not params.bad_words_token_ids:
             params = params.with_updates(bad_words_token_ids=self._bad_words_ids(params.bad_words))
         max_tokens = self.limits.resolve_max_tokens(len(prompt.prompt_token_ids), params.max_tokens)

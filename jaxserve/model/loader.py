@@ -1,7 +1,9 @@
 """One entry point from a `model` string to (spec, params, tokenizer); no torch at runtime.
 
 `model` is a built-in name ("smollm2-135m"), a Hugging Face model dir (config.json +
-safetensors, sharded or not), a .gguf file, or a dir written by checkpoint.save_checkpoint.
+safetensors, sharded or not), a .gguf file, or a dir written by checkpoint.save_checkpoint;
+with load_format="dummy", a shape preset ("dummy:llama3-8b") or an HF dir's config.json with
+random weights made on the device (model/dummy.py).
 Every source is turned into a stream of HF-named tensors in HF layout ([out, in]); one
 assembler transposes them to "x @ W" layout, stacks the layers and casts to the dtype.
 """
@@ -24,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxserve.model import builtin, checkpoint, sharding
+from jaxserve.model import builtin, checkpoint, dummy, presets, sharding
 from jaxserve.model.llama import Params, param_shapes, params_from_arrays
 from jaxserve.model.spec import ModelSpec
 
@@ -74,7 +76,11 @@ def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
 
 
 def load_model(
-    model: str, dtype: str | jnp.dtype = "auto", *, mesh: Mesh | None = None
+    model: str,
+    dtype: str | jnp.dtype = "auto",
+    *,
+    mesh: Mesh | None = None,
+    load_format: str = "auto",
 ) -> LoadedModel:
     """Loads any supported `model` source; see the module docstring for what `model` may be.
 
@@ -82,8 +88,18 @@ def load_model(
     the execution layout (sharding.place_params): orbax restores each device's shard directly,
     safetensors/GGUF tensors are assembled on the host and placed shard by shard, so no device
     ever holds the whole model.
+    `load_format`: "auto" reads the weights `model` names; "dummy" makes random ones of its
+    shape on the device (a preset name needs "dummy": it has no weights to read).
     """
     dt = resolve_dtype(dtype)
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be auto|dummy, got {load_format!r}")
+    if presets.is_preset_name(model) and load_format != "dummy":
+        raise ValueError(f"model={model!r} is a shape preset: it needs load_format='dummy'")
+    if load_format == "dummy":
+        spec = dummy.dummy_spec(model)
+        params = dummy.dummy_params(spec, dt, mesh=mesh)
+        return LoadedModel(spec=spec, params=params, tokenizer=load_tokenizer(model))
     kind, path = _resolve(model)
     if kind == "gguf" and model in builtin.BUILTIN_MODELS:
         return _load_builtin_first_time(model, path, dt, mesh)
@@ -159,7 +175,14 @@ def _save_converted(dst: Path, params: Params, spec: ModelSpec, tokenizer: Any) 
 
 
 def load_tokenizer(model: str) -> Any | None:
-    """Only the tokenizer of `model` (for processes that never touch the weights)."""
+    """Only the tokenizer of `model` (for processes that never touch the weights).
+
+    None for a shape preset, and for a model dir holding no tokenizer files (config.json
+    alone, for load_format="dummy"): such engines take prompt_token_ids only.
+    """
+    if presets.is_preset_name(model):
+        presets.preset_config(model)  # an unknown preset is named here too
+        return None
     kind, path = _resolve(model)
     return _tokenizer(kind, path)
 

@@ -9,14 +9,45 @@ finite values there, for the reference (whose masked 0 * NaN would otherwise poi
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from pallas_kernels.ragged_paged_attention.api import config_error
+from pallas_kernels.ragged_paged_attention.api import config_error, kernel_platform
 from pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
+
+# How the kernel tests run the kernels. "interpret" (unset: CI on CPU): each in its Pallas
+# interpreter, race detectors included. "compiled" (scripts/device_check.py, on a GPU or TPU):
+# the kernel of this device's platform runs compiled for real, with the same cases and
+# tolerances; the other platform's kernel module and the interpreter-only checks skip.
+KERNEL_TESTS = os.environ.get("JAXSERVE_KERNEL_TESTS", "interpret")
+if KERNEL_TESTS not in ("interpret", "compiled"):
+    raise ValueError(f"JAXSERVE_KERNEL_TESTS must be interpret|compiled, got {KERNEL_TESTS!r}")
+COMPILED = KERNEL_TESTS == "compiled"
+if COMPILED and jax.default_backend() not in ("gpu", "cuda", "tpu"):
+    raise ValueError(
+        f"JAXSERVE_KERNEL_TESTS=compiled needs a GPU or TPU; jax's backend is "
+        f"{jax.default_backend()!r}"
+    )
+# the `interpret` argument every kernel call in the tests passes
+INTERPRET = not COMPILED
+
+
+def kernel_module_for(platform: str) -> pytest.MarkDecorator:
+    """A module's pytestmark: compiled, only the kernel of this device's platform can run."""
+    here = kernel_platform(jax.default_backend())
+    return pytest.mark.skipif(
+        COMPILED and here != platform,
+        reason=f"the {platform} kernel cannot run compiled on a {here} device",
+    )
+
+
+# Marks what only the interpreter (or only a CPU) can check: race detectors, CPU-only errors.
+interpreter_only = pytest.mark.skipif(COMPILED, reason="an interpreter-only check")
 
 
 @dataclasses.dataclass(frozen=True)

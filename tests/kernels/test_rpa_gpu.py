@@ -26,19 +26,24 @@ from pallas_kernels.ragged_paged_attention.gpu import (
 )
 from tests.kernels.cases import (
     CASES,
+    COMPILED,
+    INTERPRET,
     Case,
     check,
+    kernel_module_for,
     make_inputs,
     pad_alike,
     supports,
 )
 
+pytestmark = kernel_module_for("cuda")
+
 # Through the public entry, as the engine calls it (api.py dispatches to gpu.py).
-GPU_KERNEL = functools.partial(ragged_paged_attention, platform="cuda", interpret=True)
+GPU_KERNEL = functools.partial(ragged_paged_attention, platform="cuda", interpret=INTERPRET)
 
 
 def _run(case: Case, *, detect_races: bool = False, **knobs) -> None:
-    if not detect_races:
+    if not detect_races or COMPILED:  # compiled: the same case, without the interpreter's eye
         check(case, GPU_KERNEL, "cuda", **knobs)
         return
     # The interpreter's happens-before race detector tracks every TMA, barrier and SMEM access:

@@ -18,16 +18,22 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from tests.kernels.cases import (
     CASES,
+    COMPILED,
+    INTERPRET,
     Case,
     assert_close,
     attention_kwargs,
     check,
+    interpreter_only,
+    kernel_module_for,
     make_inputs,
     reference,
     supports,
 )
 
-TPU_KERNEL = functools.partial(ragged_paged_attention, platform="tpu", interpret=True)
+pytestmark = kernel_module_for("tpu")
+
+TPU_KERNEL = functools.partial(ragged_paged_attention, platform="tpu", interpret=INTERPRET)
 # The public entry under jit with its options and knobs static (what the engine's step does).
 JIT_TPU_KERNEL = jax.jit(
     TPU_KERNEL,
@@ -42,10 +48,13 @@ JIT_TPU_KERNEL = jax.jit(
 )
 # The interpreter's race detector: the prefetch of chunk j+1 never touches the buffer that
 # chunk j's compute reads. It runs where the double buffer flips most (one page per chunk).
-RACES = pltpu.InterpretParams(detect_races=True)
+# Compiled, the same calls run on the TPU itself (no interpreter, no detector).
+RACES = False if COMPILED else pltpu.InterpretParams(detect_races=True)
 
 
 def _assert_no_races() -> None:
+    if COMPILED:
+        return
     # The detector's verdict is module state (no public accessor in jax 0.10.2).
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
 
@@ -78,7 +87,8 @@ BY_NAME = {c.name: c for c in CASES}
     ],
 )
 def test_kernel_knobs(name, knobs):
-    pltpu.reset_tpu_interpret_mode_state()
+    if not COMPILED:
+        pltpu.reset_tpu_interpret_mode_state()
     check(BY_NAME[name], JIT_TPU_KERNEL, "tpu", **knobs)
     if knobs.get("interpret") is RACES:
         _assert_no_races()
@@ -118,7 +128,7 @@ def _inputs(**over):
 def test_validation_names_the_bad_value(over, knobs, match):
     with pytest.raises(ValueError, match=match):
         ragged_paged_attention(
-            **_inputs(**over), sm_scale=0.1, platform="tpu", interpret=True, **knobs
+            **_inputs(**over), sm_scale=0.1, platform="tpu", interpret=INTERPRET, **knobs
         )
 
 
@@ -129,7 +139,7 @@ def test_validation_names_the_bad_value(over, knobs, match):
         (dict(sm_scale=1.0, sliding_window=0), r"sliding_window .* got 0"),
         (dict(sm_scale=1.0, soft_cap=-1.0), r"soft_cap .* got -1.0"),
         (dict(sm_scale=1.0, platform="rocm"), r"platform must be one of .*'rocm'"),
-        (dict(sm_scale=1.0), r"no Pallas .* natively on 'cpu'"),
+        pytest.param(dict(sm_scale=1.0), r"no Pallas .* natively on 'cpu'", marks=interpreter_only),
     ],
 )
 def test_bad_options_named(kw, match):
