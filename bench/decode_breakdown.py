@@ -57,6 +57,12 @@ def _step_seconds(fn: Any, runner: Any, inputs: Any, reps: int) -> dict[str, Any
     return {"median_s": statistics.median(times), "min_s": min(times), "reps": reps}
 
 
+def _host_copy(x: Any) -> Any:
+    """A copy of a host (numpy) array, which a persistent input buffer may overwrite later; a
+    device array as it is (copying it here would sync the loop being measured)."""
+    return np.array(x) if isinstance(x, np.ndarray) else x
+
+
 class StepProbe:
     """Decode-step breakdown of one engine run (workloads.run_jaxserve's probe)."""
 
@@ -67,10 +73,10 @@ class StepProbe:
         self.reps = reps
         # read bytes/s for the roofline (None: no roofline)
         self.bandwidth = bandwidth
-        # (start time, T bucket) of every step call of the run
-        self.calls: list[tuple[float, int]] = []
-        # the inputs of the calls in the decode bucket, in order
-        self.decode_inputs: list[Any] = []
+        # (start time, T bucket, kv_lens, cu_q_lens) of every step call of the run
+        self.calls: list[tuple[float, int, Any, Any]] = []
+        # call index -> inputs, for the calls in the decode bucket
+        self.decode_inputs: dict[int, Any] = {}
         self._fn: Any = None
         self._decode_t = 0
 
@@ -80,18 +86,37 @@ class StepProbe:
         runner._step_fn = self._call
 
     def _call(self, params: Any, lora: Any, kv_cache: Any, inputs: Any) -> Any:
-        self.calls.append((time.perf_counter(), inputs.num_tokens))
+        md = inputs.attn
+        self.calls.append(
+            (
+                time.perf_counter(),
+                inputs.num_tokens,
+                _host_copy(md.kv_lens),
+                _host_copy(md.cu_q_lens),
+            )
+        )
         if inputs.num_tokens == self._decode_t:
-            self.decode_inputs.append(inputs)
+            self.decode_inputs[len(self.calls) - 1] = inputs
         return self._fn(params, lora, kv_cache, inputs)
 
-    def wall_per_decode_step(self) -> float:
-        """Median seconds between the starts of consecutive decode-bucket calls."""
-        gaps = [
-            b[0] - a[0]
-            for a, b in zip(self.calls, self.calls[1:], strict=False)
-            if a[1] == b[1] == self._decode_t
-        ]
+    def full_decode_calls(self) -> list[int]:
+        """Indices of the calls that decode the run's fullest batch and nothing else (a step
+        with a prefill chunk, or a thinner batch at the run's ends, is left out)."""
+        live: dict[int, int] = {}
+        for i, (_, t, kv_lens, cu_q_lens) in enumerate(self.calls):
+            if t != self._decode_t:
+                continue
+            n = int((np.asarray(kv_lens) > 0).sum())
+            if int(np.asarray(cu_q_lens)[-1]) == n:  # one new token per live request
+                live[i] = n
+        most = max(live.values(), default=0)
+        return [i for i, n in live.items() if n == most]
+
+    def wall_per_decode_step(self, full: list[int]) -> float:
+        """Median seconds from the start of a full decode call to the next call's start,
+        when that one is a full decode call too."""
+        starts = {i: self.calls[i][0] for i in full}
+        gaps = [starts[i + 1] - starts[i] for i in full if i + 1 in starts]
         if not gaps:
             raise RuntimeError(
                 f"no two consecutive decode steps (T={self._decode_t}) seen: did the runner "
@@ -101,10 +126,12 @@ class StepProbe:
 
     def measure(self, runner: Any) -> dict[str, Any]:
         runner._step_fn = self._fn  # the engine's own step again
-        wall = self.wall_per_decode_step()
-        inputs = self.decode_inputs[len(self.decode_inputs) // 2]
-        self.decode_inputs = []
-        kv_lens = np.asarray(inputs.attn.kv_lens)
+        full = self.full_decode_calls()
+        wall = self.wall_per_decode_step(full)
+        middle = full[len(full) // 2]
+        inputs = self.decode_inputs[middle]
+        self.decode_inputs = {}
+        kv_lens = np.asarray(self.calls[middle][2])
         live = kv_lens[kv_lens > 0]
         device = _step_seconds(self._fn, runner, inputs, self.reps)
         with attention_disabled():
@@ -114,7 +141,7 @@ class StepProbe:
         attention = device["median_s"] - dense["median_s"]
         out: dict[str, Any] = {
             "decode_bucket_T": self._decode_t,
-            "decode_steps_seen": sum(1 for _, t in self.calls if t == self._decode_t),
+            "full_decode_steps": len(full),
             "requests": int(live.size),
             "context_mean": float(live.mean()),
             "num_layers": spec.num_layers,

@@ -96,7 +96,9 @@ def run_host_overhead(
             **engine,
             "model": str(write_null_model(Path(tmp) / "null")),
             "max_num_seqs": num_requests,
-            "max_num_batched_tokens": max(engine["max_num_batched_tokens"], num_requests),
+            # room for a prefill chunk beside a full batch of decodes: every request is
+            # admitted long before the first one finishes, so the decode phase is full
+            "max_num_batched_tokens": max(engine["max_num_batched_tokens"], 2 * num_requests),
             "max_model_len": prompt_len + output_len,
         }
         for mode in async_modes():
