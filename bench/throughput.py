@@ -1,17 +1,27 @@
 """Offline throughput of jaxserve on the default model, with its baselines in the same run.
 
-Workload A: N requests x P prompt tokens x O output tokens, greedy, ignore_eos: jaxserve vs
-  transformers generate() at batch 1 (a few prompts) and at static batch 8.
-Workload B: N requests sharing a long prefix with distinct suffixes: prefix caching on vs off.
-Workload C: caching on vs off at 0% hits (the cost of caching), interleaved reps, median.
-KV usage: peak KV blocks in use vs allocated under a KV-bound load.
-COMM: per-step collectives (count and bytes, all-reduces per layer) of the TP step, read from
-  the compiled HLO: for --comm-tp (default 8) on a Llama-3-shaped model compiled from shapes
-  alone (nothing allocated), and for the benchmarked model at --tensor-parallel-size > 1.
-  On CPU the virtual devices come from XLA_FLAGS, set here before jax starts.
+Rows (--skip takes a comma list of their names):
+A / A16: N requests x P prompt tokens x O output tokens, greedy, ignore_eos, in float32 / in
+  bfloat16; HF: transformers generate() at batch 1 (a few prompts) and static batch 8.
+CEIL / CEIL16: workload A (f32 / bf16) with attention a no-op: the ceiling for A.
+BREAKDOWN: A's decode step (N requests at ~P + O/2 context) split into dense, attention and
+  host, and attention against its KV-bytes roofline at the read bandwidth measured here
+  (bench/decode_breakdown.py).
+PREFILL: one --prefill-len prompt alone (max_tokens=1): prefill tok/s from its time to first
+  token, against the same with attention a no-op.
+HOST: host microseconds per request per step on a null model at --host-requests concurrent
+  decodes (bench/host_overhead.py).
+B: N requests sharing a long prefix with distinct suffixes: prefix caching on vs off.
+C: caching on vs off at 0% hits (the cost of caching), interleaved reps, median.
+KV: peak KV blocks in use vs allocated under a KV-bound load.
+COMM: per-step collectives of the TP step from the compiled HLO (bench/comm.py): for
+  --comm-tp (default 8) on a Llama-3-shaped model compiled from shapes alone, and for the
+  benchmarked model at --tensor-parallel-size > 1. On CPU the virtual devices come from
+  XLA_FLAGS, set here before jax starts.
 
-Prints a table and writes one JSON record to bench/results/. Ratios, not absolute times, are
-what to compare: this machine is noisy.
+Prints a table, then the speed issue's targets and whether each is met (bench/targets.py),
+and writes one JSON record to bench/results/. Ratios, not absolute times, are what to
+compare: this machine is noisy.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+ROWS = ("A", "A16", "HF", "CEIL", "CEIL16", "BREAKDOWN", "PREFILL", "HOST", "B", "C", "KV", "COMM")
 
 
 def _set_virtual_cpu_devices(argv: list[str]) -> None:
@@ -45,196 +57,27 @@ def _set_virtual_cpu_devices(argv: list[str]) -> None:
 if __name__ == "__main__":
     _set_virtual_cpu_devices(sys.argv[1:])
 
-from jaxserve import LLM, SamplingParams  # noqa: E402
+# After XLA_FLAGS: these import jax.
+from comm import COMM_MODELS, comm_rows, run_comm, run_comm_own  # noqa: E402
+from decode_breakdown import StepProbe, breakdown_rows, read_bandwidth  # noqa: E402
+from host_overhead import host_rows, run_host_overhead  # noqa: E402
+from targets import check_targets, print_targets  # noqa: E402
+from workloads import (  # noqa: E402
+    VOCAB,
+    load_transformers_model,
+    random_prompts,
+    run_attention_ceiling,
+    run_caching_cost,
+    run_jaxserve,
+    run_prefill_alone,
+    run_transformers,
+    without_token_ids,
+)
 
-# Public Llama 3 shapes for the COMM report (bf16, as they would be served on GPUs).
-COMM_MODELS = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_q_heads=32),
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_q_heads=64),
-}
-
-
-def run_comm(name: str, tp: int, decode_reqs: int, prefill_tokens: int) -> dict[str, Any]:
-    """Collectives of one decode step and one prefill step of a Llama-3-shaped model."""
-    from jaxserve.model.spec import ModelSpec
-    from jaxserve.runner.hlo_stats import abstract_step_collectives
-
-    spec = ModelSpec(
-        architecture="llama",
-        vocab_size=128256,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=None,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-        **COMM_MODELS[name],
-    )
-    out: dict[str, Any] = {
-        "model": name,
-        "tp": tp,
-        "note": "bytes as XLA:CPU compiled them: it computes bf16 dots in f32, so its "
-        "all-reduces carry f32; a bf16 GPU/TPU step moves half the all-reduce bytes",
-    }
-    for label, shape in (
-        ("decode", (decode_reqs, decode_reqs, 128)),
-        ("prefill", (prefill_tokens, 1, 128)),
-    ):
-        stats = abstract_step_collectives(spec, tp, shape=shape, dtype="bfloat16")
-        out[label] = {"bucket_T_R_B": shape, **stats.to_dict()}
-    return out
+Row = tuple[str, float, str]
 
 
-def comm_rows(label: str, comm: dict[str, Any]) -> list[tuple[str, float, str]]:
-    rows = []
-    for phase in ("decode", "prefill"):
-        if phase not in comm:
-            continue
-        st = comm[phase]
-        per_step = ", ".join(
-            f"{op} x{n} {st['bytes_per_step'][op] / 2**20:.2f} MiB"
-            for op, n in st["count_per_step"].items()
-        )
-        rows.append(
-            (
-                f"COMM {label} {phase} T={st['bucket_T_R_B'][0]}",
-                float("nan"),
-                f"all-reduces/layer {st['per_layer'].get('all-reduce', 0)}; per step: {per_step}",
-            )
-        )
-    return rows
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    # Stay clear of the special tokens at the bottom of the vocabulary.
-    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
-
-
-def run_jaxserve(
-    prompts: list[list[int]], max_tokens: int, engine_kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    with LLM(**engine_kwargs) as llm:
-        startup = time.perf_counter() - t0
-        start = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        stats = llm.stats
-    ttfts = sorted(o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs)
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {
-        "seconds": elapsed,
-        "startup_seconds": startup,
-        "output_tokens": n_out,
-        "output_tok_s": n_out / elapsed,
-        "ttft_p50_s": ttfts[len(ttfts) // 2],
-        "stats": stats,
-        "token_ids": [o.outputs[0].token_ids for o in outs],
-    }
-
-
-def run_attention_ceiling(
-    prompts: list[list[int]], max_tokens: int, engine_kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """Workload A with attention replaced by a no-op: what the rest of the step (weights,
-    MLP, lm_head, sampler, host work) allows on this machine. The tokens are garbage; the
-    number is the ceiling any attention implementation leaves room under."""
-    import jaxserve.model.layers as layers
-
-    real = layers.paged_attention
-    layers.paged_attention = lambda q, *args, **kwargs: q  # traced into a fresh engine's jit
-    try:
-        return run_jaxserve(prompts, max_tokens, engine_kwargs)
-    finally:
-        layers.paged_attention = real
-
-
-def run_caching_cost(
-    num_requests: int, prompt_len: int, output_len: int, reps: int, engine: dict[str, Any]
-) -> dict[str, Any]:
-    """Workload C: caching on vs off at 0% hits, both engines alive, runs interleaved.
-
-    Each rep uses fresh random prompts (so nothing hits) and alternates which engine goes
-    first; the cost is the median over reps of on-time / off-time - 1, which cancels the
-    slow drifts of a noisy machine that two back-to-back single runs do not.
-    """
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    ratios, same = [], True
-    with LLM(**engine) as on, LLM(**{**engine, "enable_prefix_caching": False}) as off:
-        for rep in range(reps):
-            prompts = [
-                {"prompt_token_ids": p}
-                for p in random_prompts(num_requests, prompt_len, 49152, seed=100 + rep)
-            ]
-            times, tokens = {}, {}
-            order = [("on", on), ("off", off)] if rep % 2 == 0 else [("off", off), ("on", on)]
-            for name, llm in order:
-                start = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                times[name] = time.perf_counter() - start
-                tokens[name] = [o.outputs[0].token_ids for o in outs]
-            ratios.append(times["on"] / times["off"])
-            same &= tokens["on"] == tokens["off"]
-        hits = on.stats["prefix_cache_hits"]
-    ratios.sort()
-    return {
-        "reps": reps,
-        "on_over_off_time": ratios,
-        "cost": ratios[len(ratios) // 2] - 1.0,
-        "prefix_cache_hits": hits,
-        "same_tokens": same,
-    }
-
-
-def run_transformers(
-    prompts: list[list[int]], max_tokens: int, batch_size: int, model: Any
-) -> dict[str, Any]:
-    import torch
-
-    n_out = 0
-    start = time.perf_counter()
-    token_ids = []
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
-            batch = torch.tensor(prompts[i : i + batch_size])
-            out = model.generate(
-                batch,
-                attention_mask=torch.ones_like(batch),
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            new = out[:, batch.shape[1] :]
-            n_out += new.numel()
-            token_ids.extend(new.tolist())
-    elapsed = time.perf_counter() - start
-    return {
-        "seconds": elapsed,
-        "output_tokens": n_out,
-        "output_tok_s": n_out / elapsed,
-        "token_ids": token_ids,
-    }
-
-
-def load_transformers_model() -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from jaxserve.model.builtin import fetch_builtin
-
-    gguf = fetch_builtin("smollm2-135m")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    return model.eval()
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -248,15 +91,171 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--c-reps", type=int, default=5)
     ap.add_argument("--c-output-len", type=int, default=32)
+    ap.add_argument("--breakdown-reps", type=int, default=10, help="timed calls per step")
+    ap.add_argument("--bw-mib", type=int, default=1024, help="array read for the bandwidth")
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--prefill-reps", type=int, default=3, help="PREFILL: best of")
+    ap.add_argument("--host-requests", type=int, default=256)
+    ap.add_argument("--host-prompt-len", type=int, default=16)
+    ap.add_argument("--host-output-len", type=int, default=64)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--data-parallel-size", type=int, default=1)
     ap.add_argument("--comm-tp", type=int, default=8, help="TP size of the COMM report")
     ap.add_argument("--comm-model", default="llama3-8b", choices=sorted(COMM_MODELS))
-    ap.add_argument("--skip", default="", help="comma list of A,B,C,KV,HF,CEIL,COMM to skip")
+    ap.add_argument("--skip", default="", help=f"comma list of {','.join(ROWS)} to skip")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    skip = set(filter(None, args.skip.upper().split(",")))
-    vocab = 49152
+    args.skip = set(filter(None, args.skip.upper().split(",")))
+    if args.skip - set(ROWS):
+        ap.error(f"--skip: unknown rows {sorted(args.skip - set(ROWS))}; known: {ROWS}")
+    return args
+
+
+def workload_a(args: argparse.Namespace, engine: dict[str, Any], record: dict[str, Any]) -> list:
+    """A and A16, their CEIL rows, the HF baselines and the decode-step breakdowns."""
+    rows: list[Row] = []
+    skip = args.skip
+    prompts = random_prompts(args.num_requests, args.prompt_len, VOCAB, seed=0)
+    a_engine = {**engine, "max_model_len": args.prompt_len + args.output_len}
+    bandwidth = None
+    if "BREAKDOWN" not in skip and not skip >= {"A", "A16"}:
+        record["read_bandwidth"] = read_bandwidth(args.bw_mib * 2**20)
+        bandwidth = record["read_bandwidth"]["bytes_per_s"]
+        rows.append(("read bandwidth (jnp.sum)", float("nan"), f"{bandwidth / 1e9:.1f} GB/s"))
+    for dtype, a_name, ceil_name, tag in (
+        ("float32", "A", "CEIL", "f32"),
+        ("bfloat16", "A16", "CEIL16", "bf16"),
+    ):
+        kwargs = {**a_engine, "dtype": dtype}
+        if a_name not in skip:
+            probe = None
+            if bandwidth is not None:
+                probe = StepProbe(args.num_requests, args.breakdown_reps, bandwidth)
+            run = run_jaxserve(prompts, args.output_len, kwargs, probe=probe)
+            record[f"{a_name}_jaxserve"] = without_token_ids(run)
+            record.setdefault("A_token_ids", {})[tag] = run["token_ids"]
+            rows.append((f"A jaxserve {tag}", run["output_tok_s"], ""))
+            if probe is not None:
+                record.setdefault("BREAKDOWN", {})[tag] = run.pop("probe")
+                rows += breakdown_rows(tag, record["BREAKDOWN"][tag])
+        if ceil_name not in skip:
+            ceil = run_attention_ceiling(prompts, args.output_len, kwargs)
+            record[f"{ceil_name}_no_attention"] = without_token_ids(ceil)
+            note = ""
+            if f"{a_name}_jaxserve" in record:
+                ratio = record[f"{a_name}_jaxserve"]["output_tok_s"] / ceil["output_tok_s"]
+                record[f"{a_name}_over_CEIL"] = ratio
+                note = f"A {tag} / CEIL {ratio:.2f}x"
+                if tag == "f32":
+                    note += " (target >= 0.8x)"
+            rows.append((f"A ceiling {tag} (no attention)", ceil["output_tok_s"], note))
+    if "A_jaxserve" in record and "A16_jaxserve" in record:
+        ratio = record["A16_jaxserve"]["output_tok_s"] / record["A_jaxserve"]["output_tok_s"]
+        record["A16_over_A"] = ratio
+        ids = record["A_token_ids"]
+        same = sum(a == b for a, b in zip(ids["f32"], ids["bf16"], strict=True))
+        record["A16_greedy_match_A"] = f"{same}/{len(ids['f32'])}"
+        rows.append(
+            (
+                "A bf16 / A f32",
+                float("nan"),
+                f"{ratio:.2f}x (target >= 1.5x); same greedy tokens {same}/{len(ids['f32'])}",
+            )
+        )
+    if "A" not in skip and "HF" not in skip:
+        rows += hf_baselines(args, prompts, record)
+    record.pop("A_token_ids", None)
+    return rows
+
+
+def hf_baselines(args: argparse.Namespace, prompts: list[list[int]], record: dict) -> list[Row]:
+    model = load_transformers_model()
+    hf1 = run_transformers(prompts[: args.hf_batch1_requests], args.output_len, 1, model)
+    hf8 = run_transformers(prompts[: args.hf_batch8_requests], args.output_len, 8, model)
+    record["A_hf_batch1"] = without_token_ids(hf1)
+    record["A_hf_batch8"] = without_token_ids(hf8)
+    a = record["A_jaxserve"]["output_tok_s"]
+    ids = record["A_token_ids"]["f32"]
+    same = sum(x == y for x, y in zip(ids, hf1["token_ids"], strict=False))
+    record["A_greedy_match_hf_batch1"] = f"{same}/{len(hf1['token_ids'])}"
+    x1, x8 = a / hf1["output_tok_s"], a / hf8["output_tok_s"]
+    record["A_vs_hf_batch1"], record["A_vs_hf_batch8"] = x1, x8
+    return [
+        ("A transformers batch 1", hf1["output_tok_s"], f"jaxserve f32 {x1:.1f}x"),
+        ("A transformers static batch 8", hf8["output_tok_s"], f"jaxserve f32 {x8:.1f}x"),
+    ]
+
+
+def prefill_row(args: argparse.Namespace, engine: dict[str, Any], record: dict) -> list[Row]:
+    real = run_prefill_alone(args.prefill_len, args.prefill_reps, engine)
+    free = run_prefill_alone(args.prefill_len, args.prefill_reps, engine, no_attention=True)
+    ratio = real["prefill_tok_s"] / free["prefill_tok_s"]
+    record["PREFILL"] = {"real": real, "no_attention": free, "ratio": ratio}
+    return [
+        (f"PREFILL {args.prefill_len}-token prompt, no attention", free["prefill_tok_s"], ""),
+        (
+            f"PREFILL {args.prefill_len}-token prompt",
+            real["prefill_tok_s"],
+            f"{ratio:.2f}x of no attention (target >= 0.7x); prefill tok/s",
+        ),
+    ]
+
+
+def workload_b(args: argparse.Namespace, engine: dict[str, Any], record: dict) -> list[Row]:
+    rng = random.Random(1)
+    prefix = [rng.randrange(100, VOCAB) for _ in range(args.prefix_len)]
+    prompts = [
+        prefix + [rng.randrange(100, VOCAB) for _ in range(args.suffix_len)]
+        for _ in range(args.num_requests)
+    ]
+    b_len = args.prefix_len + args.suffix_len + args.prefix_output_len
+    b_engine = {**engine, "max_model_len": b_len}
+    b_on = run_jaxserve(prompts, args.prefix_output_len, b_engine)
+    b_off = run_jaxserve(
+        prompts, args.prefix_output_len, {**b_engine, "enable_prefix_caching": False}
+    )
+    record["B_caching_on"] = without_token_ids(b_on)
+    record["B_caching_off"] = without_token_ids(b_off)
+    record["B_speedup"] = b_off["seconds"] / b_on["seconds"]
+    record["B_same_tokens"] = b_on["token_ids"] == b_off["token_ids"]
+    return [
+        ("B shared prefix, caching off", b_off["output_tok_s"], ""),
+        (
+            "B shared prefix, caching on",
+            b_on["output_tok_s"],
+            f"{record['B_speedup']:.1f}x faster (target >= 3x)",
+        ),
+    ]
+
+
+def kv_row(args: argparse.Namespace, engine: dict[str, Any], record: dict) -> list[Row]:
+    # A load whose total KV need is several times the cache: the scheduler should keep the
+    # cache nearly full (and preempt) rather than leave blocks idle.
+    prompts = random_prompts(args.num_requests, args.prompt_len, VOCAB, seed=2)
+    block_bytes = 2 * 30 * 16 * 3 * 64 * 4
+    kv = run_jaxserve(
+        prompts,
+        args.output_len,
+        {
+            **engine,
+            "max_model_len": args.prompt_len + args.output_len,
+            "kv_cache_memory": 161 * block_bytes,
+        },
+    )
+    record["KV"] = without_token_ids(kv)
+    return [
+        (
+            "KV-bound load",
+            kv["output_tok_s"],
+            f"peak usage {kv['stats']['peak_kv_cache_usage'] * 100:.1f}% "
+            f"(target >= 90%), preemptions {kv['stats']['num_preemptions']}",
+        )
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    skip = args.skip
     engine = {
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -265,54 +264,26 @@ def main() -> None:
     }
     if args.data_parallel_size != 1:  # only engines with data parallel know this argument
         engine["data_parallel_size"] = args.data_parallel_size
+        # the probes wrap an in-process runner; data parallel replicas have none
+        skip |= {"BREAKDOWN", "HOST"}
     record: dict[str, Any] = {
         "bench": "throughput",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": platform.platform(),
-        "args": vars(args),
+        "args": {**vars(args), "skip": sorted(skip)},
     }
-    rows = []
-    prompts_a = random_prompts(args.num_requests, args.prompt_len, vocab, seed=0)
-    a_len = args.prompt_len + args.output_len
-    if "A" not in skip:
-        on = run_jaxserve(prompts_a, args.output_len, {**engine, "max_model_len": a_len})
-        record["A_jaxserve"] = {k: v for k, v in on.items() if k != "token_ids"}
-        rows.append(("A jaxserve", on["output_tok_s"], ""))
-        if "HF" not in skip:
-            model = load_transformers_model()
-            hf1 = run_transformers(prompts_a[: args.hf_batch1_requests], args.output_len, 1, model)
-            hf8 = run_transformers(prompts_a[: args.hf_batch8_requests], args.output_len, 8, model)
-            record["A_hf_batch1"] = {k: v for k, v in hf1.items() if k != "token_ids"}
-            record["A_hf_batch8"] = {k: v for k, v in hf8.items() if k != "token_ids"}
-            record["A_vs_hf_batch1"] = on["output_tok_s"] / hf1["output_tok_s"]
-            record["A_vs_hf_batch8"] = on["output_tok_s"] / hf8["output_tok_s"]
-            same = sum(a == b for a, b in zip(on["token_ids"], hf1["token_ids"], strict=False))
-            record["A_greedy_match_hf_batch1"] = f"{same}/{len(hf1['token_ids'])}"
-            rows.append(
-                (
-                    "A transformers batch 1",
-                    hf1["output_tok_s"],
-                    f"jaxserve {record['A_vs_hf_batch1']:.1f}x (target >= 20x)",
-                )
-            )
-            rows.append(
-                (
-                    "A transformers static batch 8",
-                    hf8["output_tok_s"],
-                    f"jaxserve {record['A_vs_hf_batch8']:.1f}x (target >= 4x)",
-                )
-            )
-        if "CEIL" not in skip:
-            ceil = run_attention_ceiling(
-                prompts_a, args.output_len, {**engine, "max_model_len": a_len}
-            )
-            record["A_no_attention_ceiling"] = {k: v for k, v in ceil.items() if k != "token_ids"}
-            note = "attention a no-op: the ceiling for A on this machine"
-            if "A_hf_batch1" in record:
-                b1 = ceil["output_tok_s"] / record["A_hf_batch1"]["output_tok_s"]
-                b8 = ceil["output_tok_s"] / record["A_hf_batch8"]["output_tok_s"]
-                note += f" ({b1:.1f}x batch 1, {b8:.1f}x batch 8)"
-            rows.append(("A ceiling (no attention)", ceil["output_tok_s"], note))
+    rows = workload_a(args, engine, record)
+    if "PREFILL" not in skip:
+        rows += prefill_row(args, engine, record)
+    if "HOST" not in skip:
+        record["HOST"] = run_host_overhead(
+            args.host_requests,
+            args.host_prompt_len,
+            args.host_output_len,
+            args.breakdown_reps,
+            engine,
+        )
+        rows += host_rows(record["HOST"])
     if "C" not in skip:
         c = run_caching_cost(
             args.num_requests,
@@ -322,58 +293,12 @@ def main() -> None:
             {**engine, "max_model_len": args.prompt_len + args.c_output_len},
         )
         record["C"] = c
-        rows.append(
-            (
-                "C caching on vs off, 0% hits",
-                float("nan"),
-                f"cost {c['cost'] * 100:+.1f}% (median of {c['reps']}; target <= 2%)",
-            )
-        )
+        note = f"cost {c['cost'] * 100:+.1f}% (median of {c['reps']}; target <= 2%)"
+        rows.append(("C caching on vs off, 0% hits", float("nan"), note))
     if "B" not in skip:
-        rng = random.Random(1)
-        prefix = [rng.randrange(100, vocab) for _ in range(args.prefix_len)]
-        prompts_b = [
-            prefix + [rng.randrange(100, vocab) for _ in range(args.suffix_len)]
-            for _ in range(args.num_requests)
-        ]
-        b_len = args.prefix_len + args.suffix_len + args.prefix_output_len
-        b_on = run_jaxserve(prompts_b, args.prefix_output_len, {**engine, "max_model_len": b_len})
-        b_off = run_jaxserve(
-            prompts_b,
-            args.prefix_output_len,
-            {**engine, "max_model_len": b_len, "enable_prefix_caching": False},
-        )
-        record["B_caching_on"] = {k: v for k, v in b_on.items() if k != "token_ids"}
-        record["B_caching_off"] = {k: v for k, v in b_off.items() if k != "token_ids"}
-        record["B_speedup"] = b_off["seconds"] / b_on["seconds"]
-        record["B_same_tokens"] = b_on["token_ids"] == b_off["token_ids"]
-        rows.append(("B shared prefix, caching off", b_off["output_tok_s"], ""))
-        rows.append(
-            (
-                "B shared prefix, caching on",
-                b_on["output_tok_s"],
-                f"{record['B_speedup']:.1f}x faster (target >= 3x)",
-            )
-        )
+        rows += workload_b(args, engine, record)
     if "KV" not in skip:
-        # A load whose total KV need is several times the cache: the scheduler should keep
-        # the cache nearly full (and preempt) rather than leave blocks idle.
-        kv_prompts = random_prompts(args.num_requests, args.prompt_len, vocab, seed=2)
-        block_bytes = 2 * 30 * 16 * 3 * 64 * 4
-        kv = run_jaxserve(
-            kv_prompts,
-            args.output_len,
-            {**engine, "max_model_len": a_len, "kv_cache_memory": 161 * block_bytes},
-        )
-        record["KV"] = {k: v for k, v in kv.items() if k != "token_ids"}
-        rows.append(
-            (
-                "KV-bound load",
-                kv["output_tok_s"],
-                f"peak usage {kv['stats']['peak_kv_cache_usage'] * 100:.1f}% "
-                f"(target >= 90%), preemptions {kv['stats']['num_preemptions']}",
-            )
-        )
+        rows += kv_row(args, engine, record)
     if "COMM" not in skip:
         comm = run_comm(
             args.comm_model, args.comm_tp, args.max_num_seqs, args.max_num_batched_tokens
@@ -381,24 +306,18 @@ def main() -> None:
         record["COMM"] = comm
         rows += comm_rows(f"{args.comm_model} TP={args.comm_tp}", comm)
         if args.tensor_parallel_size > 1:
-            from jaxserve.runner.hlo_stats import collective_stats
-
-            with LLM(**{**engine, "max_model_len": a_len, "enable_warmup": False}) as llm:
-                runner = llm.engine.core.runner
-                own = {"model": "default", "tp": args.tensor_parallel_size}
-                for phase, shape in (
-                    ("decode", runner.buckets.select(args.max_num_seqs, 1)),
-                    ("prefill", runner.buckets.select(args.max_num_batched_tokens, 1)),
-                ):
-                    stats = collective_stats(
-                        runner.compiled_step_text(shape), runner.spec.num_layers
-                    )
-                    own[phase] = {"bucket_T_R_B": shape, **stats.to_dict()}
+            own = run_comm_own(
+                {**engine, "max_model_len": args.prompt_len + args.output_len},
+                args.max_num_seqs,
+                args.max_num_batched_tokens,
+            )
             record["COMM_own_model"] = own
             rows += comm_rows(f"default TP={args.tensor_parallel_size}", own)
-    print(f"\n{'workload':<34} {'output tok/s':>12}  note")
+    print(f"\n{'workload':<44} {'output tok/s':>12}  note")
     for name, tps, note in rows:
-        print(f"{name:<34} {tps:>12.1f}  {note}")
+        print(f"{name:<44} {tps:>12.1f}  {note}")
+    record["targets"] = check_targets(record)
+    print_targets(record["targets"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
