@@ -15,6 +15,7 @@ from typing import Any, Literal
 from jaxserve.model import presets
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+KVCacheDtype = Literal["auto", "float32", "bfloat16"]
 AttentionBackend = Literal["auto", "xla", "pallas"]
 SchedulingPolicy = Literal["fcfs", "priority"]
 LoadFormat = Literal["auto", "dummy"]
@@ -69,8 +70,14 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     # reuse KV blocks of identical prompt prefixes (on by default)
     enable_prefix_caching: bool = True
+    # "auto" (the weights' dtype; float32 on CPU), "float32", "bfloat16": the KV cache's dtype
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"kv_cache_dtype must be auto|float32|bfloat16, got {self.kv_cache_dtype!r}"
+            )
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -173,8 +180,12 @@ class EngineArgs:
     model: str = DEFAULT_MODEL
     # where the tokenizer comes from (same forms as model); default: the model's own
     tokenizer: str | None = None
-    # weights and KV cache dtype; auto: float32 on CPU, bfloat16 on GPU/TPU
+    # weights dtype (and the KV cache's, see kv_cache_dtype); auto: float32 on CPU, bfloat16
+    # on GPU/TPU
     dtype: Dtype = "auto"
+    # KV cache dtype; auto: the weights' on GPU/TPU, float32 on CPU (where XLA gathers a bf16
+    # cache by converting all of it to float32: bf16 KV ran 4x slower there)
+    kv_cache_dtype: KVCacheDtype = "auto"
     # longest prompt + output a request may have (default: min(model context, 2048))
     max_model_len: int | None = None
     # auto: read the model's weights; dummy: random weights of its shape made on the device

@@ -21,7 +21,13 @@ from jaxserve.core.scheduler import Scheduler
 from jaxserve.lora.manager import LoRAManager
 from jaxserve.lora.request import LoRARequest
 from jaxserve.model import sharding
-from jaxserve.model.loader import LoadedModel, load_model, load_tokenizer, resolve_dtype
+from jaxserve.model.loader import (
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+)
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import step_broadcast
@@ -119,6 +125,10 @@ class EngineCore:
                 )
         self.max_model_len = max_model_len
         cache_config = args.cache_config()
+        # the cache's dtype (the weights' is self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(
+            cache_config.kv_cache_dtype, self.dtype, devices[0].platform if devices else None
+        )
         lora_config = args.lora_config()
         scheduler_config = dataclasses.replace(
             args.scheduler_config(max_model_len), num_reserved_seqs=num_reserved_seqs
@@ -128,7 +138,7 @@ class EngineCore:
             sharding.tp_spec(spec, tp),
             cache_config,
             scheduler_config,
-            self.dtype,
+            self.kv_cache_dtype,
             params_bytes,
             devices=list(mesh.devices.flat) if mesh is not None else devices,
         )
@@ -139,6 +149,7 @@ class EngineCore:
             spec,
             self.model.params,
             dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
             num_blocks=num_blocks,
             cache_config=cache_config,
             scheduler_config=scheduler_config,
@@ -147,7 +158,7 @@ class EngineCore:
                 devices[0].platform if devices else None,
                 # the shapes each device's kernel sees (kv heads repeated when TP > kv heads)
                 spec=sharding.tp_spec(spec, tp),
-                dtype=self.dtype,
+                dtype=self.kv_cache_dtype,
                 block_size=cache_config.block_size,
             ),
             tensor_parallel_size=tp,

@@ -89,14 +89,28 @@ def apply_rope(
     return out.astype(x.dtype)
 
 
+def linear(
+    x: jax.Array,  # [..., in] any float dtype
+    w: jax.Array,  # [in, out]
+) -> jax.Array:  # f32[..., out]
+    """x @ w in the weights' dtype, accumulated and returned in float32.
+
+    NOTE: with bf16 weights, a plain `x @ w` (bf16 out) makes XLA:CPU convert the whole weight
+    to f32 before every dot (the output dtype decides the dot's type), so each step read the
+    weights as bf16, wrote them as f32 and read them again; a bf16 x bf16 dot returning f32
+    runs natively (YNNPACK) and reads the bf16 weight once. With f32 weights this is `x @ w`.
+    """
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def swiglu_mlp(
     x: jax.Array,  # [T, E]
     w_gate: jax.Array,  # [E, F]
     w_up: jax.Array,  # [E, F]
     w_down: jax.Array,  # [F, E]
-) -> jax.Array:  # [T, E]
+) -> jax.Array:  # f32[T, E]
     with jax.named_scope("mlp"):
-        return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+        return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
 
 
 def make_attention(backend: str, *, interpret: bool = False) -> AttentionFn:

@@ -120,6 +120,51 @@ def init_kv_cache(
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
+# bf16 weights travel as their uint16 bit patterns (see `storage_params`)
+_BITS = jnp.dtype(jnp.uint16)
+
+
+def storage_params(params: Params, *, untie_head: bool = False) -> Params:
+    """bf16 leaves -> uint16 bit patterns, the form the step moves them in (other leaves as
+    they are); `forward` and `compute_logits` take either form.
+
+    NOTE: XLA:CPU has no bf16 data movement: float normalization rewrites every bf16
+    dynamic-slice and gather to f32, and in the layer scan the convert of the whole stacked
+    weight is loop-invariant, so it is hoisted out: each step converted all weights to f32
+    (written as f32, then read back slice by slice). Integers are left alone, so slicing and
+    gathering the bit patterns and bitcasting a layer's slice to bf16 next to its dot moves
+    each weight once, as bf16.
+
+    `untie_head` (bf16 with tied embeddings): the head gets its own [E, V] copy, since the
+    bf16 dot has no library kernel for the transposed embedding (XLA:CPU converted the whole
+    [V, E] table to f32 every step, 3x the f32 head's time).
+    """
+    if untie_head and params.lm_head is None and params.embed.dtype == jnp.bfloat16:
+        params = dataclasses.replace(params, lm_head=params.embed.T)  # a copy, [E, V]
+    # Only what is sliced or gathered travels as bits: a bitcast feeding a dot is a copy.
+    return dataclasses.replace(
+        params, embed=_to_bits(params.embed), layers=jax.tree.map(_to_bits, params.layers)
+    )
+
+
+def _to_bits(a: jax.Array) -> jax.Array:
+    if a.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(a, jnp.uint16)
+    return a
+
+
+def _from_bits(a: jax.Array | None) -> jax.Array | None:
+    if a is not None and a.dtype == _BITS:
+        return jax.lax.bitcast_convert_type(a, jnp.bfloat16)
+    return a
+
+
+def weight_dtype(params: Params) -> jnp.dtype:
+    """The model's weight dtype, whichever form `params` is in."""
+    dt = params.embed.dtype
+    return jnp.dtype(jnp.bfloat16) if dt == _BITS else dt
+
+
 def forward(
     params: Params,
     spec: ModelSpec,
@@ -142,7 +187,10 @@ def forward(
     """
     if attention is None:
         attention = layers.make_attention("xla")
-    x = params.embed[input_ids]  # [T, E]
+    # Activations stay f32 between the dots whatever the weights (layers.linear casts each
+    # dot's input to the weights' dtype): with bf16 weights on CPU, bf16 activations measured
+    # no faster (the weights' bytes are the cost) and f32 ones round less.
+    x = _from_bits(params.embed[input_ids]).astype(jnp.float32)  # [T, E]
     ctx = None
     if lora is not None:
         assert lora_slots is not None, "lora needs lora_slots"
@@ -163,7 +211,7 @@ def forward(
     xs = (params.layers, idx)
     (x, k, v), _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v), xs)
     with jax.named_scope("final_norm"):
-        x = layers.rms_norm(x, params.final_norm, spec.rms_norm_eps)
+        x = layers.rms_norm(x, _from_bits(params.final_norm), spec.rms_norm_eps)
     return x, KVCache(k=k, v=v)
 
 
@@ -171,6 +219,7 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora, lora_ct
     x, k_all, v_all = carry  # [T, E], [L, num_blocks, block_size, num_kv_heads, head_dim] x2
     # LayerParams of this layer (leading axis removed), and its index i32[]
     lp, i = xs
+    lp = jax.tree.map(_from_bits, lp)
     t = x.shape[0]
     hq, hkv, hd = spec.num_q_heads, spec.num_kv_heads, spec.head_dim
 
@@ -180,7 +229,7 @@ def _layer(carry, xs, *, spec, positions, md, cos, sin, attention, lora, lora_ct
 
     with jax.named_scope("attn"):
         h = layers.rms_norm(x, lp.attn_norm, spec.rms_norm_eps)
-        q, k, v = proj(h, "wq", "wk", "wv")
+        q, k, v = proj(h, "wq", "wk", "wv")  # f32 (layers.linear)
         if spec.qkv_bias:
             q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
         q = q.reshape(t, hq, hd)  # [T, num_q_heads, head_dim]
@@ -232,8 +281,9 @@ def compute_logits(
     hidden: jax.Array,  # [R, E]
 ) -> jax.Array:  # f32[R, V]
     with jax.named_scope("lm_head"):
-        w = params.embed.T if spec.tie_word_embeddings else params.lm_head
-        return jnp.dot(hidden, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+        # (a tied model's storage_params may carry its own head copy)
+        w = params.embed.T if params.lm_head is None else params.lm_head
+        return layers.linear(hidden, _from_bits(w))
 
 
 def abstract_params(spec: ModelSpec, dtype: jnp.dtype) -> Params:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.lora.adapter import LORA_TARGETS, target_dims
+from jaxserve.model.layers import linear
 from jaxserve.model.spec import ModelSpec
 
 
@@ -82,7 +83,7 @@ def lora_delta(
 ) -> jax.Array:  # [T, out]
     t = x.shape[0]
     d_in, s, r = a.shape
-    xa = jnp.dot(x, a.reshape(d_in, s * r), preferred_element_type=jnp.float32)
+    xa = jnp.dot(x.astype(a.dtype), a.reshape(d_in, s * r), preferred_element_type=jnp.float32)
     xa = (xa.reshape(t, s, r) * onehot[:, :, None].astype(jnp.float32)).reshape(t, s * r)
     out = jnp.dot(xa.astype(b.dtype), b.reshape(s * r, -1), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
@@ -94,17 +95,17 @@ def project(
     lora: LoRAStacks | None,
     layer: jax.Array,  # i32[] this layer's index into the stacks
     ctx: LoRAContext | None,
-) -> dict[str, jax.Array]:  # target -> [T, out]
-    """x @ w for each target, plus each token's adapter delta when the step has any (else
-    exactly x @ w). Targets reading the same x (q/k/v, gate/up) share one lax.cond: fewer
-    branches to compile.
+) -> dict[str, jax.Array]:  # target -> f32[T, out]
+    """x @ w for each target (layers.linear: f32 out), plus each token's adapter delta when
+    the step has any (else exactly x @ w). Targets reading the same x (q/k/v, gate/up) share
+    one lax.cond: fewer branches to compile.
 
     NOTE: the layer's slots are sliced out of the stacks inside the branch, not by the layer
     scan: a slice feeding a lax.cond cannot fuse into its consumer, so scanning over the
     stacks made XLA copy every layer's slots every step, adapters or not (measured: 6% of a
     step of the default model with 8 slots of rank 16).
     """
-    ys = {t: x @ w for t, w in weights.items()}
+    ys = {t: linear(x, w) for t, w in weights.items()}
     if lora is None or ctx is None:
         return ys
 

@@ -186,7 +186,7 @@ class Embedder:
         return cls(
             runner.spec,  # the execution spec: kv heads as the (TP) params hold them
             runner.params,
-            dtype=runner.dtype,
+            dtype=runner.kv_cache_dtype,
             block_size=runner.block_size,
             max_model_len=max_model_len,
             chunk_size=chunk_size,

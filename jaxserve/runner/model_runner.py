@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, LoRAConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput
-from jaxserve.model import sharding
+from jaxserve.model import llama, sharding
 from jaxserve.model.attention import KVCache
 from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import compute_logits, forward
@@ -121,6 +121,7 @@ class ModelRunner:
         params: object,
         *,
         dtype: jnp.dtype,
+        kv_cache_dtype: jnp.dtype | None = None,
         num_blocks: int,
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
@@ -130,6 +131,8 @@ class ModelRunner:
         lora_config: LoRAConfig | None = None,
     ) -> None:
         """`spec`/`params`: the model as loaded (params may already be placed on the mesh).
+
+        `dtype`: the weights'; `kv_cache_dtype`: the cache's (default: the weights').
 
         `lora_config` with enable_lora: the step gets max_loras adapter slots (lora_slots.py).
 
@@ -153,6 +156,7 @@ class ModelRunner:
         # the execution spec: kv heads as the cache stores them (repeated when TP > kv heads)
         self.spec = spec
         self.dtype = dtype
+        self.kv_cache_dtype = jnp.dtype(dtype if kv_cache_dtype is None else kv_cache_dtype)
         self.block_size = cache_config.block_size
         self.num_blocks = num_blocks
         self.attention_backend = attention_backend
@@ -176,6 +180,10 @@ class ModelRunner:
             self.params = jax.device_put(params, self.devices[0])
         else:
             self.params = sharding.place_params(self.model_spec, params, self.mesh)
+        if self.platform == "cpu":
+            # bf16 weights as the bit patterns XLA:CPU slices natively (llama.storage_params);
+            # the head's own copy only on one device (the TP shardings name no tied head).
+            self.params = llama.storage_params(self.params, untie_head=self.mesh is None)
         self.kv_cache = self._new_kv_cache()
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
         # that own the rest of the mesh (engine/follower.py); they run the same step.
@@ -230,7 +238,7 @@ class ModelRunner:
 
     def _new_kv_cache(self) -> KVCache:
         """An all-zero KV cache on the runner's devices (committed, or sharded on the mesh)."""
-        shape, dtype = self._kv_cache_shape, self.dtype
+        shape, dtype = self._kv_cache_shape, self.kv_cache_dtype
         if self.mesh is None:
             kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
             return jax.device_put(kv_cache, self.devices[0])

@@ -43,7 +43,9 @@ def token_prompts(n: int, seed: int, lo: int = 1, hi: int = 300) -> list[dict]:
     ]
 
 
-def test_greedy_matches_transformers(llm, smollm2_gguf):
+@pytest.fixture(scope="module")
+def hf_greedy(llm, smollm2_gguf) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, transformers' f32 greedy continuation, up to 32 tokens) per PROMPTS."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -51,9 +53,8 @@ def test_greedy_matches_transformers(llm, smollm2_gguf):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
     tok = llm.get_tokenizer()
-    # Stop at eos on both sides (transformers' min_new_tokens would ban eos; we don't).
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs, strict=True):
+    refs = []
+    for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
         with torch.inference_mode():
             ref = hf.generate(
@@ -62,9 +63,36 @@ def test_greedy_matches_transformers(llm, smollm2_gguf):
                 max_new_tokens=32,
                 do_sample=False,
             )
-        assert out.prompt_token_ids == ids[0].tolist()
-        assert out.outputs[0].token_ids == ref[0, ids.shape[1] :].tolist(), prompt
+        refs.append((ids[0].tolist(), ref[0, ids.shape[1] :].tolist()))
+    return refs
+
+
+# Stop at eos on both sides (transformers' min_new_tokens would ban eos; we don't).
+GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32)
+
+
+def test_greedy_matches_transformers(llm, hf_greedy):
+    outs = llm.generate(PROMPTS, GREEDY_32, use_tqdm=False)
+    for prompt, out, (ids, ref) in zip(PROMPTS, outs, hf_greedy, strict=True):
+        assert out.prompt_token_ids == ids
+        assert out.outputs[0].token_ids == ref, prompt
     assert "Paris" in outs[0].outputs[0].text
+
+
+def test_bf16_agrees_with_transformers_f32(hf_greedy):
+    """dtype=bfloat16 (bf16 weights, f32 accumulation and activations, f32 KV on CPU): the
+    share of each 32-token greedy continuation before its first token that differs from
+    transformers' f32 run, averaged over PROMPTS. Measured: 0.83 (three of the five identical,
+    the other two leave it after 16 and 21 tokens: [1.0, 1.0, 0.5, 1.0, 0.656])."""
+    with LLM(**{**ENGINE, "dtype": "bfloat16", "enable_warmup": False}) as bf16:
+        outs = bf16.generate(PROMPTS, GREEDY_32, use_tqdm=False)
+    rates = []
+    for out, (_, ref) in zip(outs, hf_greedy, strict=True):
+        got = out.outputs[0].token_ids
+        n = min(len(got), len(ref))
+        same = next((i for i in range(n) if got[i] != ref[i]), n)
+        rates.append(same / len(ref))
+    assert sum(rates) / len(rates) >= 0.8, rates
 
 
 def test_alone_equals_batched(llm):
