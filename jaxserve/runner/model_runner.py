@@ -41,7 +41,7 @@ from jaxserve.runner.step_inputs import (
     build_step_inputs,
     dummy_step_inputs,
 )
-from jaxserve.runner.step_outputs import host_array, read_step_outputs
+from jaxserve.runner.step_outputs import fetch_step_outputs, read_step_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
         before = self.compiles.count
         out, prompt_out = self._run_step(inputs)
-        token_ids = host_array(out.token_ids)
+        host_out, host_prompt_out = fetch_step_outputs(staged, out, prompt_out)
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(
@@ -354,7 +354,7 @@ class ModelRunner:
                 inputs.num_blocks_per_req,
             )
         self.num_steps += 1
-        return read_step_outputs(staged, token_ids, out, prompt_out, failed)
+        return read_step_outputs(staged, host_out, host_prompt_out, failed)
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""
