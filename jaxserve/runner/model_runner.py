@@ -29,10 +29,11 @@ from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_counter import CompileCounter
+from jaxserve.runner.device_inputs import DeviceInputs
 from jaxserve.runner.lora_slots import DeviceLoRASlots
 from jaxserve.runner.prompt_logprobs import PromptLogprobsOutput, prompt_logprobs
 from jaxserve.runner.sampler import SamplerOutput, sample
-from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
+from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row, penalty_width
 from jaxserve.runner.step_inputs import (
     Buckets,
     FillMask,
@@ -156,7 +157,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.num_blocks = num_blocks
         self.attention_backend = attention_backend
-        # Penalties see the whole token history, so their width is max_model_len (static).
+        # Penalties see the whole token history: at most max_model_len tokens, and a step's
+        # penalty block is as wide as its B bucket holds (sampling_metadata.penalty_width).
         self.penalty_len = scheduler_config.max_model_len
         # u32 words per row of the step's token bitmask (every step carries one: one program)
         self.bitmask_width = -(-spec.vocab_size // 32)
@@ -195,6 +197,11 @@ class ModelRunner:
                 device=self.devices[0],
             )
         self._step_fn = self._make_step_fn(attention_backend)
+        # the step's inputs go to the devices through this (padding blocks stay there)
+        self.device_inputs = DeviceInputs(
+            self.devices[0] if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()),
+            template=self._dummy_inputs(self.buckets.all_shapes()[0]),
+        )
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
         # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
@@ -211,8 +218,15 @@ class ModelRunner:
 
     def _dummy_inputs(self, shape: tuple[int, int, int]) -> StepInputs:
         return dummy_step_inputs(
-            shape, self.penalty_len, self.bitmask_width, lora=self.lora_slots is not None
+            shape,
+            self.penalty_width(shape[2]),
+            self.bitmask_width,
+            lora=self.lora_slots is not None,
         )
+
+    def penalty_width(self, num_blocks_per_req: int) -> int:
+        """L of the penalty block in the steps of block-table bucket B (as _stage sizes it)."""
+        return penalty_width(num_blocks_per_req, self.block_size, self.penalty_len)
 
     @property
     def _lora_stacks(self) -> LoRAStacks | None:
@@ -252,6 +266,7 @@ class ModelRunner:
         """Compiles (without running) the step of the smallest bucket: a cheap check that the
         attention backend compiles at all, for engines started without warmup."""
         inputs = self._dummy_inputs(self.buckets.all_shapes()[0])
+        inputs = self.device_inputs(inputs)
         self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs).compile()
 
     @property
@@ -273,6 +288,8 @@ class ModelRunner:
             if self.is_leader:
                 step_broadcast.send_step(inputs)
             inputs = step_broadcast.to_global(inputs, self.mesh)
+        else:
+            inputs = self.device_inputs(inputs)
         self.kv_cache, out, prompt_out = self._step_fn(
             self.params, self._lora_stacks, self.kv_cache, inputs
         )
@@ -289,7 +306,7 @@ class ModelRunner:
         bucket (max requests, widest block table). For hlo_stats.collective_stats."""
         if shape is None:
             shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
-        inputs = self._dummy_inputs(shape)
+        inputs = self.device_inputs(self._dummy_inputs(shape))
         lowered = self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs)
         return lowered.compile().as_text()
 
@@ -365,6 +382,7 @@ class ModelRunner:
                 leaf.delete()
         if self.lora_slots is not None:
             self.lora_slots.close()
+        self.device_inputs.clear()
         self.compiles.close()
         self.params = None
         self.kv_cache = None  # type: ignore[assignment]
