@@ -17,6 +17,7 @@ _EXPORTS = {
     "RequestOutput": "jaxserve.outputs",
     "CompletionOutput": "jaxserve.outputs",
     "Logprob": "jaxserve.outputs",
+    "RequestOutputKind": "jaxserve.outputs",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -24,7 +24,7 @@ from jaxserve.describe import describe
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.processor import ProcessedPrompt, PromptType
 from jaxserve.lora.request import LoRARequest
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import RequestOutput, RequestOutputKind
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.stats import Counters, RunRecorder, RunStats, engine_stats
 from jaxserve.stream import RequestStream
@@ -37,9 +37,9 @@ class _Tracked:
 
     # receives every RequestOutput of the request (a stream's queue, generate's results)
     sink: Callable[[RequestOutput], None]
-    # True: its outputs are cumulative (token counts are diffed); False: deltas
-    cumulative: bool
-    # generated tokens already counted (cumulative outputs only)
+    # DELTA: each output's tokens are new; else each holds all so far (counts are diffed)
+    output_kind: RequestOutputKind
+    # generated tokens already counted (CUMULATIVE and FINAL_ONLY outputs)
     num_counted: int = 0
 
 
@@ -87,7 +87,7 @@ class LLM:
         *,
         prefix: str,
         priority: int,
-        cumulative: bool,
+        output_kind: RequestOutputKind,
         sink: Callable[[RequestOutput], None],
         lora_request: LoRARequest | None = None,
     ) -> str:
@@ -99,13 +99,13 @@ class LLM:
                 prompt,
                 params,
                 priority=priority,
-                stream=not cumulative,
+                output_kind=output_kind,
                 lora_request=lora_request,
             )
         except BaseException:
             engine.abort_request(request_id)  # a failed add leaves nothing half-queued
             raise
-        self._tracked[request_id] = _Tracked(sink, cumulative)
+        self._tracked[request_id] = _Tracked(sink, output_kind)
         self._num_requests += 1
         self._prompt_tokens += len(prompt.prompt_token_ids)
         return request_id
@@ -139,11 +139,11 @@ class LLM:
             if tracked is None:
                 continue  # aborted while the step ran
             num_tokens = sum(len(c.token_ids) for c in out.outputs)
-            if tracked.cumulative:
+            if tracked.output_kind is RequestOutputKind.DELTA:
+                self._generation_tokens += num_tokens
+            else:
                 self._generation_tokens += num_tokens - tracked.num_counted
                 tracked.num_counted = num_tokens
-            else:
-                self._generation_tokens += num_tokens
             if out.finished:
                 del self._tracked[out.request_id]
             tracked.sink(out)
@@ -219,7 +219,8 @@ class LLM:
                             p,
                             prefix="gen",
                             priority=prio,
-                            cumulative=True,
+                            # one output per request, at its end: no per-step copies
+                            output_kind=RequestOutputKind.FINAL_ONLY,
                             sink=keep_final,
                             lora_request=loras[i],
                         )
@@ -271,7 +272,7 @@ class LLM:
             params,
             prefix="stream",
             priority=priority,
-            cumulative=not delta,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE,
             sink=queue.append,
             lora_request=lora_request,
         )

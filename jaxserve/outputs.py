@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a request carries (vLLM's names and values)."""
+
+    # everything so far (the last one is the whole result): LLM.stream's default
+    CUMULATIVE = 0
+    # only what is new since the previous one: the server, LLM.stream(delta=True)
+    DELTA = 1
+    # one RequestOutput, when the request finishes: generate(); nothing is built or copied
+    # per step, so a request's cost stays O(its tokens) instead of O(tokens^2)
+    FINAL_ONLY = 2
 
 
 @dataclass

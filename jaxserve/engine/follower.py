@@ -36,6 +36,6 @@ def follow(runner: ModelRunner) -> None:
     if not runner.multihost or runner.is_leader:
         raise RuntimeError("follow() is for processes other than 0 of a multi-host mesh")
     while (
-        inputs := step_broadcast.receive_step(runner.penalty_len, runner.bitmask_width)
+        inputs := step_broadcast.receive_step(runner.penalty_width, runner.bitmask_width)
     ) is not None:
         runner.run_followed_step(inputs)

@@ -24,7 +24,7 @@ from jaxserve.engine import ipc
 from jaxserve.engine.client import EngineDeadError
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import ProcessedPrompt
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class InFlight:
         for core_id in entry.core_ids:
             self.core_to_user[core_id] = request_id
         self.output_processor.add_request(
-            request_id, entry.prompt, params, entry.core_ids, stream=True
+            request_id, entry.prompt, params, entry.core_ids, output_kind=RequestOutputKind.DELTA
         )
 
     def abort(self, request_id: str, *, in_core: bool = True) -> None:

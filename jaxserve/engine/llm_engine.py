@@ -17,7 +17,7 @@ from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import InputProcessor, ProcessedPrompt, PromptType
 from jaxserve.lora.request import LoRARequest
 from jaxserve.model.loader import load_tokenizer
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import RequestOutput, RequestOutputKind
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -55,12 +55,13 @@ class LLMEngine:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
-        stream: bool = False,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
         lora_request: LoRARequest | None = None,
     ) -> None:
         """Validates and queues one request (raises ValueError naming the field when bad).
 
-        stream=True: the request's RequestOutputs carry only what is new since the last one.
+        output_kind: what the request's RequestOutputs carry (all so far, what is new since the
+        last one, or one output at the end).
         """
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         requests = self.input_processor.make_requests(
@@ -72,7 +73,11 @@ class LLMEngine:
             lora_request=lora_request,
         )
         self.output_processor.add_request(
-            request_id, processed, params, [r.request_id for r in requests], stream=stream
+            request_id,
+            processed,
+            params,
+            [r.request_id for r in requests],
+            output_kind=output_kind,
         )
         for r in requests:
             self.core.add_request(r)

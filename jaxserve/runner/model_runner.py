@@ -29,10 +29,11 @@ from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_counter import CompileCounter
+from jaxserve.runner.device_inputs import DeviceInputs
 from jaxserve.runner.lora_slots import DeviceLoRASlots
 from jaxserve.runner.prompt_logprobs import PromptLogprobsOutput, prompt_logprobs
 from jaxserve.runner.sampler import SamplerOutput, sample
-from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row
+from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row, penalty_width
 from jaxserve.runner.step_inputs import (
     Buckets,
     FillMask,
@@ -41,7 +42,7 @@ from jaxserve.runner.step_inputs import (
     build_step_inputs,
     dummy_step_inputs,
 )
-from jaxserve.runner.step_outputs import host_array, read_step_outputs
+from jaxserve.runner.step_outputs import fetch_step_outputs, read_step_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,8 @@ class ModelRunner:
         self.devices = list(devices)
         # the devices' platform ("cpu": a Pallas kernel runs interpreted)
         self.platform = self.devices[0].platform
+        # step outputs in one device_get; not on CPU, where they are host memory already
+        self.batched_fetch = self.platform != "cpu"
         if tensor_parallel_size > 1:
             self.mesh: Mesh | None = sharding.make_mesh(tensor_parallel_size, self.devices)
             spec = sharding.tp_spec(spec, tensor_parallel_size)
@@ -160,7 +163,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.num_blocks = num_blocks
         self.attention_backend = attention_backend
-        # Penalties see the whole token history, so their width is max_model_len (static).
+        # Penalties see the whole token history: at most max_model_len tokens, and a step's
+        # penalty block is as wide as its B bucket holds (sampling_metadata.penalty_width).
         self.penalty_len = scheduler_config.max_model_len
         # u32 words per row of the step's token bitmask (every step carries one: one program)
         self.bitmask_width = -(-spec.vocab_size // 32)
@@ -203,6 +207,10 @@ class ModelRunner:
                 device=self.devices[0],
             )
         self._step_fn = self._make_step_fn(attention_backend)
+        # the step's padding blocks stay on the device (only on the default device: see there)
+        self.device_inputs = DeviceInputs(
+            enabled=self.mesh is None and self.devices[0] == jax.devices()[0]
+        )
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
         # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
@@ -219,8 +227,15 @@ class ModelRunner:
 
     def _dummy_inputs(self, shape: tuple[int, int, int]) -> StepInputs:
         return dummy_step_inputs(
-            shape, self.penalty_len, self.bitmask_width, lora=self.lora_slots is not None
+            shape,
+            self.penalty_width(shape[2]),
+            self.bitmask_width,
+            lora=self.lora_slots is not None,
         )
+
+    def penalty_width(self, num_blocks_per_req: int) -> int:
+        """L of the penalty block in the steps of block-table bucket B (as _stage sizes it)."""
+        return penalty_width(num_blocks_per_req, self.block_size, self.penalty_len)
 
     @property
     def _lora_stacks(self) -> LoRAStacks | None:
@@ -260,6 +275,7 @@ class ModelRunner:
         """Compiles (without running) the step of the smallest bucket: a cheap check that the
         attention backend compiles at all, for engines started without warmup."""
         inputs = self._dummy_inputs(self.buckets.all_shapes()[0])
+        inputs = self.device_inputs(inputs)
         self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs).compile()
 
     @property
@@ -281,6 +297,8 @@ class ModelRunner:
             if self.is_leader:
                 step_broadcast.send_step(inputs)
             inputs = step_broadcast.to_global(inputs, self.mesh)
+        else:
+            inputs = self.device_inputs(inputs)
         self.kv_cache, out, prompt_out = self._step_fn(
             self.params, self._lora_stacks, self.kv_cache, inputs
         )
@@ -297,7 +315,7 @@ class ModelRunner:
         bucket (max requests, widest block table). For hlo_stats.collective_stats."""
         if shape is None:
             shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
-        inputs = self._dummy_inputs(shape)
+        inputs = self.device_inputs(self._dummy_inputs(shape))
         lowered = self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs)
         return lowered.compile().as_text()
 
@@ -352,7 +370,9 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
         before = self.compiles.count
         out, prompt_out = self._run_step(inputs)
-        token_ids = host_array(out.token_ids)
+        host_out, host_prompt_out = fetch_step_outputs(
+            staged, out, prompt_out, batched=self.batched_fetch
+        )
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(
@@ -362,7 +382,7 @@ class ModelRunner:
                 inputs.num_blocks_per_req,
             )
         self.num_steps += 1
-        return read_step_outputs(staged, token_ids, out, prompt_out, failed)
+        return read_step_outputs(staged, host_out, host_prompt_out, failed)
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""
@@ -373,6 +393,7 @@ class ModelRunner:
                 leaf.delete()
         if self.lora_slots is not None:
             self.lora_slots.close()
+        self.device_inputs.clear()
         self.compiles.close()
         self.params = None
         self.kv_cache = None  # type: ignore[assignment]

@@ -138,6 +138,17 @@ def fold_seed(seed: int) -> int:
     return (seed ^ (seed >> 32)) & 0xFFFFFFFF
 
 
+def penalty_width(num_blocks_per_req: int, block_size: int, max_model_len: int) -> int:
+    """L, the width of a step's penalty_token_ids, for its block-table bucket B.
+
+    A sampling row's prompt + output are exactly the tokens its KV blocks hold after the step,
+    and B covers every row's blocks, so B * block_size holds any row's history (and
+    max_model_len caps it). L follows B, a static bucket already: no new program, and a batch
+    of short requests sends [R, 64], not [R, max_model_len].
+    """
+    return min(max_model_len, num_blocks_per_req * block_size)
+
+
 def required_penalty_len(rows: Sequence[SamplingRow | None]) -> int:
     """The smallest penalty_len that fits every row's prompt + output (0: no row penalizes)."""
     return max((row.num_penalty_tokens for row in rows if row is not None), default=0)

@@ -9,7 +9,7 @@ shaped like a dummy step of that bucket.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -42,13 +42,16 @@ def send_stop() -> None:
     multihost_utils.broadcast_one_to_all(np.array([_STOP, 0, 0, 0], np.int32))
 
 
-def receive_step(penalty_len: int, bitmask_width: int | None) -> StepInputs | None:
-    """A follower: the next step's inputs from process 0, or None when it stops."""
+def receive_step(
+    penalty_width: Callable[[int], int], bitmask_width: int | None
+) -> StepInputs | None:
+    """A follower: the next step's inputs from process 0, or None when it stops;
+    penalty_width: B -> the penalty block's width (ModelRunner.penalty_width)."""
     header = multihost_utils.broadcast_one_to_all(np.zeros(4, np.int32))
     cmd, t, r, b = (int(x) for x in header)
     if cmd == _STOP:
         return None
-    template = dummy_step_inputs((t, r, b), penalty_len, bitmask_width)
+    template = dummy_step_inputs((t, r, b), penalty_width(b), bitmask_width)
     return multihost_utils.broadcast_one_to_all(template)
 
 

@@ -23,6 +23,7 @@ from jaxserve.runner.sampling_metadata import (
     RowStagingError,
     SamplingRow,
     build_sampling_metadata,
+    penalty_width,
 )
 
 logger = logging.getLogger(__name__)
@@ -309,7 +310,11 @@ def _stage(
             raise _RequestStagingError(first) from e
     try:
         sampling = build_sampling_metadata(
-            rows, r, penalty_len, bitmask_width=bitmask_width, token_mask=token_mask
+            rows,
+            r,
+            penalty_width(b, block_size, penalty_len),
+            bitmask_width=bitmask_width,
+            token_mask=token_mask,
         )
     except RowStagingError as e:
         raise _RequestStagingError(scheduled[e.row]) from e.cause

@@ -96,6 +96,85 @@ def test_stop_strings_and_stop_token_ids(llm):
     assert comp.finish_reason == "stop" and comp.stop_reason == stop_id
 
 
+def test_generate_builds_one_output_per_request_equal_to_the_streams_last(llm, monkeypatch):
+    """generate() asks for FINAL_ONLY outputs: one RequestOutput per request in all, equal to
+    the last cumulative output of the same requests streamed in the same batches."""
+    from jaxserve.engine import output_processor
+
+    prompts = [{"prompt_token_ids": list(range(300 + 7 * i, 320 + 7 * i))} for i in range(3)]
+    # (also caches every prompt's full blocks, so both runs below hit the same prefixes)
+    free = llm.generate(prompts, GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    params = [
+        GREEDY.with_updates(stop=[stop], logprobs=2),
+        SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, logprobs=1),
+        GREEDY.with_updates(max_tokens=9),
+    ]
+    built = []
+    real = output_processor.RequestOutput
+
+    def counting(*args, **kwargs):
+        built.append(kwargs["request_id"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(output_processor, "RequestOutput", counting)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(built) == len(prompts)  # not one per request per step
+    assert outs[0].outputs[0].finish_reason == "stop"
+
+    async def last_of_each():
+        async def last(stream):
+            async for out in stream:
+                final = out
+            return final
+
+        # all queued before the first step: the same batches as generate()'s
+        streams = [llm.stream(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        return await asyncio.gather(*map(last, streams))
+
+    built.clear()
+    streamed = asyncio.run(last_of_each())
+    assert len(built) > 3 * len(prompts)  # cumulative: one per step
+    for got, want in zip(outs, streamed, strict=True):
+        assert got.finished and want.finished
+        assert [vars(c) for c in got.outputs] == [vars(c) for c in want.outputs]
+
+
+def test_step_outputs_in_one_device_get_per_step(llm, monkeypatch):
+    """Every output a step returns (sampled ids, logprobs, prompt logprobs) comes back in one
+    jax.device_get on an accelerator; on CPU (host memory already) in none, the same values."""
+    runner = llm.engine.core.runner
+    assert runner.batched_fetch is False  # this is a CPU run
+    calls = []
+    real = jax.device_get
+
+    def counting(x):
+        calls.append(len(jax.tree.leaves(x)))
+        return real(x)
+
+    monkeypatch.setattr(jax, "device_get", counting)
+    asks = GREEDY.with_updates(max_tokens=4, logprobs=2, prompt_logprobs=1)
+    prompts = [{"prompt_token_ids": list(range(40, 40 + n))} for n in (9, 3)]
+    params = [asks, GREEDY.with_updates(max_tokens=4)]
+    runs = {}
+    for batched in (True, False):
+        monkeypatch.setattr(runner, "batched_fetch", batched)
+        calls.clear()
+        before = runner.num_steps
+        runs[batched] = llm.generate(prompts, params, use_tqdm=False)
+        if batched:
+            assert len(calls) == runner.num_steps - before > 0
+            # the first step reads ids + 4 logprob arrays + 4 prompt-logprob arrays; later
+            # steps (prompt done) ids + the 4 logprob arrays
+            assert calls[0] == 9 and set(calls[1:]) == {5}
+        else:
+            assert calls == []
+    assert runs[True][0].outputs[0].logprobs and runs[True][0].prompt_logprobs
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert [vars(c) for c in a.outputs] == [vars(c) for c in b.outputs]
+        assert a.prompt_logprobs == b.prompt_logprobs
+
+
 @pytest.mark.parametrize(
     "prompt, params, field",
     [

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from jaxserve.core.outputs import EngineCoreOutput, TokenLogprobs
+from jaxserve.engine import output_processor
 from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.processor import ProcessedPrompt
+from jaxserve.outputs import RequestOutputKind
 from jaxserve.request import FinishReason
 from jaxserve.sampling_params import SamplingParams
+
+CUMULATIVE, DELTA, FINAL_ONLY = RequestOutputKind
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,7 @@ def test_stream_deltas_concatenate_to_the_cumulative_text(tokenizer):
     params = SamplingParams(max_tokens=len(ids))
     cumulative, streamed = OutputProcessor(tokenizer), OutputProcessor(tokenizer)
     cumulative.add_request("r", _prompt(tokenizer), params, ["r-0"])
-    streamed.add_request("r", _prompt(tokenizer), params, ["r-0"], stream=True)
+    streamed.add_request("r", _prompt(tokenizer), params, ["r-0"], output_kind=DELTA)
     whole = _feed(cumulative, "r-0", ids, finish=FinishReason.LENGTH)[-1].outputs[0]
     deltas = [o.outputs[0] for o in _feed(streamed, "r-0", ids, finish=FinishReason.LENGTH)]
     assert "".join(d.text for d in deltas) == whole.text
@@ -135,3 +139,110 @@ def test_logprobs_ranks_and_cumulative(tokenizer):
         assert pos[7].rank == 1 and pos[9].rank == 2
         assert pos[7].decoded_token == tokenizer.decode([7])
     assert final.num_cached_tokens == 3
+
+
+def _final(out):
+    """What a RequestOutput says, less its wall-clock metrics."""
+    return (
+        out.finished,
+        out.num_cached_tokens,
+        [
+            (
+                c.index,
+                c.text,
+                c.token_ids,
+                c.cumulative_logprob,
+                c.logprobs,
+                c.finish_reason,
+                c.stop_reason,
+            )
+            for c in out.outputs
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(n=2, max_tokens=64, logprobs=2),
+        SamplingParams(n=2, max_tokens=64, stop=[" green"], include_stop_str_in_output=True),
+        SamplingParams(max_tokens=64, stop=["ue,", "zzz"], logprobs=1),
+    ],
+    ids=["n2-logprobs", "stop-included", "stop-logprobs"],
+)
+def test_final_only_equals_the_last_cumulative_output_and_builds_one(
+    tokenizer, params, monkeypatch
+):
+    # Each completion gets its own ids; one step feeds each unfinished one a token.
+    texts = [" red, green. blue, more and more", " blue, green, red, some more words"]
+    ids = [list(tokenizer.encode(t)) for t in texts][: params.n]
+    core_ids = [f"r-{i}" for i in range(params.n)]
+    built = []
+    real = output_processor.RequestOutput
+
+    def counting(*args, **kwargs):
+        built.append(kwargs["request_id"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(output_processor, "RequestOutput", counting)
+    finals = {}
+    for kind in (CUMULATIVE, FINAL_ONLY):
+        proc = OutputProcessor(tokenizer)
+        proc.add_request("r", _prompt(tokenizer), params, core_ids, output_kind=kind)
+        built.clear()
+        outs = []
+        for step in range(max(map(len, ids))):
+            step_outs = []
+            for cid, seq in zip(core_ids, ids, strict=True):
+                if step < len(seq):
+                    lp = TokenLogprobs(seq[step], -0.25 * step, 1, [(seq[step], -0.25 * step)])
+                    fin = FinishReason.LENGTH if step == len(seq) - 1 else None
+                    step_outs.append(
+                        EngineCoreOutput(cid, [seq[step]], new_logprobs=[lp], finish_reason=fin)
+                    )
+            res = proc.process_outputs(step_outs)
+            outs.extend(res.request_outputs)
+            for cid in res.stopped_by_string:  # as LLMEngine: the core ends it
+                ids[core_ids.index(cid)] = ids[core_ids.index(cid)][: step + 1]
+        finals[kind] = outs[-1]
+        assert outs[-1].finished and not proc.has_unfinished_requests()
+        if kind is FINAL_ONLY:
+            assert len(outs) == 1 and len(built) == 1  # not one per step
+        else:
+            assert len(built) == len(outs) > 2
+    assert _final(finals[FINAL_ONLY]) == _final(finals[CUMULATIVE])
+    if params.stop:
+        assert finals[FINAL_ONLY].outputs[0].finish_reason == "stop"
+
+
+def test_final_only_keeps_no_per_step_delta_or_copy(tokenizer, monkeypatch):
+    """Per step, a FINAL_ONLY request appends to its lists and nothing else: no delta is kept
+    and the whole text is never joined before the end."""
+    joins = []
+    real = output_processor.IncrementalDetokenizer.output_text
+
+    def counted(self):
+        joins.append(1)
+        return real.fget(self)
+
+    monkeypatch.setattr(output_processor.IncrementalDetokenizer, "output_text", property(counted))
+    ids = list(tokenizer.encode(" one two three four five six seven eight nine ten"))
+    proc = OutputProcessor(tokenizer)
+    proc.add_request(
+        "r",
+        _prompt(tokenizer),
+        SamplingParams(max_tokens=64, logprobs=1),
+        ["r-0"],
+        output_kind=FINAL_ONLY,
+    )
+    comp = proc._states["r"].completions["r-0"]
+    for t in ids[:-1]:
+        lp = TokenLogprobs(t, -1.0, 1, [(t, -1.0)])
+        assert proc.process_outputs([EngineCoreOutput("r-0", [t], new_logprobs=[lp])]) == (
+            output_processor.ProcessedOutputs([], {})
+        )
+        assert comp.delta_text == "" and comp.delta_token_ids == [] == comp.delta_logprobs
+    assert joins == []
+    (out,) = _feed(proc, "r-0", ids[-1:], finish=FinishReason.LENGTH)
+    assert len(joins) == 1 and out.outputs[0].token_ids == ids
+    assert out.outputs[0].text == tokenizer.decode(ids)
