@@ -66,6 +66,31 @@ class AttentionMetadata:
     tile_lens: jax.Array | None = None
 
 
+# A bf16 cache on CPU is stored as its uint16 bit patterns (kv_storage_dtype).
+BF16_BITS = jnp.dtype(jnp.uint16)
+
+
+def kv_storage_dtype(dtype: jnp.dtype, platform: str, backend: str) -> jnp.dtype:
+    """What the cache's arrays hold for KV of `dtype`.
+
+    NOTE: XLA:CPU has no bf16 gather or scatter: it converts the operand to f32, which for
+    the attention's gather is the whole layer-stacked cache, in every layer of every step.
+    Integers it moves as they are, so the xla backend on CPU keeps bf16 KV as uint16 bits and
+    bitcasts what it gathered (`to_f32`); the Pallas kernels take real bf16.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and platform == "cpu" and backend == "xla":
+        return BF16_BITS
+    return dtype
+
+
+def to_f32(x: jax.Array) -> jax.Array:
+    """Gathered K or V in f32, from any storage dtype (bf16 bits included)."""
+    if x.dtype == BF16_BITS:
+        x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x.astype(jnp.float32)
+
+
 def write_kv(
     cache: jax.Array,  # [num_blocks, block_size, num_kv_heads, head_dim] one layer
     new: jax.Array,  # [T, num_kv_heads, head_dim]
@@ -74,6 +99,8 @@ def write_kv(
     """Scatters this step's K or V into the paged cache (in place under donation)."""
     nb, bs, hkv, d = cache.shape
     flat = cache.reshape(nb * bs, hkv, d)
+    if cache.dtype == BF16_BITS:
+        new = jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BF16_BITS)
     return flat.at[slot_mapping].set(new.astype(cache.dtype)).reshape(nb, bs, hkv, d)
 
 
@@ -179,8 +206,8 @@ def _decode_rows(
     kv_shape = (n, per_chunk * bs, hkv, d)
 
     def chunk(blocks: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, Callable]:
-        k = k_cache[blocks].reshape(kv_shape).astype(jnp.float32)  # blocks: [R, per_chunk]
-        v = v_cache[blocks].reshape(kv_shape).astype(jnp.float32)
+        k = to_f32(k_cache[blocks].reshape(kv_shape))  # blocks: [R, per_chunk]
+        v = to_f32(v_cache[blocks].reshape(kv_shape))
         v = jnp.where((key_pos[None, :] <= pos[:, None])[:, :, None, None], v, 0.0)
         scores = jnp.einsum("nkgd,nskd->nkgs", qg, k)  # [R, K, G, S]
         return scores, lambda p: jnp.einsum("nkgs,nskd->nkgd", p, v)
@@ -233,8 +260,8 @@ def _prefill_tiles(
         last = jnp.max(pos)
 
         def chunk(blocks: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, Callable]:
-            k = k_cache[blocks[0]].reshape(kv_shape).astype(jnp.float32)  # blocks: [1, per_chunk]
-            v = v_cache[blocks[0]].reshape(kv_shape).astype(jnp.float32)
+            k = to_f32(k_cache[blocks[0]].reshape(kv_shape))  # blocks: [1, per_chunk]
+            v = to_f32(v_cache[blocks[0]].reshape(kv_shape))
             v = jnp.where((key_pos <= last)[:, None, None], v, 0.0)
             scores = jnp.einsum("kqd,skd->kqs", qg, k)  # [K, tile * G, S]
             return scores, lambda p: jnp.einsum("kqs,skd->kqd", p, v)

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.core.admission import check_embed_len
 from jaxserve.model import sharding
-from jaxserve.model.attention import AttentionMetadata, KVCache
+from jaxserve.model.attention import AttentionMetadata, KVCache, kv_storage_dtype
 from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import forward
 from jaxserve.model.spec import ModelSpec
@@ -186,7 +186,9 @@ class Embedder:
         return cls(
             runner.spec,  # the execution spec: kv heads as the (TP) params hold them
             runner.params,
-            dtype=runner.kv_cache_dtype,
+            dtype=kv_storage_dtype(
+                runner.kv_cache_dtype, runner.platform, runner.attention_backend
+            ),
             block_size=runner.block_size,
             max_model_len=max_model_len,
             chunk_size=chunk_size,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from jaxserve.config import CacheConfig, LoRAConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from jaxserve.model import llama, sharding
-from jaxserve.model.attention import KVCache
+from jaxserve.model.attention import KVCache, kv_storage_dtype
 from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import compute_logits, forward
 from jaxserve.model.lora import LoRAStacks
@@ -253,7 +253,8 @@ class ModelRunner:
 
     def _new_kv_cache(self) -> KVCache:
         """An all-zero KV cache on the runner's devices (committed, or sharded on the mesh)."""
-        shape, dtype = self._kv_cache_shape, self.kv_cache_dtype
+        shape = self._kv_cache_shape
+        dtype = kv_storage_dtype(self.kv_cache_dtype, self.platform, self.attention_backend)
         if self.mesh is None:
             kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
             return jax.device_put(kv_cache, self.devices[0])

@@ -25,7 +25,10 @@ def test_kv_cache_dtype(tiny_model_dir, kv):
     with LLM(str(tiny_model_dir), kv_cache_dtype=kv, **ENGINE) as llm:
         runner = llm._engine().core.runner
         want = jnp.float32 if kv == "auto" else jnp.bfloat16  # auto on CPU: f32
-        assert runner.kv_cache_dtype == want and runner.kv_cache.k.dtype == want
+        assert runner.kv_cache_dtype == want
+        # on CPU a bf16 cache is held as its uint16 bits (attention.kv_storage_dtype)
+        stored = jnp.uint16 if want == jnp.bfloat16 else want
+        assert runner.kv_cache.k.dtype == stored and runner.kv_cache.v.dtype == stored
         assert runner.params.layers.wq.dtype == jnp.uint16  # bf16 bits (storage form)
         assert runner.params.lm_head.dtype == jnp.bfloat16  # the tied head, untied
         out = llm.generate([{"prompt_token_ids": [101, 102, 103]}], SamplingParams(max_tokens=2))

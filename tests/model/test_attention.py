@@ -189,3 +189,23 @@ def test_one_request_row_matches_many(window):
     fn = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=0.3, sliding_window=window))
     one_row, two_rows = np.asarray(fn(q, k, v, pos, md)), np.asarray(fn(q, k, v, pos, two))
     assert np.array_equal(one_row, two_rows)  # the same products, summed in the same order
+
+
+def test_bf16_cache_as_bits_attends_and_writes_like_bf16():
+    # On CPU a bf16 cache is held as uint16 bit patterns (XLA:CPU converts a bf16 gather's
+    # whole operand to f32); writing and attending through the bits must equal real bf16.
+    q, k, v, pos, md = ragged_batch(ALL_Q, ALL_KV, hq=6, hkv=2, num_blocks=96)
+    as_bits = lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)  # noqa: E731
+    fn = jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=0.3))
+    real = np.asarray(fn(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), pos, md))
+    bits = np.asarray(fn(q, as_bits(k), as_bits(v), pos, md))
+    assert np.array_equal(real, bits)
+    new = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2, 16)), jnp.float32)
+    slots = jnp.asarray([5, 9, 40], jnp.int32)
+    written = jax.jit(attention.write_kv)(as_bits(k), new, slots)
+    assert written.dtype == jnp.uint16
+    want = attention.write_kv(k.astype(jnp.bfloat16), new, slots)
+    assert np.array_equal(np.asarray(jax.lax.bitcast_convert_type(written, jnp.bfloat16)), want)
+    assert attention.kv_storage_dtype(jnp.bfloat16, "cpu", "xla") == jnp.uint16
+    assert attention.kv_storage_dtype(jnp.bfloat16, "gpu", "pallas") == jnp.bfloat16
+    assert attention.kv_storage_dtype(jnp.float32, "cpu", "xla") == jnp.float32
