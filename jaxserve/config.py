@@ -70,7 +70,7 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     # reuse KV blocks of identical prompt prefixes (on by default)
     enable_prefix_caching: bool = True
-    # "auto" (the weights' dtype; float32 on CPU), "float32", "bfloat16": the KV cache's dtype
+    # "auto" (the weights' dtype), "float32", "bfloat16": the KV cache's dtype
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -183,8 +183,8 @@ class EngineArgs:
     # weights dtype (and the KV cache's, see kv_cache_dtype); auto: float32 on CPU, bfloat16
     # on GPU/TPU
     dtype: Dtype = "auto"
-    # KV cache dtype; auto: the weights' on GPU/TPU, float32 on CPU (where XLA gathers a bf16
-    # cache by converting all of it to float32: bf16 KV ran 4x slower there)
+    # KV cache dtype; auto: the weights' (a bf16 cache on CPU is held as uint16 bits, since
+    # XLA:CPU gathers real bf16 by converting the whole cache to float32)
     kv_cache_dtype: KVCacheDtype = "auto"
     # longest prompt + output a request may have (default: min(model context, 2048))
     max_model_len: int | None = None

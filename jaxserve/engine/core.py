@@ -126,9 +126,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         cache_config = args.cache_config()
         # the cache's dtype (the weights' is self.dtype)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(
-            cache_config.kv_cache_dtype, self.dtype, devices[0].platform if devices else None
-        )
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cache_config.kv_cache_dtype, self.dtype)
         lora_config = args.lora_config()
         scheduler_config = dataclasses.replace(
             args.scheduler_config(max_model_len), num_reserved_seqs=num_reserved_seqs

@@ -24,7 +24,7 @@ ENGINE = dict(
 def test_kv_cache_dtype(tiny_model_dir, kv):
     with LLM(str(tiny_model_dir), kv_cache_dtype=kv, **ENGINE) as llm:
         runner = llm._engine().core.runner
-        want = jnp.float32 if kv == "auto" else jnp.bfloat16  # auto on CPU: f32
+        want = jnp.bfloat16  # auto: the weights' dtype
         assert runner.kv_cache_dtype == want
         # on CPU a bf16 cache is held as its uint16 bits (attention.kv_storage_dtype)
         stored = jnp.uint16 if want == jnp.bfloat16 else want

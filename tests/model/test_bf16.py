@@ -2,8 +2,8 @@
 
 Our bf16 path is the one the runner uses on CPU: the weights in storage form (the layer stacks
 and the embedding as bf16 bit patterns, the tied head untied; llama.storage_params), every dot
-bf16 x bf16 accumulated in f32, activations in f32 between the dots, the KV cache in f32 (the
-CPU default of kv_cache_dtype).
+bf16 x bf16 accumulated in f32, activations in f32 between the dots, the KV cache in f32 (what
+kv_cache_dtype="float32" gives; the engine tests cover the bf16 cache).
 
 Transformers rounds every activation to bf16, so its own bf16 greedy run leaves its f32 run at
 the first near-tie (measured on this prompt: after 3 tokens for llama_tied, 8 for qwen2, 27
