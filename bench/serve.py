@@ -9,7 +9,8 @@ bench/results/.
 
 The speed issue's serving target (ITL p99 <= 3x ITL p50, HTTP tok/s kept) is measured at
   python bench/serve.py --num-prompts 64 --input-len 128 --output-len 128 --concurrency 16
-and each concurrency's line says whether its ITL p99 / p50 meets it.
+and each concurrency's line says whether its ITL p99 / p50 meets it; give
+--long-prefill-token-threshold 0 64 to compare the prefill cap with no cap in the same run.
 """
 
 from __future__ import annotations
@@ -154,7 +155,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    args: argparse.Namespace, log_path: Path, long_prefill_token_threshold: int
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -170,6 +173,8 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
         str(args.max_num_batched_tokens),
         "--max-waiting-requests",
         "100000",
+        "--long-prefill-token-threshold",
+        str(long_prefill_token_threshold),
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log)
@@ -231,6 +236,13 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one server per value, in this order (the ITL stall of a prompt beside decodes)",
+    )
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results")
@@ -240,35 +252,38 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     prompts = make_dataset(args)
     record: dict[str, Any] = {"bench": "serve", "time": stamp, "args": vars(args), "online": []}
-    proc = None
-    url = args.base_url
-    if url is None:
-        proc, url = start_server(args, out_dir / f"serve-{stamp}.log")
-    try:
-        # One short warm request so the first measured request does not pay for anything.
-        asyncio.run(run_online(url, prompts[:1], 2, 1, float("inf"), args.seed))
-        for c in args.concurrency:
-            record["online"].append(
-                asyncio.run(
+    # a running server (--base-url) has its own threshold: one pass, recorded as None
+    thresholds = [None] if args.base_url else args.long_prefill_token_threshold
+    for threshold in thresholds:
+        proc = None
+        url = args.base_url
+        if url is None:
+            proc, url = start_server(args, out_dir / f"serve-{stamp}-{threshold}.log", threshold)
+        try:
+            # One short warm request so the first measured request does not pay for anything.
+            asyncio.run(run_online(url, prompts[:1], 2, 1, float("inf"), args.seed))
+            for c in args.concurrency:
+                row = asyncio.run(
                     run_online(url, prompts, args.output_len, c, args.request_rate, args.seed)
                 )
-            )
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+                record["online"].append({"long_prefill_token_threshold": threshold, **row})
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
     if not args.skip_offline:
         record["offline"] = run_offline(args, prompts)
         for r in record["online"]:
             r["fraction_of_offline"] = r["output_tok_s"] / record["offline"]["output_tok_s"]
     print(
-        f"\n{'conc':>5} {'tok/s':>8} {'of offline':>10} {'TTFT p50/p99 (s)':>18} "
+        f"\n{'lpt':>5} {'conc':>5} {'tok/s':>8} {'of offline':>10} {'TTFT p50/p99 (s)':>18} "
         f"{'TPOT p50 (ms)':>14} {'ITL p50/p99 (ms)':>18} {'p99/p50':>8}"
     )
     for r in record["online"]:
         frac = f"{r['fraction_of_offline'] * 100:.0f}%" if "fraction_of_offline" in r else "-"
         print(
-            f"{r['concurrency']:>5} {r['output_tok_s']:>8.1f} {frac:>10} "
+            f"{r['long_prefill_token_threshold']!s:>5} {r['concurrency']:>5} "
+            f"{r['output_tok_s']:>8.1f} {frac:>10} "
             f"{r['ttft_p50_s']:>8.2f}/{r['ttft_p99_s']:<8.2f} {r['tpot_p50_s'] * 1e3:>14.0f} "
             f"{r['itl_p50_s'] * 1e3:>8.0f}/{r['itl_p99_s'] * 1e3:<8.0f} "
             f"{r['itl_p99_over_p50']:>7.1f}x "

@@ -104,6 +104,8 @@ class SchedulerConfig:
     scheduling_policy: str = "fcfs"
     # split long prompts over several steps
     enable_chunked_prefill: bool = True
+    # most prompt tokens one request computes in a step that also carries decodes (0: no cap)
+    long_prefill_token_threshold: int = 0
     # seats of max_num_seqs only urgent requests may take: the engine-core process reserves one
     # for health probes, so a full batch never delays them (not an engine argument)
     num_reserved_seqs: int = 0
@@ -115,6 +117,13 @@ class SchedulerConfig:
             )
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                "long_prefill_token_threshold must be >= 0 (0: no cap), "
+                f"got {self.long_prefill_token_threshold}"
+            )
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            raise ValueError("long_prefill_token_threshold needs enable_chunked_prefill")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs|priority, got {self.scheduling_policy!r}"
@@ -208,6 +217,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     # split long prompts over several steps (within the token budget)
     enable_chunked_prefill: bool = True
+    # most prompt tokens one request computes in a step that also carries other requests'
+    # decodes, so a new prompt cannot stall every stream (0: no cap; a lone prompt is never
+    # capped, unlike vLLM's, which caps every step)
+    long_prefill_token_threshold: int = 0
     # token budget of one step (prefill chunks + decodes)
     max_num_batched_tokens: int = 512
     # most requests in one step

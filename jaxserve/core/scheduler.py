@@ -167,6 +167,7 @@ class Scheduler:
         token_budget = config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted_req_ids: list[str] = []
+        chunk_cap = self._prefill_chunk_cap()
 
         req_index = 0
         while req_index < len(self.running) and token_budget > 0:
@@ -178,6 +179,7 @@ class Scheduler:
                     token_budget,
                     self.max_model_len - num_computed,
                 )
+                num_new = min(num_new, chunk_cap)  # a decode's 1 token is never capped
                 if num_new <= 0:
                     req_index += 1  # nothing to compute (the runner skipped its sample)
                     continue
@@ -205,7 +207,7 @@ class Scheduler:
                 self._fail_on_exception(request, e)
 
         if not preempted_req_ids:
-            token_budget = self._admit_waiting(scheduled, token_budget)
+            token_budget = self._admit_waiting(scheduled, token_budget, chunk_cap)
 
         # Advance only now: ScheduledRequest keeps the step's start position for the runner.
         for entry in scheduled:
@@ -220,7 +222,21 @@ class Scheduler:
             finished_req_ids=finished_req_ids,
         )
 
-    def _admit_waiting(self, scheduled: list[ScheduledRequest], token_budget: int) -> int:
+    def _prefill_chunk_cap(self) -> int:
+        """The most prompt tokens one request may compute this step.
+
+        long_prefill_token_threshold while some running request decodes (one token left to
+        compute: its stream waits for the whole step), else the budget: a lone prompt, or
+        prompts arriving together, prefill at full speed.
+        """
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        if threshold and any(r.num_tokens - r.num_computed_tokens <= 1 for r in self.running):
+            return threshold
+        return self.scheduler_config.max_num_batched_tokens
+
+    def _admit_waiting(
+        self, scheduled: list[ScheduledRequest], token_budget: int, chunk_cap: int
+    ) -> int:
         """Admits waiting requests in queue order while budget, seats and blocks last.
 
         Returns the budget left. Under fcfs a waiting request never preempts a running one.
@@ -249,7 +265,7 @@ class Scheduler:
                 ):
                     # it fits a later step whole (longer ones are chunked anyway: no deadlock)
                     break
-                num_new = min(num_remaining, token_budget)
+                num_new = min(num_remaining, token_budget, chunk_cap)
                 block_ids = kv.allocate_slots(request, num_new, hit_block_ids, num_hit_tokens)
                 if block_ids is None:
                     break

@@ -20,6 +20,7 @@ def make_scheduler(
     policy="fcfs",
     enable_prefix_caching=True,
     enable_chunked_prefill=True,
+    long_prefill_token_threshold=0,
 ):
     return Scheduler(
         SchedulerConfig(
@@ -28,6 +29,7 @@ def make_scheduler(
             max_model_len=max_model_len,
             scheduling_policy=policy,
             enable_chunked_prefill=enable_chunked_prefill,
+            long_prefill_token_threshold=long_prefill_token_threshold,
         ),
         CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=enable_prefix_caching),
         num_blocks,
@@ -113,6 +115,38 @@ def test_chunked_prefill_shares_the_step_with_decodes():
     assert plan(output) == [("short", 7, 1, True), ("long", 30, 10, True)]
     assert output.total_num_scheduled_tokens == 11
     assert [o.request_id for o in result.outputs] == ["short", "long"]
+
+
+def test_long_prefill_threshold_caps_prompts_only_beside_decodes():
+    scheduler = make_scheduler(max_num_batched_tokens=32, long_prefill_token_threshold=4)
+    scheduler.add_request(make_request("a", range(20), max_tokens=10))
+    scheduler.add_request(make_request("b", range(100, 106), max_tokens=10))
+    output, _ = step(scheduler)
+    # nothing decodes yet: prompts arriving together prefill at the full budget
+    assert plan(output) == [("a", 0, 20, True), ("b", 0, 6, True)]
+    scheduler.add_request(make_request("c", range(200, 210), max_tokens=2))
+    output, _ = step(scheduler)
+    # a and b decode: c's prompt goes 4 tokens a step, so their streams never wait long
+    assert plan(output) == [("a", 20, 1, True), ("b", 6, 1, True), ("c", 0, 4, False)]
+    output, _ = step(scheduler)
+    assert plan(output) == [("a", 21, 1, True), ("b", 7, 1, True), ("c", 4, 4, False)]
+    output, _ = step(scheduler)
+    assert plan(output) == [("a", 22, 1, True), ("b", 8, 1, True), ("c", 8, 2, True)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"long_prefill_token_threshold": -1}, "long_prefill_token_threshold"),
+        (
+            {"long_prefill_token_threshold": 8, "enable_chunked_prefill": False},
+            "long_prefill_token_threshold needs enable_chunked_prefill",
+        ),
+    ],
+)
+def test_long_prefill_threshold_is_validated(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SchedulerConfig(**kwargs)
 
 
 def test_budget_and_max_num_seqs_are_respected():
