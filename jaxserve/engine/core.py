@@ -18,6 +18,7 @@ from jaxserve.config import EngineArgs, LoRAConfig
 from jaxserve.core.admission import EngineCoreRequest, RequestLimits, validate_core_request
 from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
 from jaxserve.core.scheduler import Scheduler
+from jaxserve.engine.attention_policy import resolve_attention_backend
 from jaxserve.lora.manager import LoRAManager
 from jaxserve.lora.request import LoRARequest
 from jaxserve.model import sharding
@@ -40,49 +41,6 @@ logger = logging.getLogger(__name__)
 
 # Without --max-model-len, contexts are capped here so the default KV cache stays small.
 _DEFAULT_MAX_MODEL_LEN = 2048
-
-
-def resolve_attention_backend(
-    backend: str,
-    platform: str | None = None,
-    *,
-    spec: ModelSpec | None = None,
-    dtype: object = None,  # the KV cache dtype (a jnp dtype or its name)
-    block_size: int | None = None,
-) -> str:
-    """auto: the Pallas kernels on TPU and CUDA, the jnp attention elsewhere (CPU).
-
-    `platform` defaults to jax's default backend; on CPU "pallas" still works, interpreted.
-    Given the model `spec`, cache `dtype` and `block_size`, a configuration the platform's
-    kernel cannot take (say head_dim 96 on CUDA) makes "auto" fall back to "xla" with a
-    warning naming why, and makes an explicit "pallas" raise ValueError here, at engine start,
-    instead of inside the first step.
-    """
-    platform = platform or jax.default_backend()
-    chosen = backend
-    if backend == "auto":
-        chosen = "pallas" if platform in ("tpu", "gpu", "cuda") else "xla"
-    if chosen != "pallas" or spec is None or dtype is None or block_size is None:
-        return chosen
-    # Imported here: pallas_kernels pulls in Pallas/Mosaic, which the xla path never needs.
-    from pallas_kernels.ragged_paged_attention.api import config_error, kernel_platform
-
-    kernel = kernel_platform(platform)
-    reason = config_error(
-        kernel, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, block_size, dtype
-    )
-    if reason is None:
-        return chosen
-    if backend == "auto":
-        logger.warning(
-            "attention_backend=auto: using xla, the %s Pallas kernel cannot serve this model: %s",
-            kernel,
-            reason,
-        )
-        return "xla"
-    raise ValueError(
-        f"attention_backend='pallas': the {kernel} Pallas kernel cannot serve this model: {reason}"
-    )
 
 
 class EngineCore:

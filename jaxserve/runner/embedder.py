@@ -154,7 +154,7 @@ class Embedder:
             self._acc_sharding: Any = self._cache_sharding
             self._chunk_fn = jax.jit(chunk, donate_argnames=("kv_cache", "acc"))
         else:
-            # Pinned shardings, as for the step (model_runner.make_step_fn): the donated
+            # Pinned shardings, as for the step (runner/step_fn.make_step_fn): the donated
             # scratch cache comes back in its own layout, so every slice of a bucket runs one
             # program.
             self._cache_sharding = sharding.kv_cache_sharding(mesh)

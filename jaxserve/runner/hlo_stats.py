@@ -173,7 +173,7 @@ def abstract_step_collectives(
 
     from jaxserve.model import llama, sharding
     from jaxserve.model.attention import KVCache
-    from jaxserve.runner.model_runner import make_step_fn
+    from jaxserve.runner.step_fn import make_step_fn
     from jaxserve.runner.step_inputs import dummy_step_inputs
 
     dt = jnp.dtype(dtype)

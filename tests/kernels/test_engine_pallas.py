@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.engine.core import resolve_attention_backend
+from jaxserve.engine.attention_policy import resolve_attention_backend
 
 # Small buckets keep the interpreted kernel cheap; a 24-token budget splits the 30-token
 # prompt into chunks, so steps mix a prefill chunk with other requests' decodes.
