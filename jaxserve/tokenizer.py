@@ -139,7 +139,11 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
         stream_holdback: bool = True,
         min_tokens: int = 0,
+        final_only: bool = False,
     ) -> None:
+        """final_only: nobody reads the text before flush(); with no stop string to look
+        for, update() then only collects ids and flush() decodes them once (the same decode
+        of context + ids, so the same text), instead of twice per step."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(stop)
@@ -150,6 +154,7 @@ class IncrementalDetokenizer:
         # the stop string that ended the text, if any
         self.stop_reason: str | None = None
         self.finished = False
+        self._deferred = final_only and not self.stop
 
         context = list(prompt_token_ids[-_INITIAL_CONTEXT_TOKENS:])
         # the decode window: context + output ids; only its tail past prefix_offset is decoded
@@ -177,6 +182,8 @@ class IncrementalDetokenizer:
             return ""
         self._ids.extend(new_token_ids)
         self._num_output_ids += len(new_token_ids)
+        if self._deferred:
+            return ""
         return self._add_text(self._decode_ready())
 
     def flush(self) -> str:

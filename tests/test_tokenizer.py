@@ -77,6 +77,35 @@ def test_arbitrary_ids_match_the_full_decode(ids):
     assert "".join(deltas) == decode_tokens(tokenizer(), ids)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, len(tokenizer()) - 1), max_size=30),
+    prompt=st.text(ALPHABET, max_size=10),
+    chunk_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    skip_special_tokens=st.booleans(),
+)
+def test_final_only_decodes_once_to_the_same_text(ids, prompt, chunk_sizes, skip_special_tokens):
+    kw = dict(prompt=tokenizer().encode(prompt), chunk_sizes=chunk_sizes)
+    kw["skip_special_tokens"] = skip_special_tokens
+    _, streamed = stream(ids, **kw)
+    calls = []
+    real = tokenizer().decode
+    tokenizer().decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        deltas, final = stream(ids, final_only=True, **kw)
+    finally:
+        del tokenizer().decode  # the instance attribute; the class's method again
+    assert final.output_text == streamed.output_text
+    assert deltas[:-1] == [""] * (len(deltas) - 1) and deltas[-1] == final.output_text
+    assert len(calls) <= 2  # context, then context + every id: once per request, not per step
+
+
+def test_final_only_still_watches_for_stop_strings():
+    ids = tokenizer().encode("hello world, hello there")
+    deltas, detok = stream(ids, final_only=True, stop=["world"])
+    assert detok.finished and detok.output_text == "hello "
+
+
 def test_a_split_character_is_emitted_whole():
     ids = tokenizer().encode("a😀")
     detok = IncrementalDetokenizer(tokenizer(), [])

@@ -98,6 +98,7 @@ class OutputProcessor:
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
                 min_tokens=params.min_tokens,
+                final_only=output_kind is RequestOutputKind.FINAL_ONLY,
             )
             completions[core_id] = _Completion(
                 index=i,
