@@ -130,6 +130,14 @@ class KVCacheManager:
         (an n>1 sibling) already hits them; the runner writes a step's KV before reading it.
         """
         req_id = request.request_id
+        held_ids = self.req_to_block_ids.get(req_id)
+        if held_ids is not None and not new_computed_block_ids:
+            # the common decode step: its token fits the blocks already held
+            num_tokens_after = request.num_computed_tokens + num_new_tokens
+            if num_tokens_after <= len(held_ids) * self.block_size:
+                if self.enable_caching:
+                    self._cache_full_blocks(request, self.req_to_blocks[req_id], num_tokens_after)
+                return held_ids
         hit_blocks = [self.block_pool.blocks[i] for i in new_computed_block_ids or ()]
         blocks = self.req_to_blocks.get(req_id)
         num_held = len(blocks) if blocks is not None else 0

@@ -266,39 +266,64 @@ def _stage(
     max_blocks = max(len(s.block_ids) for s in scheduled)
     num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
     t, r, b = buckets.select(num_tokens, max_blocks)
-    input_ids = np.zeros(t, np.int32)
-    positions = np.zeros(t, np.int32)
-    slot_mapping = np.zeros(t, np.int32)  # padding writes land in the null block
-    token_req_idx = np.zeros(t, np.int32)
-    block_tables = np.zeros((r, b), np.int32)
-    kv_lens = np.zeros(r, np.int32)
-    cu_q_lens = np.zeros(r + 1, np.int32)
-    logits_indices = np.zeros(r, np.int32)
-    lora_slots = None if lora_slot_of is None else np.zeros(t, np.int32)
+    # One pass in Python over the requests collects plain lists (the only per-request work
+    # that can fail, so a failure is that request's alone); numpy then builds every array
+    # in a few whole-batch operations instead of ~10 small ones per request.
+    ids: list[int] = []
+    flat_blocks: list[int] = []
+    starts, lens, num_blocks, slots = [], [], [], []
     rows: list[SamplingRow | None] = [None] * r
-    offset = 0
     for i, sr in enumerate(scheduled):
         try:
             start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
-            end = offset + n
-            input_ids[offset:end] = sr.request.all_token_ids[start : start + n]
-            pos = np.arange(start, start + n, dtype=np.int32)
-            positions[offset:end] = pos
-            blocks = np.asarray(sr.block_ids, dtype=np.int32)
-            slot_mapping[offset:end] = blocks[pos // block_size] * block_size + pos % block_size
-            token_req_idx[offset:end] = i
-            block_tables[i, : len(blocks)] = blocks
-            kv_lens[i] = start + n
-            cu_q_lens[i + 1] = end
-            logits_indices[i] = end - 1
-            if lora_slots is not None:
-                lora_slots[offset:end] = lora_slot_of(sr.request)
+            if -(-(start + n) // block_size) > len(sr.block_ids):
+                raise ValueError(
+                    f"{len(sr.block_ids)} blocks cannot hold positions up to {start + n - 1}"
+                )
+            ids += sr.request.all_token_ids[start : start + n]
+            flat_blocks += sr.block_ids
+            starts.append(start)
+            lens.append(n)
+            num_blocks.append(len(sr.block_ids))
+            if lora_slot_of is not None:
+                slots.append(lora_slot_of(sr.request))
             if sr.is_sampling:
                 rows[i] = SamplingRow.from_request(sr.request)
         except Exception as e:  # noqa: BLE001 - a failure here is this request's alone
             raise _RequestStagingError(sr) from e
-        offset = end
-    cu_q_lens[len(scheduled) + 1 :] = offset
+    nreq = len(scheduled)
+    q_lens = np.asarray(lens, np.int32)
+    starts_arr = np.asarray(starts, np.int32)
+    cu_q_lens = np.full(r + 1, num_tokens, np.int32)
+    cu_q_lens[0] = 0
+    cu_q_lens[1 : nreq + 1] = np.cumsum(q_lens)
+    token_req_idx = np.zeros(t, np.int32)
+    token_req_idx[:num_tokens] = np.repeat(np.arange(nreq, dtype=np.int32), q_lens)
+    positions = np.zeros(t, np.int32)
+    # each token's position: its request's start + its offset inside the request's tokens
+    positions[:num_tokens] = np.arange(num_tokens, dtype=np.int32) - np.repeat(
+        cu_q_lens[:nreq] - starts_arr, q_lens
+    )
+    input_ids = np.zeros(t, np.int32)
+    input_ids[:num_tokens] = ids
+    block_tables = np.zeros((r, b), np.int32)
+    nb = np.asarray(num_blocks, np.int64)
+    block_rows = np.repeat(np.arange(nreq), nb)
+    block_cols = np.arange(len(flat_blocks)) - np.repeat(np.cumsum(nb) - nb, nb)
+    block_tables[block_rows, block_cols] = flat_blocks
+    slot_mapping = np.zeros(t, np.int32)  # padding writes land in the null block
+    real = token_req_idx[:num_tokens], positions[:num_tokens]
+    slot_mapping[:num_tokens] = (
+        block_tables[real[0], real[1] // block_size] * block_size + real[1] % block_size
+    )
+    kv_lens = np.zeros(r, np.int32)
+    kv_lens[:nreq] = starts_arr + q_lens
+    logits_indices = np.zeros(r, np.int32)
+    logits_indices[:nreq] = cu_q_lens[1 : nreq + 1] - 1
+    lora_slots = None
+    if lora_slot_of is not None:
+        lora_slots = np.zeros(t, np.int32)
+        lora_slots[:num_tokens] = np.repeat(np.asarray(slots, np.int32), q_lens)
     tile_starts, tile_lens = query_tiles(cu_q_lens, t)
     token_mask = None
     if fill_mask is not None:
