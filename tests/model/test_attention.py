@@ -128,9 +128,10 @@ def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d):
     for q_lens in ([29, 1], [28, 1, 1], [10] + [1] * 20, [7, 1, 13, 9]):
         rows = np.flatnonzero(np.repeat(q_lens, q_lens) == 1)
         assert np.array_equal(run(q_lens)[rows], decodes[rows]), q_lens
-    # The per-token path and a tile agree to a few ulps, not always to the bit: XLA:CPU emits
-    # the per-row scores dot ([G, D] x [D, keys], batched over rows) differently from the
-    # tile's [64 G, D] x [D, keys] on some CPUs. Measured: bit-equal on the CI machine of the
+    # The per-token path and a tile agree to a few ulps, not always to the bit: XLA:CPU hands
+    # both scores dots to YNNPACK (a __ynn_fusion), which picks its kernel by shape and ISA,
+    # and the per-row [G, D] x [D, keys] (batched over rows) can accumulate in another order
+    # than the tile's [64 G, D] x [D, keys]. Measured: bit-equal on the CI machine of the
     # last landing; on an AVX-only (no AVX2) EPYC, 7.2e-7 of the largest output (6 ulps) for
     # (9, 3, 64) and 5.3e-7 for (6, 2, 16).
     eps = np.finfo(np.float32).eps
