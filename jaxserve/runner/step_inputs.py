@@ -276,11 +276,10 @@ def _stage(
     for i, sr in enumerate(scheduled):
         try:
             start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
-            if -(-(start + n) // block_size) > len(sr.block_ids):
-                raise ValueError(
-                    f"{len(sr.block_ids)} blocks cannot hold positions up to {start + n - 1}"
-                )
-            ids += sr.request.all_token_ids[start : start + n]
+            chunk = sr.request.all_token_ids[start : start + n]
+            if len(chunk) != n or -(-(start + n) // block_size) > len(sr.block_ids):
+                raise ValueError(f"no {n} tokens from {start} in {len(sr.block_ids)} blocks")
+            ids += chunk
             flat_blocks += sr.block_ids
             starts.append(start)
             lens.append(n)

@@ -62,6 +62,25 @@ def test_decode_and_prefill_chunk_in_one_batch():
         assert a.dtype == np.int32
 
 
+def test_a_request_short_of_blocks_or_tokens_fails_alone():
+    ok = _request("ok", [11, 12, 13])
+    short_blocks = _request("b", [21, 22, 23, 24, 25])  # 5 tokens need 2 blocks of 4
+    short_tokens = _request("t", [31, 32])  # 3 tokens scheduled, 2 there
+    out = SchedulerOutput(
+        scheduled=[
+            ScheduledRequest(short_blocks, 0, 5, block_ids=[5], is_sampling=True),
+            ScheduledRequest(ok, 0, 3, block_ids=[7], is_sampling=True),
+            ScheduledRequest(short_tokens, 0, 3, block_ids=[9], is_sampling=True),
+        ],
+        total_num_scheduled_tokens=11,
+    )
+    staged = build_step_inputs(out, Buckets.make(32, 4, 64, BLOCK), BLOCK, penalty_len=8)
+    assert sorted(staged.failed) == ["b", "t"]
+    assert [sr.request.request_id for sr in staged.staged] == ["ok"]
+    assert staged.inputs.input_ids[:3].tolist() == [11, 12, 13]
+    assert staged.inputs.attn.slot_mapping[:3].tolist() == [28, 29, 30]
+
+
 def test_same_request_stages_the_same_whatever_its_batch_mates():
     # batch invariance starts here: a request's row depends on nothing but the request
     buckets = Buckets.make(32, 4, 64, BLOCK)
