@@ -49,9 +49,7 @@ def _step_seconds(fn: Any, runner: Any, inputs: Any, reps: int) -> dict[str, Any
     times = []
     for _ in range(reps + 1):
         start = time.perf_counter()
-        runner.kv_cache, out, prompt_out = fn(
-            runner.params, runner._lora_stacks, runner.kv_cache, inputs
-        )
+        runner.kv_cache, out, prompt_out, _ = fn(*runner._step_args(inputs))
         jax.block_until_ready((runner.kv_cache, out, prompt_out))
         times.append(time.perf_counter() - start)
     times = times[1:]
@@ -86,7 +84,7 @@ class StepProbe:
         self._decode_t = runner.buckets.select(self.decode_reqs, 1)[0]
         runner._step_fn = self._call
 
-    def _call(self, params: Any, lora: Any, kv_cache: Any, inputs: Any) -> Any:
+    def _call(self, params: Any, lora: Any, kv_cache: Any, last_ids: Any, inputs: Any) -> Any:
         md = inputs.attn
         self.calls.append(
             (
@@ -98,7 +96,7 @@ class StepProbe:
         )
         if inputs.num_tokens == self._decode_t:
             self.decode_inputs[len(self.calls) - 1] = inputs
-        return self._fn(params, lora, kv_cache, inputs)
+        return self._fn(params, lora, kv_cache, last_ids, inputs)
 
     def full_decode_calls(self) -> list[int]:
         """Indices of the calls that decode the run's fullest batch and nothing else (a step

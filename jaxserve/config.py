@@ -221,6 +221,9 @@ class EngineArgs:
     # decodes, so a new prompt cannot stall every stream (0: no cap; a lone prompt is never
     # capped, unlike vLLM's, which caps every step)
     long_prefill_token_threshold: int = 0
+    # schedule and stage step k+1 while the device runs step k (its decodes read k's sampled
+    # ids on the device); same tokens, stop checks one step late
+    async_scheduling: bool = False
     # token budget of one step (prefill chunks + decodes)
     max_num_batched_tokens: int = 512
     # most requests in one step

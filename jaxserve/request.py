@@ -94,8 +94,17 @@ class Request:
         self.output_token_ids: list[int] = []
         # prompt + output, the sequence whose KV the cache holds
         self.all_token_ids: list[int] = list(prompt_token_ids)
-        # how many of all_token_ids have KV in the cache
+        # how many of all_token_ids have KV in the cache (with async scheduling, also the
+        # in-flight sampled token: its KV is computed by the step after the one sampling it)
         self.num_computed_tokens = 0
+        # tokens a scheduled step samples for this request that are not appended yet: 1 from
+        # schedule() to update_from_output() of that step (vLLM's num_output_placeholders);
+        # with async scheduling the next step is scheduled in between, as if it were there
+        self.num_output_placeholders = 0
+        # its next step needs its last token on the host (penalties read the history, a
+        # grammar advances by it): async scheduling runs the step after its sample only once
+        # that sample is read back. Set at admission (EngineCore.admit)
+        self.needs_host_tokens = sampling_params.has_penalties
         # prompt tokens served from the prefix cache when first scheduled (for usage accounting)
         self.num_cached_tokens = -1
         self.num_preemptions = 0
@@ -131,6 +140,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """num_tokens plus the in-flight sampled tokens: what the scheduler plans against."""
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """The typed messages between scheduler, runner and engine client.
 
-schedule() -> SchedulerOutput -> runner.execute() -> ModelRunnerOutput
+schedule() -> SchedulerOutput -> runner.launch() + collect() -> ModelRunnerOutput
 -> scheduler.update_from_output() -> EngineCoreOutputs. All host values (lists, ints), never
 device arrays: EngineCoreOutputs crosses the process boundary to the API server (engine/ipc.py).
 """

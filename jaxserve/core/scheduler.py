@@ -175,13 +175,15 @@ class Scheduler:
             try:
                 num_computed = request.num_computed_tokens
                 num_new = min(
-                    request.num_tokens - num_computed,
+                    request.num_planned_tokens - num_computed,
                     token_budget,
                     self.max_model_len - num_computed,
                 )
                 num_new = min(num_new, chunk_cap)  # a decode's 1 token is never capped
-                if num_new <= 0:
-                    req_index += 1  # nothing to compute (the runner skipped its sample)
+                if num_new <= 0 or self._ends_when_in_flight_lands(request):
+                    # nothing to compute (the runner skipped its sample), or (async) the
+                    # token in flight is its last
+                    req_index += 1
                     continue
                 block_ids = kv.allocate_slots(request, num_new)
                 while block_ids is None:
@@ -211,15 +213,24 @@ class Scheduler:
 
         # Advance only now: ScheduledRequest keeps the step's start position for the runner.
         for entry in scheduled:
-            entry.request.num_computed_tokens = (
-                entry.num_computed_tokens + entry.num_scheduled_tokens
-            )
+            request = entry.request
+            request.num_computed_tokens = entry.num_computed_tokens + entry.num_scheduled_tokens
+            if entry.is_sampling:
+                request.num_output_placeholders += 1  # until update_from_output appends it
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput(
             scheduled=scheduled,
             total_num_scheduled_tokens=config.max_num_batched_tokens - token_budget,
             preempted_req_ids=preempted_req_ids,
             finished_req_ids=finished_req_ids,
+        )
+
+    def _ends_when_in_flight_lands(self, request: Request) -> bool:
+        """Async scheduling: the token the running step samples is the request's last by
+        length (max_tokens or max_model_len), so scheduling past it would be wasted."""
+        return request.num_output_placeholders > 0 and (
+            request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+            or request.num_planned_tokens >= self.max_model_len
         )
 
     def _prefill_chunk_cap(self) -> int:
@@ -291,7 +302,7 @@ class Scheduler:
             num_computed_tokens=num_computed,
             num_scheduled_tokens=num_new,
             block_ids=block_ids,
-            is_sampling=num_computed + num_new == request.num_tokens,
+            is_sampling=num_computed + num_new == request.num_planned_tokens,
         )
 
     def fail_request(self, request: Request, reason: str) -> None:
@@ -314,8 +325,11 @@ class Scheduler:
             request, f"the engine could not schedule this request: {type(e).__name__}: {e}"
         )
 
-    def _fail_staged(self, entry: ScheduledRequest, reason: str) -> None:
-        """A request the runner left out of the step: nothing it was to write got written."""
+    def fail_staged(self, entry: ScheduledRequest, reason: str) -> None:
+        """A request the runner left out of the step: nothing it was to write got written.
+
+        The engine calls it as soon as the step is staged (before the next schedule, which
+        async scheduling runs before this step's update_from_output)."""
         request = entry.request
         first = entry.num_computed_tokens // self.block_size
         last = -(-(entry.num_computed_tokens + entry.num_scheduled_tokens) // self.block_size)
@@ -363,8 +377,10 @@ class Scheduler:
         for entry in scheduler_output.scheduled:
             request = entry.request
             req_id = request.request_id
+            if entry.is_sampling:
+                request.num_output_placeholders -= 1  # landed, or lost with the request
             if failed and req_id in failed:
-                self._fail_staged(entry, failed[req_id])
+                self.fail_staged(entry, failed[req_id])
                 continue
             if prompt_logprobs and req_id in prompt_logprobs:
                 request.add_prompt_logprobs(*prompt_logprobs[req_id])
@@ -374,8 +390,13 @@ class Scheduler:
             if token_id is None:
                 continue
             try:
+                # (async scheduling: a request preempted while this step ran keeps the
+                # token too, and recomputes it with the rest, as if preempted after the step)
+                was_waiting = request.status == RequestStatus.PREEMPTED
                 request.append_output_token_ids(token_id)
                 if request.check_stop(token_id, self.max_model_len):
+                    if was_waiting:
+                        self.waiting.remove(request)
                     self._free_request(request)
                     num_finished += 1
                 token_logprobs = logprobs.get(req_id)

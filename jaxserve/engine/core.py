@@ -1,8 +1,16 @@
 """EngineCore: the busy loop's body. No HTTP, no tokenizer: token ids in, token ids out.
 
-step() is three calls joined by two dataclasses:
-scheduler.schedule() -> SchedulerOutput -> runner.execute() -> ModelRunnerOutput
--> scheduler.update_from_output() -> EngineCoreOutputs.
+step() is four calls joined by three dataclasses:
+scheduler.schedule() -> SchedulerOutput -> runner.launch() -> LaunchedStep -> runner.collect()
+-> ModelRunnerOutput -> scheduler.update_from_output() -> EngineCoreOutputs.
+
+With async scheduling (vLLM's --async-scheduling) step k+1 is scheduled and launched before
+step k is collected, so the host's work for k+1 runs while the device computes k; a decode of
+k+1 reads its input token from k's output on the device (the scheduler counts it as a
+placeholder). Stop checks land one step late: a request that step k finished has a token in
+k+1 that is dropped. A step whose requests need their last token on the host to stage the
+next one (penalties, grammars: Request.needs_host_tokens) is collected before the next is
+scheduled, as without async scheduling.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ import jax
 
 from jaxserve.config import EngineArgs, LoRAConfig
 from jaxserve.core.admission import EngineCoreRequest, RequestLimits, validate_core_request
-from jaxserve.core.outputs import EngineCoreOutputs, SchedulerStats
+from jaxserve.core.outputs import (
+    EngineCoreOutputs,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    SchedulerStats,
+)
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.engine.attention_policy import resolve_attention_backend
 from jaxserve.lora.manager import LoRAManager
@@ -34,13 +47,26 @@ from jaxserve.request import Request, RequestStatus
 from jaxserve.runner import step_broadcast
 from jaxserve.runner.compile_cache import PersistentCompileCache
 from jaxserve.runner.kv_sizing import determine_num_blocks
-from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.model_runner import LaunchedStep, ModelRunner
 from jaxserve.structured_output.token_mask import TokenMasks
 
 logger = logging.getLogger(__name__)
 
 # Without --max-model-len, contexts are capped here so the default KV cache stays small.
 _DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step not collected yet."""
+
+    # what the scheduler planned, and what the runner dispatched of it
+    scheduler_output: SchedulerOutput
+    launched: LaunchedStep
+    # req_id -> its adapter's name, for the step's requests on one (LoRA stats)
+    lora_names: dict[str, str]
+    # some request it samples needs that token on the host before its next step is staged
+    needs_host_tokens: bool
 
 
 class EngineCore:
@@ -154,6 +180,11 @@ class EngineCore:
         self.peak_kv_cache_usage = 0.0
         self.num_steps = 0
         self.step_seconds_total = 0.0
+        # schedule step k+1 before collecting step k (multi-host steps stay synchronous: the
+        # followers' previous outputs are not the leader's to index)
+        self.async_scheduling = args.async_scheduling and not self.runner.multihost
+        # the launched step not collected yet (async scheduling only, between steps)
+        self._in_flight: _InFlight | None = None
         logger.info(
             "engine ready in %.1f s: %d KV blocks of %d tokens, max_model_len=%d",
             self.startup_seconds,
@@ -232,6 +263,7 @@ class EngineCore:
             # read now (a bad adapter fails this request alone); pinned while it runs
             self.lora.add(request.lora_request, pinned=self.scheduler.lora_use.refs)
         self.token_masks.add(request)  # a grammar that cannot compile fails here
+        request.needs_host_tokens |= self.token_masks.has_rules(request.request_id)
         try:
             self.scheduler.add_request(request, urgent=urgent)
         except BaseException:
@@ -274,10 +306,11 @@ class EngineCore:
             self.token_masks.remove(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
-        """One schedule -> execute -> update_from_output.
+        """One schedule -> launch -> collect -> update_from_output; with async scheduling,
+        the outputs are those of the step launched by the previous call (see the module doc).
 
         NOTE on failures: what goes wrong for one request on the host (its scheduling, its
         staging, reading its token back) fails that request alone: it ends with an error
@@ -285,15 +318,43 @@ class EngineCore:
         it. Only an exception out of the device call itself leaves this method; the caller
         treats it as fatal (the KV cache was donated to the failed call).
         """
-        if not self.scheduler.has_unfinished_requests():
+        if not self.has_unfinished_requests():
             return EngineCoreOutputs()
         start = time.perf_counter()
+        outputs = EngineCoreOutputs()
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and in_flight.needs_host_tokens:
+            outputs, in_flight = self._finish(in_flight), None
+        launched = self._launch() if self.scheduler.has_unfinished_requests() else None
+        if in_flight is not None:
+            outputs = self._finish(in_flight)
+        if launched is not None:
+            if not self.async_scheduling:
+                outputs = self._finish(launched)
+            elif self.scheduler.has_unfinished_requests():
+                self._in_flight = launched
+            else:
+                # every request it runs ended after it was scheduled: nothing in it is
+                # wanted, so it is not waited for (its update still reports staging failures)
+                last = self._finish(launched, wait=False)
+                outputs = EngineCoreOutputs(
+                    outputs=outputs.outputs + last.outputs, scheduler_stats=last.scheduler_stats
+                )
+        self.num_steps += 1
+        self.step_seconds_total += time.perf_counter() - start
+        if outputs.scheduler_stats is not None:
+            self.last_stats = self._add_engine_stats(outputs.scheduler_stats)
+        return outputs
+
+    def _launch(self) -> _InFlight:
+        """Schedules a step and dispatches it; requests that fail to stage fail at once."""
         scheduler_output = self.scheduler.schedule()
         # Usage peaks while the step runs (finished requests free their blocks after it).
         usage = self.scheduler.kv_cache_manager.usage
         self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, usage)
         masks = self.token_masks
         lora = self.lora
+        lora_names: dict[str, str] = {}
         if lora is not None:
             # the step's adapters by request (finished ones leave the scheduler in the update)
             lora_names = {
@@ -303,26 +364,45 @@ class EngineCore:
             }
             step_ids = {sr.request.lora_int_id for sr in scheduler_output.scheduled} - {0}
             lora.prepare(step_ids, self.scheduler.lora_use.running_ids(self.scheduler.running))
-        runner_output = self.runner.execute(
+        launched = self.runner.launch(
             scheduler_output,
             fill_mask=masks.fill if masks.num_requests else None,
             lora_slot_of=(lambda r: lora.slot_of(r.lora_int_id)) if lora is not None else None,
         )
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        failed = launched.staged.failed
+        if failed:
+            # before anything is scheduled after this step (async: before its collect)
+            for entry in scheduler_output.scheduled:
+                reason = failed.get(entry.request.request_id)
+                if reason is not None:
+                    self.scheduler.fail_staged(entry, reason)
+                    masks.remove(entry.request.request_id)
+        needs_host_tokens = any(
+            sr.is_sampling and sr.request.needs_host_tokens for sr in launched.staged.staged
+        )
+        return _InFlight(scheduler_output, launched, lora_names, needs_host_tokens)
+
+    def _finish(self, in_flight: _InFlight, *, wait: bool = True) -> EngineCoreOutputs:
+        """Collects a launched step and applies its tokens (stops, frees, grammars, stats);
+        wait=False: its tokens are not read (none of its requests is unfinished)."""
+        if wait:
+            runner_output = self.runner.collect(in_flight.launched)
+        else:
+            runner_output = ModelRunnerOutput(sampled_token_ids={})
+        outputs = self.scheduler.update_from_output(in_flight.scheduler_output, runner_output)
+        lora = self.lora
         if lora is not None:
+            lora_names = in_flight.lora_names
             for o in outputs.outputs:
                 if o.request_id in lora_names:
                     lora.stats.generated_tokens[lora_names[o.request_id]] += len(o.new_token_ids)
             lora.collect(self.scheduler.lora_use.refs)
+        masks = self.token_masks
         if masks.num_requests:
             for o in outputs.outputs:
                 masks.accept(o.request_id, o.new_token_ids)
                 if o.finished:
                     masks.remove(o.request_id)
-        self.num_steps += 1
-        self.step_seconds_total += time.perf_counter() - start
-        if outputs.scheduler_stats is not None:
-            self.last_stats = self._add_engine_stats(outputs.scheduler_stats)
         return outputs
 
     def _add_engine_stats(self, stats: SchedulerStats) -> SchedulerStats:
@@ -348,6 +428,7 @@ class EngineCore:
 
     def close(self) -> None:
         """Frees the device buffers (weights and KV cache); the engine is unusable after."""
+        self._in_flight = None  # its outputs go nowhere now
         self.runner.close()
         self.compile_cache.close()
         self.model = None  # type: ignore[assignment]

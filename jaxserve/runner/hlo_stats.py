@@ -170,6 +170,7 @@ def abstract_step_collectives(
     """
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxserve.model import llama, sharding
     from jaxserve.model.attention import KVCache
@@ -190,7 +191,10 @@ def abstract_step_collectives(
     kv = jax.ShapeDtypeStruct(kv_shape, dt, sharding=sharding.named(mesh, "kv_cache"))
     step = make_step_fn(exec_spec, "xla", mesh)
     inputs = dummy_step_inputs(shape, max_model_len, -(-exec_spec.vocab_size // 32))
-    text = step.lower(params, None, KVCache(k=kv, v=kv), inputs).compile().as_text()
+    last_ids = jax.ShapeDtypeStruct(
+        (shape[1],), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())
+    )
+    text = step.lower(params, None, KVCache(k=kv, v=kv), last_ids, inputs).compile().as_text()
     return collective_stats(text, exec_spec.num_layers)
 
 

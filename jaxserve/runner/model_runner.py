@@ -1,13 +1,16 @@
 """ModelRunner: owns the params and the paged KV cache on device, and runs the one jitted step
 (runner/step_fn.py builds it).
 
-execute(SchedulerOutput) stages the flat ragged batch on the host (numpy), runs the step
-(forward -> logits of sampling rows -> on-device sampler) with the KV cache donated, and
-returns only sampled ids and requested logprobs to the host.
+launch(SchedulerOutput) stages the flat ragged batch on the host (numpy) and dispatches the
+step (forward -> logits of sampling rows -> on-device sampler) with the KV cache donated;
+collect() waits for it and returns only sampled ids and requested logprobs to the host. In
+between, the host may schedule and launch the next step (async scheduling, engine/core.py):
+that one's decodes read the sampled ids this step leaves on the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -37,6 +40,7 @@ from jaxserve.runner.step_inputs import (
     Buckets,
     FillMask,
     LoRASlotOf,
+    StagedStep,
     StepInputs,
     build_step_inputs,
     dummy_step_inputs,
@@ -48,6 +52,18 @@ logger = logging.getLogger(__name__)
 
 def _no_adapter(request: Request) -> int:
     return 0
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """A step dispatched to the device and not read back yet."""
+
+    # its inputs, and the requests left out of it (the caller fails those at once)
+    staged: StagedStep
+    # its device outputs (futures until the step finishes); None when nothing ran (every
+    # scheduled request failed to stage, or none was scheduled)
+    out: SamplerOutput | None
+    prompt_out: PromptLogprobsOutput | None
 
 
 class ModelRunner:
@@ -124,6 +140,10 @@ class ModelRunner:
             # the head's own copy only on one device (the TP shardings name no tied head).
             self.params = llama.storage_params(self.params, untie_head=self.mesh is None)
         self.kv_cache = self._new_kv_cache()
+        # the last step's sampled ids by row, on the device (padded to the largest R bucket)
+        self._last_token_ids = self._new_token_ids()
+        # req_id -> its row in the last launched step, for the requests that step samples
+        self._last_rows: dict[str, int] = {}
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
         # that own the rest of the mesh (engine/follower.py); they run the same step.
         self.multihost = self.mesh is not None and step_broadcast.spans_processes(self.devices)
@@ -199,6 +219,14 @@ class ModelRunner:
             out_shardings=sharding.kv_cache_sharding(self.mesh),
         )()
 
+    def _new_token_ids(self) -> jax.Array:
+        """Zero sampled ids of the largest R bucket, placed as the step returns them."""
+        size = max(r for _, r, _ in self.buckets.all_shapes())
+        if self.mesh is None:
+            return jax.device_put(jnp.zeros(size, jnp.int32), self.devices[0])
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.jit(lambda: jnp.zeros(size, jnp.int32), out_shardings=replicated)()
+
     def use_attention_backend(self, backend: str) -> None:
         """Rebuilds the step for another attention backend (auto's fallback when the Pallas
         kernel fails to compile); a KV cache a failed call consumed is allocated again."""
@@ -212,7 +240,7 @@ class ModelRunner:
         attention backend compiles at all, for engines started without warmup."""
         inputs = self._dummy_inputs(self.buckets.all_shapes()[0])
         inputs = self.device_inputs(inputs)
-        self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs).compile()
+        self._step_fn.lower(*self._step_args(inputs)).compile()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -228,22 +256,26 @@ class ModelRunner:
                 out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
         return out
 
+    def _step_args(self, inputs: StepInputs) -> tuple[Any, ...]:
+        """The step's arguments around `inputs` (already on the device)."""
+        return self.params, self._lora_stacks, self.kv_cache, self._last_token_ids, inputs
+
     def _run_step(self, inputs: StepInputs) -> tuple[SamplerOutput, PromptLogprobsOutput]:
+        """Dispatches one step (it runs on the device while the host goes on)."""
         if self.multihost:
             if self.is_leader:
                 step_broadcast.send_step(inputs)
             inputs = step_broadcast.to_global(inputs, self.mesh)
         else:
             inputs = self.device_inputs(inputs)
-        self.kv_cache, out, prompt_out = self._step_fn(
-            self.params, self._lora_stacks, self.kv_cache, inputs
+        self.kv_cache, out, prompt_out, self._last_token_ids = self._step_fn(
+            *self._step_args(inputs)
         )
         return out, prompt_out
 
     def run_followed_step(self, inputs: StepInputs) -> None:
         """A follower process: runs one step process 0 broadcast (engine/follower.py's loop)."""
-        inputs = step_broadcast.to_global(inputs, self.mesh)
-        self.kv_cache, _, _ = self._step_fn(self.params, self._lora_stacks, self.kv_cache, inputs)
+        self._run_step(inputs)
         self.num_steps += 1
 
     def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
@@ -252,8 +284,7 @@ class ModelRunner:
         if shape is None:
             shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
         inputs = self.device_inputs(self._dummy_inputs(shape))
-        lowered = self._step_fn.lower(self.params, self._lora_stacks, self.kv_cache, inputs)
-        return lowered.compile().as_text()
+        return self._step_fn.lower(*self._step_args(inputs)).compile().as_text()
 
     def warmup(self, *, show_progress: bool = True) -> float:
         """Compiles every declared bucket once; returns the seconds it took."""
@@ -275,22 +306,22 @@ class ModelRunner:
         # (token ids in the vocabulary: an admission rule, core/admission.py)
         check_sampling_row(SamplingRow.from_request(request), self.penalty_len)
 
-    def execute(
+    def launch(
         self,
         scheduler_output: SchedulerOutput,
         fill_mask: FillMask | None = None,
         lora_slot_of: LoRASlotOf | None = None,
-    ) -> ModelRunnerOutput:
-        """Stages, runs and reads back one step; fill_mask gives its token bitmask rows
-        (TokenMasks.fill), None when no scheduled request is constrained; lora_slot_of the
-        device slot of each request's adapter (required when LoRA is on).
+    ) -> LaunchedStep:
+        """Stages and dispatches one step. fill_mask gives
+        its token bitmask rows (TokenMasks.fill), None when no scheduled request is
+        constrained; lora_slot_of the device slot of each request's adapter (required when
+        LoRA is on). A decode whose input token the previous launched step samples (async
+        scheduling) reads it from that step's output on the device.
 
-        NOTE on failures: staging and reading back are per request (a request that fails
-        there is named in ModelRunnerOutput.failed and the others go on); only the device
-        call itself raises, and that is fatal to the engine (the cache was donated to it).
+        NOTE on failures: staging is per request (one that fails is named in
+        LaunchedStep.staged.failed, and the others go on); only the device call itself raises,
+        and that is fatal to the engine (the cache was donated to it).
         """
-        if scheduler_output.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
         staged = build_step_inputs(
             scheduler_output,
             self.buckets,
@@ -299,16 +330,16 @@ class ModelRunner:
             bitmask_width=self.bitmask_width,
             fill_mask=fill_mask,
             lora_slot_of=(lora_slot_of or _no_adapter) if self.lora_slots is not None else None,
+            prev_rows=self._last_rows,
         )
-        failed = dict(staged.failed)
         inputs = staged.inputs
         if inputs is None:
-            return ModelRunnerOutput(sampled_token_ids={}, failed=failed)
+            return LaunchedStep(staged, None, None)
         before = self.compiles.count
         out, prompt_out = self._run_step(inputs)
-        host_out, host_prompt_out = fetch_step_outputs(
-            staged, out, prompt_out, batched=self.batched_fetch
-        )
+        self._last_rows = {
+            sr.request.request_id: i for i, sr in enumerate(staged.staged) if sr.is_sampling
+        }
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(
@@ -318,7 +349,19 @@ class ModelRunner:
                 inputs.num_blocks_per_req,
             )
         self.num_steps += 1
-        return read_step_outputs(staged, host_out, host_prompt_out, failed)
+        return LaunchedStep(staged, out, prompt_out)
+
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Waits for a launched step and reads back what its requests asked for; a request
+        whose read-back fails is named in `failed` (the ones left out at staging are not:
+        the caller failed them at launch)."""
+        staged = launched.staged
+        if launched.out is None:
+            return ModelRunnerOutput(sampled_token_ids={})
+        host_out, host_prompt_out = fetch_step_outputs(
+            staged, launched.out, launched.prompt_out, batched=self.batched_fetch
+        )
+        return read_step_outputs(staged, host_out, host_prompt_out, {})
 
     def close(self) -> None:
         """Frees every device buffer the runner holds (params and KV cache)."""

@@ -40,11 +40,13 @@ class SamplingRow:
     eos_token_id: int | None
 
     @classmethod
-    def from_request(cls, request: Request) -> SamplingRow:
+    def from_request(cls, request: Request, step: int | None = None) -> SamplingRow:
+        """step: the index of the output token this row samples (default: the next one the
+        host knows of; async scheduling passes the one after the token in flight)."""
         return cls(
             params=request.sampling_params,
             seed=request.sampling_seed,
-            step=request.num_output_tokens,
+            step=request.num_output_tokens if step is None else step,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             eos_token_id=request.eos_token_id,

@@ -1,7 +1,7 @@
 """The one jitted step: forward, logits of the sampling rows, the sampler, prompt logprobs.
 
 make_step_fn is the only jax.jit of a step in the engine; ModelRunner owns what it is called
-with (params, LoRA slots, the donated KV cache, the step inputs).
+with (params, LoRA slots, the donated KV cache, the previous step's sampled ids, the inputs).
 """
 
 from __future__ import annotations
@@ -28,16 +28,24 @@ def _step(
     params: object,
     lora: LoRAStacks | None,
     kv_cache: KVCache,
+    last_token_ids: jax.Array,
     inputs: StepInputs,
     *,
     spec: ModelSpec,
     attention: AttentionFn,
     mesh: Mesh | None,
-) -> tuple[KVCache, SamplerOutput, PromptLogprobsOutput]:
+) -> tuple[KVCache, SamplerOutput, PromptLogprobsOutput, jax.Array]:
+    """last_token_ids: i32[P] the previous step's sampled ids by row (P: the largest R
+    bucket); tokens whose inputs.prev_rows >= 0 take their id from it (async scheduling).
+    Returns this step's as the last output, for the next step."""
+    prev_rows = inputs.prev_rows
+    input_ids = jnp.where(
+        prev_rows >= 0, last_token_ids[jnp.maximum(prev_rows, 0)], inputs.input_ids
+    )
     hidden, kv_cache = forward(
         params,
         spec,
-        inputs.input_ids,
+        input_ids,
         inputs.positions,
         inputs.attn,
         kv_cache,
@@ -58,7 +66,9 @@ def _step(
 
     # Logits only for each request's last token: [R, V] instead of [T, V].
     sampled = sample(logits_of(hidden[inputs.logits_indices]), inputs.sampling)
-    return kv_cache, sampled, prompt_logprobs(hidden, inputs.prompt_targets, logits_of)
+    next_token_ids = jnp.zeros_like(last_token_ids).at[: inputs.num_reqs].set(sampled.token_ids)
+    prompt_out = prompt_logprobs(hidden, inputs.prompt_targets, logits_of)
+    return kv_cache, sampled, prompt_out, next_token_ids
 
 
 def make_step_fn(
@@ -82,7 +92,13 @@ def make_step_fn(
     # stays in place) and the step inputs/outputs are replicated on every device.
     return jax.jit(
         step,
-        in_shardings=(sharding.param_shardings(spec, mesh), lora_shardings, kv_sh, replicated),
-        out_shardings=(kv_sh, replicated, replicated),
+        in_shardings=(
+            sharding.param_shardings(spec, mesh),
+            lora_shardings,
+            kv_sh,
+            replicated,
+            replicated,
+        ),
+        out_shardings=(kv_sh, replicated, replicated, replicated),
         donate_argnames=("kv_cache",),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
         "logits_indices",
         "sampling",
         "prompt_targets",
+        "prev_rows",
         "lora_slots",
     ],
     meta_fields=["num_tokens", "num_reqs", "num_blocks_per_req"],
@@ -51,6 +52,8 @@ class StepInputs:
     sampling: SamplingMetadata  # per-row sampling parameters, [R, ...]
     prompt_targets: jax.Array  # i32[T] the prompt token each position predicts, for requests
     # with prompt_logprobs (runner/prompt_logprobs.py); -1 elsewhere
+    prev_rows: jax.Array  # i32[T] async scheduling: the row of the previous step's sampled
+    # ids that is this token's id (it was in flight when this step was staged); -1: input_ids
     num_tokens: int  # T, the token bucket
     num_reqs: int  # R, the request bucket
     num_blocks_per_req: int  # B, the block-table width bucket
@@ -149,8 +152,12 @@ def build_step_inputs(
     bitmask_width: int | None = None,
     fill_mask: FillMask | None = None,
     lora_slot_of: LoRASlotOf | None = None,
+    prev_rows: Mapping[str, int] | None = None,
 ) -> StagedStep:
     """Host-side (numpy) staging of one step; O(tokens + block-table entries).
+
+    prev_rows (async scheduling): req_id -> its row in the previous step, whose sampled id is
+    still on the device; a request whose last scheduled token is that one reads it from there.
 
     NOTE on failures: each request's rows are staged under their own guard; one that raises
     is left out and named in `failed`, and the step is staged again without it (a rare path:
@@ -166,7 +173,14 @@ def build_step_inputs(
             return StagedStep(inputs=None, staged=[], failed=failed)
         try:
             inputs = _stage(
-                todo, buckets, block_size, penalty_len, bitmask_width, fill_mask, lora_slot_of
+                todo,
+                buckets,
+                block_size,
+                penalty_len,
+                bitmask_width,
+                fill_mask,
+                lora_slot_of,
+                prev_rows or {},
             )
             spans = _prompt_spans(todo)
             if spans:
@@ -248,6 +262,8 @@ def _targets(spans: list[PromptLogprobSpan], num_tokens: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _no_targets(num_tokens: int) -> np.ndarray:
+    """All -1 i32[T], read-only and shared (DeviceInputs keeps it on the device): the
+    prompt_targets of a step without prompt logprobs, and its prev_rows without tokens in flight."""
     a = np.full(num_tokens, -1, np.int32)
     a.setflags(write=False)
     return a
@@ -261,6 +277,7 @@ def _stage(
     bitmask_width: int | None = None,
     fill_mask: FillMask | None = None,
     lora_slot_of: LoRASlotOf | None = None,
+    prev_rows: Mapping[str, int] | None = None,
 ) -> StepInputs:
     """The padded arrays of `scheduled`; raises _RequestStagingError naming the one that fails."""
     max_blocks = max(len(s.block_ids) for s in scheduled)
@@ -272,12 +289,22 @@ def _stage(
     ids: list[int] = []
     flat_blocks: list[int] = []
     starts, lens, num_blocks, slots = [], [], [], []
+    # tokens in flight (async scheduling): their index in the step, and their previous row
+    in_flight_at: list[int] = []
+    in_flight_rows: list[int] = []
     rows: list[SamplingRow | None] = [None] * r
     for i, sr in enumerate(scheduled):
         try:
+            request = sr.request
             start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
-            chunk = sr.request.all_token_ids[start : start + n]
-            if len(chunk) != n or -(-(start + n) // block_size) > len(sr.block_ids):
+            chunk = request.all_token_ids[start : start + n]
+            in_flight = len(chunk) != n
+            if in_flight:
+                _check_in_flight(sr, prev_rows)
+                in_flight_at.append(len(ids) + len(chunk))
+                in_flight_rows.append(prev_rows[request.request_id])  # type: ignore[index]
+                chunk.append(0)  # read on the device from the previous step's output
+            if -(-(start + n) // block_size) > len(sr.block_ids):
                 raise ValueError(f"no {n} tokens from {start} in {len(sr.block_ids)} blocks")
             ids += chunk
             flat_blocks += sr.block_ids
@@ -285,9 +312,14 @@ def _stage(
             lens.append(n)
             num_blocks.append(len(sr.block_ids))
             if lora_slot_of is not None:
-                slots.append(lora_slot_of(sr.request))
+                slots.append(lora_slot_of(request))
             if sr.is_sampling:
-                rows[i] = SamplingRow.from_request(sr.request)
+                # the output index of the token this row samples (one past any in flight)
+                step = start + n - request.num_prompt_tokens
+                row = rows[i] = SamplingRow.from_request(request, step)
+                if in_flight and row.params.has_penalties:
+                    # (the engine steps such requests synchronously: this is a bug guard)
+                    raise ValueError("penalties read every output token; one is in flight")
         except Exception as e:  # noqa: BLE001 - a failure here is this request's alone
             raise _RequestStagingError(sr) from e
     nreq = len(scheduled)
@@ -342,6 +374,10 @@ def _stage(
         )
     except RowStagingError as e:
         raise _RequestStagingError(scheduled[e.row]) from e.cause
+    prev = _no_targets(t)
+    if in_flight_at:
+        prev = np.full(t, -1, np.int32)
+        prev[in_flight_at] = in_flight_rows
     return StepInputs(
         input_ids=input_ids,
         positions=positions,
@@ -357,11 +393,31 @@ def _stage(
         logits_indices=logits_indices,
         sampling=sampling,
         prompt_targets=_no_targets(t),
+        prev_rows=prev,
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,
         lora_slots=lora_slots,
     )
+
+
+def _check_in_flight(sr: ScheduledRequest, prev_rows: Mapping[str, int] | None) -> None:
+    """A chunk may end one token short of the host's history: the token the previous step
+    samples (async scheduling), and only when that step's output holds it."""
+    request = sr.request
+    end = sr.num_computed_tokens + sr.num_scheduled_tokens
+    # (schedule() counted this step's own sample as a placeholder already)
+    before = request.num_output_placeholders - sr.is_sampling
+    if (
+        end != request.num_tokens + 1
+        or before != 1
+        or prev_rows is None
+        or request.request_id not in prev_rows
+    ):
+        raise ValueError(
+            f"tokens up to {end} scheduled, the request has {request.num_tokens} "
+            f"and {before} in flight"
+        )
 
 
 def dummy_step_inputs(
@@ -389,6 +445,7 @@ def dummy_step_inputs(
         ),
         logits_indices=zeros(r),
         prompt_targets=_no_targets(t),
+        prev_rows=_no_targets(t),
         sampling=build_sampling_metadata(list(rows), r, penalty_len, bitmask_width=bitmask_width),
         num_tokens=t,
         num_reqs=r,

@@ -88,6 +88,10 @@ class TokenMasks:
             allowed, p.bad_words_token_ids, so is not None, waiting_for
         )
 
+    def has_rules(self, request_id: str) -> bool:
+        """Whether the request's steps carry a mask row (its rules were added)."""
+        return request_id in self._rules
+
     def remove(self, request_id: str) -> None:
         rules = self._rules.pop(request_id, None)
         if rules is not None and rules.structured:

@@ -51,14 +51,25 @@ configs = st.fixed_dictionaries(
 
 
 class FakeDevice:
-    """The KV cache as contents: slot -> (cache_salt, the token prefix that wrote it)."""
+    """The KV cache as contents: slot -> (cache_salt, the token prefix that wrote it).
+
+    Under async scheduling a decode's input token is the one the previous step sampled, which
+    the host does not know yet: the device takes it from its own last output, as the runner's
+    step does.
+    """
 
     def __init__(self) -> None:
         self.slots: dict[tuple[int, int], tuple] = {}
+        # req_id -> the token the last executed step sampled for it
+        self.last_sampled: dict[str, int] = {}
 
     def execute(self, output, rng: random.Random) -> ModelRunnerOutput:
         def content(request, pos):
-            return (request.cache_salt, tuple(request.all_token_ids[: pos + 1]))
+            tokens = request.all_token_ids[: pos + 1]
+            if pos == len(request.all_token_ids):  # in flight: on the device only
+                tokens = [*tokens, self.last_sampled[request.request_id]]
+            assert len(tokens) == pos + 1, (request, pos)
+            return (request.cache_salt, tuple(tokens))
 
         # every write of the step lands before any read (as the runner does, layer by layer)
         for s in output.scheduled:
@@ -76,6 +87,7 @@ class FakeDevice:
                 # mostly ordinary tokens, so requests live long enough to run out of blocks
                 stop = rng.random() < 0.05
                 tokens[s.request.request_id] = rng.choice([EOS, STOP_ID] if stop else range(40, 48))
+        self.last_sampled = tokens
         return ModelRunnerOutput(sampled_token_ids=tokens)
 
 
@@ -107,7 +119,39 @@ def check_invariants(scheduler: Scheduler) -> None:
     assert num_running + len(scheduler.waiting) == len(scheduler.requests)
 
 
-def run_step(scheduler: Scheduler, device: FakeDevice, rng: random.Random) -> None:
+class Driver:
+    """Steps the scheduler as EngineCore does; pipelined: step k+1 is scheduled and executed
+    before step k's tokens are given to update_from_output (async scheduling)."""
+
+    def __init__(self, scheduler: Scheduler, pipelined: bool) -> None:
+        self.scheduler = scheduler
+        self.pipelined = pipelined
+        self.device = FakeDevice()
+        # (the scheduled step, its tokens) not applied yet
+        self.pending: tuple | None = None
+
+    @property
+    def has_work(self) -> bool:
+        return self.pending is not None or self.scheduler.has_unfinished_requests()
+
+    def step(self, rng: random.Random) -> None:
+        pending, self.pending = self.pending, None
+        launched = None
+        if self.scheduler.has_unfinished_requests():
+            output = schedule_checked(self.scheduler)
+            launched = (output, self.device.execute(output, rng))
+        if pending is not None:
+            self.scheduler.update_from_output(*pending)
+            check_invariants(self.scheduler)
+        if launched is not None:
+            if self.pipelined:
+                self.pending = launched
+            else:
+                self.scheduler.update_from_output(*launched)
+                check_invariants(self.scheduler)
+
+
+def schedule_checked(scheduler: Scheduler):
     config = scheduler.scheduler_config
     output = scheduler.schedule()
     assert output.total_num_scheduled_tokens == sum(
@@ -117,19 +161,29 @@ def run_step(scheduler: Scheduler, device: FakeDevice, rng: random.Random) -> No
     assert len(output.scheduled) <= config.max_num_seqs
     assert len({s.request.request_id for s in output.scheduled}) == len(output.scheduled)
     for s in output.scheduled:
+        request = s.request
         assert s.num_scheduled_tokens > 0
         assert s.num_computed_tokens + s.num_scheduled_tokens <= MAX_MODEL_LEN
+        # (this step's own sample is counted as a placeholder already)
+        in_flight_before = request.num_output_placeholders - s.is_sampling
+        assert in_flight_before in (0, 1)
         assert s.is_sampling == (
-            s.num_computed_tokens + s.num_scheduled_tokens == s.request.num_tokens
+            s.num_computed_tokens + s.num_scheduled_tokens == request.num_tokens + in_flight_before
         )
+        # never past the output a request may have
+        assert request.num_output_tokens + request.num_output_placeholders <= request.max_tokens
     check_invariants(scheduler)
-    scheduler.update_from_output(output, device.execute(output, rng))
-    check_invariants(scheduler)
+    return output
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs, ops=operations, rng=st.randoms(use_true_random=False))
-def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng):
+@given(
+    config=configs,
+    ops=operations,
+    rng=st.randoms(use_true_random=False),
+    pipelined=st.booleans(),
+)
+def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng, pipelined):
     scheduler = Scheduler(
         SchedulerConfig(
             max_num_batched_tokens=config["max_num_batched_tokens"],
@@ -141,7 +195,7 @@ def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng):
         CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=config["enable_prefix_caching"]),
         config["num_blocks"],
     )
-    device = FakeDevice()
+    driver = Driver(scheduler, pipelined)
     added: dict[str, Request] = {}
     aborted: set[str] = set()
     for op in ops:
@@ -169,7 +223,7 @@ def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng):
                 added[req_id] = request
         elif op[0] == "step":
             for _ in range(op[1]):
-                run_step(scheduler, device, rng)
+                driver.step(rng)
         else:
             if added:
                 req_id = f"r{op[1] % len(added)}"
@@ -180,10 +234,10 @@ def test_random_workloads_keep_blocks_consistent_and_finish(config, ops, rng):
 
     # every request still running must finish within a bounded number of steps
     for _ in range(2000):
-        if not scheduler.has_unfinished_requests():
+        if not driver.has_work:
             break
-        run_step(scheduler, device, rng)
-    assert not scheduler.has_unfinished_requests()
+        driver.step(rng)
+    assert not driver.has_work
     for req_id, request in added.items():
         if req_id in aborted:
             assert request.status == RequestStatus.FINISHED_ABORTED

@@ -25,9 +25,12 @@ PROMPTS = {f"ok-{i}": list(range(300 + 7 * i, 311 + 9 * i)) for i in range(3)}
 SHARED = list(range(1000, 1040))
 
 
-@pytest.fixture(scope="module")
-def core(tiny_model_dir):
-    c = EngineCore(EngineArgs(model=str(tiny_model_dir), **ENGINE), show_progress=False)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def core(tiny_model_dir, request):
+    """async: a failure found at staging must be applied before the next step is scheduled,
+    which async scheduling runs before the failed step is collected."""
+    args = EngineArgs(model=str(tiny_model_dir), async_scheduling=request.param, **ENGINE)
+    c = EngineCore(args, show_progress=False)
     yield c
     c.close()
 
@@ -37,10 +40,10 @@ def _fail_staging_of(request_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
     class FailingRow(SamplingRow):
         @classmethod
-        def from_request(cls, request: Request) -> SamplingRow:
+        def from_request(cls, request: Request, step: int | None = None) -> SamplingRow:
             if request.request_id == request_id:
                 raise RuntimeError("injected staging failure")
-            return SamplingRow.from_request(request)
+            return SamplingRow.from_request(request, step)
 
     monkeypatch.setattr(step_inputs, "SamplingRow", FailingRow)
 
