@@ -117,7 +117,12 @@ class LLM:
         request was lost: that raises instead of spinning forever (a hung notebook cell).
         """
         engine = self._engine()
-        steps_before = engine.core.num_steps
+        if not engine.core.has_unfinished_requests():
+            raise RuntimeError(
+                f"the engine core has no request to run, yet {sorted(self._tracked)} wait "
+                "for output"
+            )
+        stats_before = engine.core.last_stats
         self._stepping = True
         try:
             outputs = engine.step()
@@ -126,14 +131,11 @@ class LLM:
             for request_id in self._deferred_aborts:
                 engine.abort_request(request_id)
             self._deferred_aborts.clear()
-        if engine.core.num_steps == steps_before:
-            raise RuntimeError(
-                f"the engine core has no request to run, yet {sorted(self._tracked)} wait "
-                "for output"
-            )
-        used = engine.core.last_stats.num_used_blocks
-        for recorder in self._recorders:
-            recorder.on_step(used)
+        if engine.core.last_stats is not stats_before:
+            # a step's outputs came back (async scheduling: none on the first call)
+            used = engine.core.last_stats.num_used_blocks
+            for recorder in self._recorders:
+                recorder.on_step(used)
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:

@@ -178,6 +178,7 @@ class EngineCore:
         self.last_stats = SchedulerStats()
         # highest KV cache usage seen after any step (for benchmarks and notebooks)
         self.peak_kv_cache_usage = 0.0
+        # steps launched on the device (a schedule with nothing to run is not one)
         self.num_steps = 0
         self.step_seconds_total = 0.0
         # schedule step k+1 before collecting step k (multi-host steps stay synchronous: the
@@ -340,7 +341,8 @@ class EngineCore:
                 outputs = EngineCoreOutputs(
                     outputs=outputs.outputs + last.outputs, scheduler_stats=last.scheduler_stats
                 )
-        self.num_steps += 1
+        if launched is not None and launched.launched.out is not None:
+            self.num_steps += 1  # a step ran on the device
         self.step_seconds_total += time.perf_counter() - start
         if outputs.scheduler_stats is not None:
             self.last_stats = self._add_engine_stats(outputs.scheduler_stats)

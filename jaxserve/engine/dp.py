@@ -217,16 +217,17 @@ class DPEngineCore:
     def step(self) -> EngineCoreOutputs:
         """One step of every replica that has work; their outputs, merged."""
         outputs = []
-        stepped = False
+        collected = False  # some replica's step came back (async: none does on its first)
         for core in self.replicas:
             if core.has_unfinished_requests():
-                outputs.extend(core.step().outputs)
-                stepped = True
+                out = core.step()
+                outputs.extend(out.outputs)
+                collected |= out.scheduler_stats is not None
         for o in outputs:
             if o.finished:
                 self._owner.pop(o.request_id, None)
-        if not stepped:
-            return EngineCoreOutputs()
+        if not collected:
+            return EngineCoreOutputs(outputs=outputs)
         # Fresh from every replica (an idle one's blocks change too, when aborts free them).
         self.last_stats = self.make_stats()
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.last_stats)

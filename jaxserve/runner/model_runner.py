@@ -140,8 +140,9 @@ class ModelRunner:
             # the head's own copy only on one device (the TP shardings name no tied head).
             self.params = llama.storage_params(self.params, untie_head=self.mesh is None)
         self.kv_cache = self._new_kv_cache()
-        # the last step's sampled ids by row, on the device (padded to the largest R bucket)
-        self._last_token_ids = self._new_token_ids()
+        # the last step's sampled ids by row, on the device (padded to the largest R bucket):
+        # the next step's input for tokens still in flight (async scheduling)
+        self.last_token_ids = self._new_token_ids()
         # req_id -> its row in the last launched step, for the requests that step samples
         self._last_rows: dict[str, int] = {}
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
@@ -258,7 +259,7 @@ class ModelRunner:
 
     def _step_args(self, inputs: StepInputs) -> tuple[Any, ...]:
         """The step's arguments around `inputs` (already on the device)."""
-        return self.params, self._lora_stacks, self.kv_cache, self._last_token_ids, inputs
+        return self.params, self._lora_stacks, self.kv_cache, self.last_token_ids, inputs
 
     def _run_step(self, inputs: StepInputs) -> tuple[SamplerOutput, PromptLogprobsOutput]:
         """Dispatches one step (it runs on the device while the host goes on)."""
@@ -268,7 +269,7 @@ class ModelRunner:
             inputs = step_broadcast.to_global(inputs, self.mesh)
         else:
             inputs = self.device_inputs(inputs)
-        self.kv_cache, out, prompt_out, self._last_token_ids = self._step_fn(
+        self.kv_cache, out, prompt_out, self.last_token_ids = self._step_fn(
             *self._step_args(inputs)
         )
         return out, prompt_out
