@@ -39,7 +39,7 @@ from jaxserve.model.attention import AttentionMetadata, KVCache, kv_storage_dtyp
 from jaxserve.model.layers import AttentionFn
 from jaxserve.model.llama import forward
 from jaxserve.model.spec import ModelSpec
-from jaxserve.runner.step_inputs import _powers_of_two
+from jaxserve.runner.buckets import powers_of_two
 
 if TYPE_CHECKING:
     from jaxserve.runner.model_runner import ModelRunner
@@ -139,7 +139,7 @@ class Embedder:
         self.max_model_len = max_model_len
         self.chunk_size = chunk_size
         # scratch cache sizes in KV blocks, one compiled program each
-        self.block_buckets = _powers_of_two(1, -(-max_model_len // block_size))
+        self.block_buckets = powers_of_two(1, -(-max_model_len // block_size))
         if mesh is None and device is None:
             device = jax.devices()[0]
         platform = device.platform if mesh is None else mesh.devices.flat[0].platform

@@ -29,6 +29,7 @@ from jaxserve.model.lora import LoRAStacks
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
 from jaxserve.runner import step_broadcast
+from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.compile_counter import CompileCounter
 from jaxserve.runner.device_inputs import DeviceInputs
 from jaxserve.runner.lora_slots import DeviceLoRASlots
@@ -37,7 +38,6 @@ from jaxserve.runner.sampler import SamplerOutput
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row, penalty_width
 from jaxserve.runner.step_fn import make_step_fn
 from jaxserve.runner.step_inputs import (
-    Buckets,
     FillMask,
     LoRASlotOf,
     StagedStep,

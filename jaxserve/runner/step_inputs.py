@@ -18,6 +18,8 @@ import numpy as np
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.model.attention import AttentionMetadata, query_tiles
 from jaxserve.request import Request
+from jaxserve.runner.buckets import Buckets
+from jaxserve.runner.prompt_spans import PromptLogprobSpan, prompt_spans, prompt_targets
 from jaxserve.runner.sampler import SamplingMetadata
 from jaxserve.runner.sampling_metadata import (
     RowStagingError,
@@ -59,67 +61,6 @@ class StepInputs:
     num_blocks_per_req: int  # B, the block-table width bucket
     # i32[T] each token's LoRA adapter slot (0: none, padding too); None when LoRA is off
     lora_slots: jax.Array | None = None
-
-
-def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-    sizes, s = [], lo
-    while s < hi:
-        sizes.append(s)
-        s *= 2
-    sizes.append(hi)
-    return tuple(sizes)
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """The declared shape buckets: every step is padded up to one of these."""
-
-    # token counts T, ascending; the last is max_num_batched_tokens
-    token_sizes: tuple[int, ...]
-    # block-table widths B, ascending; the last covers max_model_len
-    block_sizes: tuple[int, ...]
-    # most requests in a step (R is min(T, this), rounded up to a power of two)
-    max_num_seqs: int
-
-    @classmethod
-    def make(
-        cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int
-    ) -> Buckets:
-        max_blocks = -(-max_model_len // block_size)
-        return cls(
-            token_sizes=_powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens),
-            block_sizes=_powers_of_two(min(4, max_blocks), max_blocks),
-            max_num_seqs=max_num_seqs,
-        )
-
-    def num_reqs_for(self, num_tokens: int) -> int:
-        r = 1
-        while r < min(num_tokens, self.max_num_seqs):
-            r *= 2
-        return r
-
-    def select(self, num_tokens: int, num_blocks: int) -> tuple[int, int, int]:
-        t = next(s for s in self.token_sizes if s >= num_tokens)
-        b = next(s for s in self.block_sizes if s >= num_blocks)
-        return t, self.num_reqs_for(t), b
-
-    def all_shapes(self) -> list[tuple[int, int, int]]:
-        return [(t, self.num_reqs_for(t), b) for t in self.token_sizes for b in self.block_sizes]
-
-
-@dataclasses.dataclass
-class PromptLogprobSpan:
-    """Where one request's prompt-logprob positions sit in a step."""
-
-    request_id: str
-    # index into the step's T of its first asking position
-    offset: int
-    # the prompt tokens those positions predict, in order
-    target_ids: list[int]
-    # index of the first of them in the request's prompt_logprobs (= its prompt position)
-    first_index: int
-    # top-N the request asked for
-    top_n: int
 
 
 @dataclasses.dataclass
@@ -182,9 +123,9 @@ def build_step_inputs(
                 lora_slot_of,
                 prev_rows or {},
             )
-            spans = _prompt_spans(todo)
+            spans = prompt_spans(todo)
             if spans:
-                inputs.prompt_targets = _targets(spans, inputs.num_tokens)
+                inputs.prompt_targets = prompt_targets(spans, inputs.num_tokens)
             return StagedStep(inputs, todo, failed, spans)
         except _RequestStagingError as e:
             sr = e.scheduled
@@ -235,29 +176,6 @@ def _sharing_unwritten_blocks(
             unwritten.update(_written_blocks(sr, block_size))
             changed = True
     return more
-
-
-def _prompt_spans(scheduled: Sequence[ScheduledRequest]) -> list[PromptLogprobSpan]:
-    """Position p (< the prompt's last) of a request with prompt_logprobs predicts token p + 1."""
-    spans = []
-    offset = 0
-    for sr in scheduled:
-        request = sr.request
-        top_n = request.sampling_params.prompt_logprobs
-        start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
-        last = min(start + n, request.num_prompt_tokens - 1)  # positions start .. last - 1
-        if top_n is not None and start < last:
-            targets = request.prompt_token_ids[start + 1 : last + 1]
-            spans.append(PromptLogprobSpan(request.request_id, offset, targets, start, top_n))
-        offset += n
-    return spans
-
-
-def _targets(spans: list[PromptLogprobSpan], num_tokens: int) -> np.ndarray:
-    targets = np.full(num_tokens, -1, np.int32)
-    for span in spans:
-        targets[span.offset : span.offset + len(span.target_ids)] = span.target_ids
-    return targets
 
 
 @functools.lru_cache(maxsize=32)

@@ -213,7 +213,7 @@ def test_abort_while_a_step_runs_frees_everything(async_core):
     for _ in range(4):  # past the prefills: a-1's decode is in flight now
         for o in async_core.step().outputs:
             seen.setdefault(o.request_id, []).extend(o.new_token_ids)
-    assert async_core._in_flight is not None
+    assert async_core.steps.in_flight is not None
     async_core.abort_requests(["a-1"])
     rest = _drain(async_core)
     assert "a-1" not in rest  # its in-flight token is dropped, not sent

@@ -7,8 +7,9 @@ import numpy as np
 
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.request import Request
+from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.device_inputs import DeviceInputs
-from jaxserve.runner.step_inputs import Buckets, build_step_inputs
+from jaxserve.runner.step_inputs import build_step_inputs
 from jaxserve.sampling_params import SamplingParams
 
 BLOCK = 4

@@ -7,7 +7,8 @@ import pytest
 
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.request import Request
-from jaxserve.runner.step_inputs import Buckets, build_step_inputs, dummy_step_inputs
+from jaxserve.runner.buckets import Buckets
+from jaxserve.runner.step_inputs import build_step_inputs, dummy_step_inputs
 from jaxserve.sampling_params import SamplingParams
 
 BLOCK = 4
