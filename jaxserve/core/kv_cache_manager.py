@@ -135,7 +135,11 @@ class KVCacheManager:
             # the common decode step: its token fits the blocks already held
             num_tokens_after = request.num_computed_tokens + num_new_tokens
             if num_tokens_after <= len(held_ids) * self.block_size:
-                if self.enable_caching:
+                if (
+                    self.enable_caching
+                    and min(num_tokens_after, request.num_tokens) // self.block_size
+                    > self.num_cached_blocks[req_id]
+                ):  # (checked here: most decode steps fill no block)
                     self._cache_full_blocks(request, self.req_to_blocks[req_id], num_tokens_after)
                 return held_ids
         hit_blocks = [self.block_pool.blocks[i] for i in new_computed_block_ids or ()]

@@ -95,9 +95,11 @@ class Scheduler(RequestQueues):
                     request.num_planned_tokens - num_computed,
                     token_budget,
                     self.max_model_len - num_computed,
+                    chunk_cap,  # a decode's 1 token is never capped
                 )
-                num_new = min(num_new, chunk_cap)  # a decode's 1 token is never capped
-                if num_new <= 0 or self._ends_when_in_flight_lands(request):
+                if num_new <= 0 or (
+                    request.num_output_placeholders and self._ends_when_in_flight_lands(request)
+                ):
                     # nothing to compute (the runner skipped its sample), or (async) the
                     # token in flight is its last
                     req_index += 1

@@ -156,6 +156,26 @@ def required_penalty_len(rows: Sequence[SamplingRow | None]) -> int:
     return max((row.num_penalty_tokens for row in rows if row is not None), default=0)
 
 
+# id(SamplingParams) -> (the params, their float32 and int32 step values); a request's params
+# are one object for its life, so a step looks them up instead of converting ~10 scalars.
+_FIXED: dict[int, tuple[SamplingParams, np.ndarray, np.ndarray]] = {}
+_MAX_FIXED = 4096
+
+
+def _fixed_values(p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """(f32[_FLOAT32_FIELDS], i32[top_k, logprobs or -1]) of `p`; raises (OverflowError) for
+    an int that int32 cannot hold, as a per-row write would."""
+    hit = _FIXED.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1], hit[2]
+    f = np.array([getattr(p, name) for name in _FLOAT32_FIELDS], np.float32)
+    k = np.array([p.top_k, -1 if p.logprobs is None else p.logprobs], np.int32)
+    if len(_FIXED) >= _MAX_FIXED:
+        _FIXED.clear()
+    _FIXED[id(p)] = (p, f, k)
+    return f, k
+
+
 @functools.lru_cache(maxsize=64)
 def _all_minus_one(num_rows: int, width: int) -> np.ndarray:
     # Shared across steps: the common no-penalty case allocates nothing. Read-only so a
@@ -189,38 +209,37 @@ def build_sampling_metadata(
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in num_rows={num_rows}")
-    temperature = np.zeros(num_rows, np.float32)
-    top_k = np.zeros(num_rows, np.int32)
-    top_p = np.ones(num_rows, np.float32)
-    min_p = np.zeros(num_rows, np.float32)
-    presence = np.zeros(num_rows, np.float32)
-    frequency = np.zeros(num_rows, np.float32)
-    repetition = np.ones(num_rows, np.float32)
+    # padding rows: greedy, no filters, no penalties, no logprobs
+    floats = np.zeros((num_rows, len(_FLOAT32_FIELDS)), np.float32)
+    floats[:, [_FLOAT32_FIELDS.index(f) for f in ("top_p", "repetition_penalty")]] = 1.0
+    ints = np.zeros((num_rows, 2), np.int32)  # top_k, logprobs (-1: none)
+    ints[:, 1] = -1
     seeds = np.zeros(num_rows, np.uint32)
     steps = np.zeros(num_rows, np.int32)
-    num_logprobs = np.full(num_rows, -1, np.int32)
     prompt_lens = np.zeros(num_rows, np.int32)
     banned: np.ndarray | None = None
     penalty_ids: np.ndarray | None = None
     bias_ids: np.ndarray | None = None
     bias_values: np.ndarray | None = None
 
+    # One Python pass collects each real row's values (its fixed ones converted once per
+    # SamplingParams: _fixed_values); numpy then writes each column in one operation.
+    real: list[int] = []
+    fixed_f: list[np.ndarray] = []
+    fixed_i: list[np.ndarray] = []
+    row_seeds: list[int] = []
+    row_steps: list[int] = []
     for i, row in enumerate(rows):
         if row is None:
             continue
         try:
             p = row.params
-            temperature[i] = p.temperature
-            top_k[i] = p.top_k
-            top_p[i] = p.top_p
-            min_p[i] = p.min_p
-            presence[i] = p.presence_penalty
-            frequency[i] = p.frequency_penalty
-            repetition[i] = p.repetition_penalty
-            seeds[i] = fold_seed(row.seed)
-            steps[i] = row.step
-            if p.logprobs is not None:
-                num_logprobs[i] = p.logprobs
+            f, k = _fixed_values(p)
+            real.append(i)
+            fixed_f.append(f)
+            fixed_i.append(k)
+            row_seeds.append(fold_seed(row.seed))
+            row_steps.append(row.step)
             ban = row.banned_token_ids
             if ban:
                 if banned is None:
@@ -247,16 +266,26 @@ def build_sampling_metadata(
                 penalty_ids[i, :num_prompt] = row.prompt_token_ids
                 penalty_ids[i, num_prompt:n] = row.output_token_ids
                 prompt_lens[i] = num_prompt
+            if not 0 <= row.step <= _INT32.max:
+                raise ValueError(f"step {row.step} is outside int32")
         except Exception as e:  # noqa: BLE001 - a failure here is this row's alone
             raise RowStagingError(i, e) from e
+    if real:
+        floats[real] = fixed_f
+        ints[real] = fixed_i
+        seeds[real] = row_seeds
+        steps[real] = row_steps
+    # (contiguous columns: jit copies those straight in)
+    column = dict(zip(_FLOAT32_FIELDS, np.ascontiguousarray(floats.T), strict=True))
+    ints = np.ascontiguousarray(ints.T).T
     return SamplingMetadata(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        presence_penalty=presence,
-        frequency_penalty=frequency,
-        repetition_penalty=repetition,
+        temperature=column["temperature"],
+        top_k=ints[:, 0],
+        top_p=column["top_p"],
+        min_p=column["min_p"],
+        presence_penalty=column["presence_penalty"],
+        frequency_penalty=column["frequency_penalty"],
+        repetition_penalty=column["repetition_penalty"],
         seeds=seeds,
         steps=steps,
         banned_token_ids=(
@@ -266,7 +295,7 @@ def build_sampling_metadata(
             penalty_ids if penalty_ids is not None else _all_minus_one(num_rows, penalty_len)
         ),
         penalty_prompt_lens=prompt_lens,
-        num_logprobs=num_logprobs,
+        num_logprobs=ints[:, 1],
         logit_bias_ids=(
             bias_ids if bias_ids is not None else _all_minus_one(num_rows, MAX_LOGIT_BIAS)
         ),
