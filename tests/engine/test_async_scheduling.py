@@ -15,9 +15,9 @@ import pytest
 
 from jaxserve import LLM
 from jaxserve.config import EngineArgs
-from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.engine.core import EngineCore
 from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
+from tests.engine.core_requests import core_request
 
 # a small budget and few seats: prompts are chunked, and decodes share steps with prefills
 ENGINE = dict(max_model_len=128, max_num_batched_tokens=32, max_num_seqs=8, enable_warmup=False)
@@ -151,17 +151,6 @@ class _Trace:
         return most
 
 
-def _request(rid: str, prompt: list[int], params: SamplingParams) -> EngineCoreRequest:
-    return EngineCoreRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling_params=params,
-        eos_token_id=None,
-        sampling_seed=0,
-        max_tokens=params.max_tokens,
-    )
-
-
 @pytest.fixture(scope="module")
 def async_core(tiny_model_dir):
     args = EngineArgs(model=str(tiny_model_dir), async_scheduling=True, **ENGINE)
@@ -188,7 +177,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 def test_the_next_step_is_launched_before_the_last_is_collected(async_core):
     trace = _Trace(async_core)
     for i in range(3):
-        async_core.add_request(_request(f"plain-{i}", list(range(200 + i, 220 + i)), GREEDY))
+        async_core.add_request(core_request(f"plain-{i}", list(range(200 + i, 220 + i)), GREEDY))
     tokens = _drain(async_core)
     assert all(len(t) == 10 for t in tokens.values())
     # two steps on the device's queue at once, in every step but the first and the last
@@ -201,14 +190,14 @@ def test_the_next_step_is_launched_before_the_last_is_collected(async_core):
 def test_a_penalty_request_makes_its_steps_synchronous(async_core):
     trace = _Trace(async_core)
     params = SamplingParams(temperature=0.0, max_tokens=6, frequency_penalty=0.5)
-    async_core.add_request(_request("penalised", list(range(300, 320)), params))
+    async_core.add_request(core_request("penalised", list(range(300, 320)), params))
     assert len(_drain(async_core)["penalised"]) == 6
     assert trace.max_in_flight == 1
 
 
 def test_abort_while_a_step_runs_frees_everything(async_core):
     for i in range(4):
-        async_core.add_request(_request(f"a-{i}", list(range(400 + i, 430 + i)), GREEDY))
+        async_core.add_request(core_request(f"a-{i}", list(range(400 + i, 430 + i)), GREEDY))
     seen: dict[str, list[int]] = {}
     for _ in range(4):  # past the prefills: a-1's decode is in flight now
         for o in async_core.step().outputs:
@@ -224,7 +213,7 @@ def test_abort_while_a_step_runs_frees_everything(async_core):
 
 def test_placeholders_come_back_to_zero(async_core):
     requests = [
-        async_core.to_request(_request(f"p-{i}", list(range(500 + i, 510 + i)), GREEDY))
+        async_core.to_request(core_request(f"p-{i}", list(range(500 + i, 510 + i)), GREEDY))
         for i in range(3)
     ]
     for r in requests:

@@ -17,6 +17,7 @@ from jaxserve.request import Request
 from jaxserve.runner import step_inputs
 from jaxserve.runner.sampling_metadata import SamplingRow
 from jaxserve.sampling_params import SamplingParams
+from tests.engine.core_requests import core_request
 
 ENGINE = dict(max_model_len=64, max_num_batched_tokens=64, max_num_seqs=8, enable_warmup=False)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -54,14 +55,7 @@ def test_engine_core_has_the_core_interface(core):
 
 
 def _request(rid: str, prompt: list[int], params: SamplingParams = GREEDY) -> EngineCoreRequest:
-    return EngineCoreRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling_params=params,
-        eos_token_id=None,
-        sampling_seed=0,
-        max_tokens=params.max_tokens,
-    )
+    return core_request(rid, prompt, params)
 
 
 def _unchecked_top_k(top_k: int) -> SamplingParams:
