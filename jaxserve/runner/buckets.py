@@ -54,3 +54,13 @@ class Buckets:
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         return [(t, self.num_reqs_for(t), b) for t in self.token_sizes for b in self.block_sizes]
+
+    @property
+    def max_num_reqs(self) -> int:
+        """The largest R bucket (a power of two: it may pass max_num_seqs)."""
+        return self.num_reqs_for(self.token_sizes[-1])
+
+    @property
+    def max_blocks_per_req(self) -> int:
+        """The widest B bucket."""
+        return self.block_sizes[-1]

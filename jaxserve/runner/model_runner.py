@@ -32,6 +32,7 @@ from jaxserve.runner import step_broadcast
 from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.compile_counter import CompileCounter
 from jaxserve.runner.device_inputs import DeviceInputs
+from jaxserve.runner.input_batch import InputBatch
 from jaxserve.runner.lora_slots import DeviceLoRASlots
 from jaxserve.runner.prompt_logprobs import PromptLogprobsOutput
 from jaxserve.runner.sampler import SamplerOutput
@@ -145,6 +146,8 @@ class ModelRunner:
         self.last_token_ids = self._new_token_ids()
         # req_id -> its row in the last launched step, for the requests that step samples
         self._last_rows: dict[str, int] = {}
+        # the step batch's rows, kept between steps (a row is written when it changes)
+        self.input_batch = InputBatch(self.buckets.max_num_reqs, self.buckets.max_blocks_per_req)
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
         # that own the rest of the mesh (engine/follower.py); they run the same step.
         self.multihost = self.mesh is not None and step_broadcast.spans_processes(self.devices)
@@ -332,6 +335,7 @@ class ModelRunner:
             fill_mask=fill_mask,
             lora_slot_of=(lora_slot_of or _no_adapter) if self.lora_slots is not None else None,
             prev_rows=self._last_rows,
+            batch=self.input_batch,
         )
         inputs = staged.inputs
         if inputs is None:

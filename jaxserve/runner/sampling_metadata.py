@@ -157,12 +157,18 @@ def required_penalty_len(rows: Sequence[SamplingRow | None]) -> int:
 
 
 # id(SamplingParams) -> (the params, their float32 and int32 step values); a request's params
-# are one object for its life, so a step looks them up instead of converting ~10 scalars.
+# are one object for its life, so they are converted once, not once per step.
 _FIXED: dict[int, tuple[SamplingParams, np.ndarray, np.ndarray]] = {}
 _MAX_FIXED = 4096
 
+# The fixed values of a padding row: greedy, no filters, no penalties, no logprobs (-1).
+PADDING_FLOATS = np.array(
+    [1.0 if f in ("top_p", "repetition_penalty") else 0.0 for f in _FLOAT32_FIELDS], np.float32
+)
+PADDING_INTS = np.array([0, -1], np.int32)  # top_k, logprobs
 
-def _fixed_values(p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+
+def fixed_values(p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """(f32[_FLOAT32_FIELDS], i32[top_k, logprobs or -1]) of `p`; raises (OverflowError) for
     an int that int32 cannot hold, as a per-row write would."""
     hit = _FIXED.get(id(p))
@@ -174,6 +180,16 @@ def _fixed_values(p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
         _FIXED.clear()
     _FIXED[id(p)] = (p, f, k)
     return f, k
+
+
+def logit_bias_arrays(p: SamplingParams) -> tuple[np.ndarray, np.ndarray] | None:
+    """(i32 ids, f32 values) of p.logit_bias, None without one."""
+    if not p.logit_bias:
+        return None
+    if len(p.logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+    ids = np.array([t for t, _ in p.logit_bias], np.int32)
+    return ids, np.array([b for _, b in p.logit_bias], np.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,53 +222,77 @@ def build_sampling_metadata(
     it is only read when some row has penalties. bitmask_width: words per token-bitmask row
     (the runner always gives it, so every step has the same program); token_mask: this step's
     (bitmask, has_mask) from TokenMasks.fill, None when no row is constrained.
+
+    The engine's steps keep the fixed values in their InputBatch rows instead (written once
+    per request); both end in step_sampling_metadata, and both write rows with the same
+    functions (fixed_values, fold_seed, logit_bias_arrays).
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in num_rows={num_rows}")
-    # padding rows: greedy, no filters, no penalties, no logprobs
-    floats = np.zeros((num_rows, len(_FLOAT32_FIELDS)), np.float32)
-    floats[:, [_FLOAT32_FIELDS.index(f) for f in ("top_p", "repetition_penalty")]] = 1.0
-    ints = np.zeros((num_rows, 2), np.int32)  # top_k, logprobs (-1: none)
-    ints[:, 1] = -1
+    floats = np.repeat(PADDING_FLOATS[:, None], num_rows, axis=1)
+    ints = np.repeat(PADDING_INTS[:, None], num_rows, axis=1)
     seeds = np.zeros(num_rows, np.uint32)
     steps = np.zeros(num_rows, np.int32)
-    prompt_lens = np.zeros(num_rows, np.int32)
-    banned: np.ndarray | None = None
-    penalty_ids: np.ndarray | None = None
-    bias_ids: np.ndarray | None = None
-    bias_values: np.ndarray | None = None
-
-    # One Python pass collects each real row's values (its fixed ones converted once per
-    # SamplingParams: _fixed_values); numpy then writes each column in one operation.
-    real: list[int] = []
-    fixed_f: list[np.ndarray] = []
-    fixed_i: list[np.ndarray] = []
-    row_seeds: list[int] = []
-    row_steps: list[int] = []
+    bias: tuple[np.ndarray, np.ndarray] | None = None
     for i, row in enumerate(rows):
         if row is None:
             continue
         try:
-            p = row.params
-            f, k = _fixed_values(p)
-            real.append(i)
-            fixed_f.append(f)
-            fixed_i.append(k)
-            row_seeds.append(fold_seed(row.seed))
-            row_steps.append(row.step)
+            floats[:, i], ints[:, i] = fixed_values(row.params)
+            seeds[i] = fold_seed(row.seed)
+            if not 0 <= row.step <= _INT32.max:
+                raise ValueError(f"step {row.step} is outside int32")
+            steps[i] = row.step
+            row_bias = logit_bias_arrays(row.params)
+            if row_bias is not None:
+                if bias is None:
+                    bias = (
+                        np.full((num_rows, MAX_LOGIT_BIAS), -1, np.int32),
+                        np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32),
+                    )
+                bias[0][i, : len(row_bias[0])], bias[1][i, : len(row_bias[1])] = row_bias
+        except Exception as e:  # noqa: BLE001 - a failure here is this row's alone
+            raise RowStagingError(i, e) from e
+    special = {i: row for i, row in enumerate(rows) if row is not None}
+    return step_sampling_metadata(
+        floats,
+        ints,
+        seeds,
+        steps,
+        special,
+        num_rows,
+        penalty_len,
+        bias=bias,
+        bitmask_width=bitmask_width,
+        token_mask=token_mask,
+    )
+
+
+def step_sampling_metadata(
+    floats: np.ndarray,  # f32[len(_FLOAT32_FIELDS), R] the rows' fixed values, by field
+    ints: np.ndarray,  # i32[2, R] top_k, logprobs (-1: none)
+    seeds: np.ndarray,  # u32[R] folded seeds
+    steps: np.ndarray,  # i32[R] each row's sample index
+    rows: dict[int, SamplingRow],  # the rows whose bans and penalty ids are written here
+    num_rows: int,
+    penalty_len: int,
+    *,
+    bias: tuple[np.ndarray, np.ndarray] | None = None,  # (i32, f32)[R, MAX_LOGIT_BIAS]
+    bitmask_width: int | None = None,
+    token_mask: tuple[np.ndarray, np.ndarray] | None = None,
+) -> SamplingMetadata:
+    """SamplingMetadata from the rows' fixed values and the per-step extras of `rows` (a
+    min_tokens ban, penalty ids): the one place a step's sampling arrays are assembled."""
+    prompt_lens = np.zeros(num_rows, np.int32)
+    banned: np.ndarray | None = None
+    penalty_ids: np.ndarray | None = None
+    for i, row in rows.items():
+        try:
             ban = row.banned_token_ids
             if ban:
                 if banned is None:
                     banned = np.full((num_rows, MAX_BANNED_TOKEN_IDS), -1, np.int32)
                 banned[i, : len(ban)] = ban
-            if p.logit_bias:
-                if bias_ids is None:
-                    bias_ids = np.full((num_rows, MAX_LOGIT_BIAS), -1, np.int32)
-                    bias_values = np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
-                assert bias_values is not None
-                k = len(p.logit_bias)
-                bias_ids[i, :k] = [t for t, _ in p.logit_bias]
-                bias_values[i, :k] = [b for _, b in p.logit_bias]
             n = row.num_penalty_tokens
             if n:
                 if n > penalty_len:
@@ -266,21 +306,12 @@ def build_sampling_metadata(
                 penalty_ids[i, :num_prompt] = row.prompt_token_ids
                 penalty_ids[i, num_prompt:n] = row.output_token_ids
                 prompt_lens[i] = num_prompt
-            if not 0 <= row.step <= _INT32.max:
-                raise ValueError(f"step {row.step} is outside int32")
         except Exception as e:  # noqa: BLE001 - a failure here is this row's alone
             raise RowStagingError(i, e) from e
-    if real:
-        floats[real] = fixed_f
-        ints[real] = fixed_i
-        seeds[real] = row_seeds
-        steps[real] = row_steps
-    # (contiguous columns: jit copies those straight in)
-    column = dict(zip(_FLOAT32_FIELDS, np.ascontiguousarray(floats.T), strict=True))
-    ints = np.ascontiguousarray(ints.T).T
+    column = dict(zip(_FLOAT32_FIELDS, floats, strict=True))
     return SamplingMetadata(
         temperature=column["temperature"],
-        top_k=ints[:, 0],
+        top_k=ints[0],
         top_p=column["top_p"],
         min_p=column["min_p"],
         presence_penalty=column["presence_penalty"],
@@ -295,14 +326,10 @@ def build_sampling_metadata(
             penalty_ids if penalty_ids is not None else _all_minus_one(num_rows, penalty_len)
         ),
         penalty_prompt_lens=prompt_lens,
-        num_logprobs=ints[:, 1],
-        logit_bias_ids=(
-            bias_ids if bias_ids is not None else _all_minus_one(num_rows, MAX_LOGIT_BIAS)
-        ),
+        num_logprobs=ints[1],
+        logit_bias_ids=bias[0] if bias is not None else _all_minus_one(num_rows, MAX_LOGIT_BIAS),
         logit_bias_values=(
-            bias_values
-            if bias_values is not None
-            else _zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
+            bias[1] if bias is not None else _zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
         ),
         **_token_mask_fields(num_rows, bitmask_width, token_mask),
     )

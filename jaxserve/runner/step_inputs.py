@@ -19,6 +19,7 @@ from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.model.attention import AttentionMetadata, query_tiles
 from jaxserve.request import Request
 from jaxserve.runner.buckets import Buckets
+from jaxserve.runner.input_batch import InputBatch
 from jaxserve.runner.prompt_spans import PromptLogprobSpan, prompt_spans, prompt_targets
 from jaxserve.runner.sampler import SamplingMetadata
 from jaxserve.runner.sampling_metadata import (
@@ -94,8 +95,11 @@ def build_step_inputs(
     fill_mask: FillMask | None = None,
     lora_slot_of: LoRASlotOf | None = None,
     prev_rows: Mapping[str, int] | None = None,
+    batch: InputBatch | None = None,
 ) -> StagedStep:
-    """Host-side (numpy) staging of one step; O(tokens + block-table entries).
+    """Host-side (numpy) staging of one step: O(tokens + requests), plus the block ids a
+    request gains (its other rows' values persist in `batch`, the runner's InputBatch; None:
+    a fresh one, whose rows follow the scheduled order).
 
     prev_rows (async scheduling): req_id -> its row in the previous step, whose sampled id is
     still on the device; a request whose last scheduled token is that one reads it from there.
@@ -107,26 +111,30 @@ def build_step_inputs(
     since it would read KV that is never computed.
     """
     scheduled = scheduler_output.scheduled
+    if batch is None:
+        batch = InputBatch(buckets.max_num_reqs, buckets.max_blocks_per_req)
     failed: dict[str, str] = {}
     while True:
         todo = [sr for sr in scheduled if sr.request.request_id not in failed]
         if not todo:
+            batch.retain(todo)
             return StagedStep(inputs=None, staged=[], failed=failed)
         try:
-            inputs = _stage(
+            inputs, ordered = _stage(
                 todo,
                 buckets,
                 block_size,
                 penalty_len,
+                batch,
                 bitmask_width,
                 fill_mask,
                 lora_slot_of,
                 prev_rows or {},
             )
-            spans = prompt_spans(todo)
+            spans = prompt_spans(ordered)
             if spans:
                 inputs.prompt_targets = prompt_targets(spans, inputs.num_tokens)
-            return StagedStep(inputs, todo, failed, spans)
+            return StagedStep(inputs, ordered, failed, spans)
         except _RequestStagingError as e:
             sr = e.scheduled
             logger.error(
@@ -192,55 +200,58 @@ def _stage(
     buckets: Buckets,
     block_size: int,
     penalty_len: int,
+    batch: InputBatch,
     bitmask_width: int | None = None,
     fill_mask: FillMask | None = None,
     lora_slot_of: LoRASlotOf | None = None,
     prev_rows: Mapping[str, int] | None = None,
-) -> StepInputs:
-    """The padded arrays of `scheduled`; raises _RequestStagingError naming the one that fails."""
-    max_blocks = max(len(s.block_ids) for s in scheduled)
-    num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
+) -> tuple[StepInputs, list[ScheduledRequest]]:
+    """The padded arrays of `scheduled`, and the requests in their rows' order; raises
+    _RequestStagingError naming the one that fails."""
+    # The persistent rows first: a request keeps its row (block table, fixed sampling
+    # values) from step to step, and only a new one or a grown table is written.
+    batch.retain(scheduled)
+    for sr in scheduled:
+        try:
+            batch.place(sr)
+        except Exception as e:  # noqa: BLE001 - a failure here is this request's alone
+            raise _RequestStagingError(sr) from e
+    ordered = batch.in_row_order(scheduled)
+    max_blocks = max(len(s.block_ids) for s in ordered)
+    num_tokens = sum(s.num_scheduled_tokens for s in ordered)
     t, r, b = buckets.select(num_tokens, max_blocks)
     # One pass in Python over the requests collects plain lists (the only per-request work
     # that can fail, so a failure is that request's alone); numpy then builds every array
     # in a few whole-batch operations instead of ~10 small ones per request.
     ids: list[int] = []
-    flat_blocks: list[int] = []
-    starts, lens, num_blocks, slots = [], [], [], []
+    starts, lens, slots, sampling = [], [], [], []
     # tokens in flight (async scheduling): their index in the step, and their previous row
     in_flight_at: list[int] = []
     in_flight_rows: list[int] = []
-    rows: list[SamplingRow | None] = [None] * r
-    for i, sr in enumerate(scheduled):
+    for sr in ordered:
         try:
             request = sr.request
             start, n = sr.num_computed_tokens, sr.num_scheduled_tokens
             chunk = request.all_token_ids[start : start + n]
-            in_flight = len(chunk) != n
-            if in_flight:
+            if len(chunk) != n:  # its last token is in flight
                 _check_in_flight(sr, prev_rows)
                 in_flight_at.append(len(ids) + len(chunk))
                 in_flight_rows.append(prev_rows[request.request_id])  # type: ignore[index]
                 chunk.append(0)  # read on the device from the previous step's output
+                if sr.is_sampling and request.sampling_params.has_penalties:
+                    # (the engine steps such requests synchronously: this is a bug guard)
+                    raise ValueError("penalties read every output token; one is in flight")
             if -(-(start + n) // block_size) > len(sr.block_ids):
                 raise ValueError(f"no {n} tokens from {start} in {len(sr.block_ids)} blocks")
             ids += chunk
-            flat_blocks += sr.block_ids
             starts.append(start)
             lens.append(n)
-            num_blocks.append(len(sr.block_ids))
+            sampling.append(sr.is_sampling)
             if lora_slot_of is not None:
                 slots.append(lora_slot_of(request))
-            if sr.is_sampling:
-                # the output index of the token this row samples (one past any in flight)
-                step = start + n - request.num_prompt_tokens
-                row = rows[i] = SamplingRow.from_request(request, step)
-                if in_flight and row.params.has_penalties:
-                    # (the engine steps such requests synchronously: this is a bug guard)
-                    raise ValueError("penalties read every output token; one is in flight")
         except Exception as e:  # noqa: BLE001 - a failure here is this request's alone
             raise _RequestStagingError(sr) from e
-    nreq = len(scheduled)
+    nreq = len(ordered)
     q_lens = np.asarray(lens, np.int32)
     starts_arr = np.asarray(starts, np.int32)
     cu_q_lens = np.full(r + 1, num_tokens, np.int32)
@@ -255,11 +266,7 @@ def _stage(
     )
     input_ids = np.zeros(t, np.int32)
     input_ids[:num_tokens] = ids
-    block_tables = np.zeros((r, b), np.int32)
-    nb = np.asarray(num_blocks, np.int64)
-    block_rows = np.repeat(np.arange(nreq), nb)
-    block_cols = np.arange(len(flat_blocks)) - np.repeat(np.cumsum(nb) - nb, nb)
-    block_tables[block_rows, block_cols] = flat_blocks
+    block_tables = batch.block_tables(r, b)
     slot_mapping = np.zeros(t, np.int32)  # padding writes land in the null block
     real = token_req_idx[:num_tokens], positions[:num_tokens]
     slot_mapping[:num_tokens] = (
@@ -276,27 +283,32 @@ def _stage(
     tile_starts, tile_lens = query_tiles(cu_q_lens, t)
     token_mask = None
     if fill_mask is not None:
-        sampling_requests = [sr.request if sr.is_sampling else None for sr in scheduled]
+        sampling_requests = [sr.request if sr.is_sampling else None for sr in ordered]
         try:
             token_mask = fill_mask(sampling_requests, r)
         except Exception as e:  # noqa: BLE001 - blamed on the first constrained row
-            first = next((sr for sr in scheduled if sr.is_sampling), scheduled[0])
+            first = next((sr for sr in ordered if sr.is_sampling), ordered[0])
             raise _RequestStagingError(first) from e
+    # each sampling row's sample index (the output token it samples: one past any in flight)
+    steps = np.full(r, -1, np.int32)
+    is_sampling = np.asarray(sampling, bool)
+    steps[:nreq][is_sampling] = (kv_lens[:nreq] - batch.num_prompt[:nreq])[is_sampling]
     try:
-        sampling = build_sampling_metadata(
-            rows,
+        sampling_md = batch.sampling_metadata(
+            ordered,
+            steps,
             r,
             penalty_width(b, block_size, penalty_len),
             bitmask_width=bitmask_width,
             token_mask=token_mask,
         )
     except RowStagingError as e:
-        raise _RequestStagingError(scheduled[e.row]) from e.cause
+        raise _RequestStagingError(ordered[e.row]) from e.cause
     prev = _no_targets(t)
     if in_flight_at:
         prev = np.full(t, -1, np.int32)
         prev[in_flight_at] = in_flight_rows
-    return StepInputs(
+    inputs = StepInputs(
         input_ids=input_ids,
         positions=positions,
         attn=AttentionMetadata(
@@ -309,7 +321,7 @@ def _stage(
             tile_lens=tile_lens,
         ),
         logits_indices=logits_indices,
-        sampling=sampling,
+        sampling=sampling_md,
         prompt_targets=_no_targets(t),
         prev_rows=prev,
         num_tokens=t,
@@ -317,6 +329,7 @@ def _stage(
         num_blocks_per_req=b,
         lora_slots=lora_slots,
     )
+    return inputs, ordered
 
 
 def _check_in_flight(sr: ScheduledRequest, prev_rows: Mapping[str, int] | None) -> None:

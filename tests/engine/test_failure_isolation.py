@@ -14,7 +14,7 @@ from jaxserve.core.admission import EngineCoreRequest
 from jaxserve.engine.core import EngineCore
 from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.request import Request
-from jaxserve.runner import step_inputs
+from jaxserve.runner import input_batch
 from jaxserve.runner.sampling_metadata import SamplingRow
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.core_requests import core_request
@@ -46,7 +46,7 @@ def _fail_staging_of(request_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
                 raise RuntimeError("injected staging failure")
             return SamplingRow.from_request(request, step)
 
-    monkeypatch.setattr(step_inputs, "SamplingRow", FailingRow)
+    monkeypatch.setattr(input_batch, "SamplingRow", FailingRow)
 
 
 def test_engine_core_has_the_core_interface(core):
