@@ -129,11 +129,14 @@ def query_tiles(cu_q_lens: Any, num_tokens: int, xp: Any = np) -> tuple[Any, Any
 
 # Keys per step of every walk over a context: small enough that one step's gathered K/V for
 # every decode row stays in cache, large enough that the loop overhead does not show
-# (measured on a 2-core CPU: 32 keys beat 16 and 64-128 by 20-40%). It is one number for
-# decodes and tiles alike because the online softmax's rounding depends on where the chunks
-# split the keys: a token must get the same bits whether the scheduler gave it a step of its
-# own (the per-token path) or a place in a prefill tile.
+# (measured on a 2-core CPU: 32 keys beat 16 and 64-128 by 20-40%). The online softmax's
+# rounding depends on where the chunks split the keys, so the split is fixed by key position
+# (_key_chunks): a token gets the same bits however its prompt was cut into tiles.
 _CHUNK_KEYS = 32
+# Keys per chunk of a prefill tile past its first _TILE_CHUNK_KEYS keys (_key_chunks). A
+# decode and the same token in a tile agree to a few ulps, not to the bit, in any case (their
+# dots differ in shape: tests/model/test_attention.py), so the two walks need not split alike.
+_TILE_CHUNK_KEYS = 128
 # Fewest rows the per-token path runs (padded with rows that see nothing): XLA:CPU vectorises
 # the softmax's fused reductions differently below 32 rows, and a decode then got other bits
 # than the same token in a query tile (measured: 2-16 rows differ in the last bit, 32 and 64
@@ -202,11 +205,10 @@ def _decode_rows(
         tables = md.block_tables
     n = tok.shape[0]
     qg = q[tok].reshape(n, hkv, group, d).astype(jnp.float32) * kw["sm_scale"]
-    per_chunk = max(1, _CHUNK_KEYS // bs)
-    kv_shape = (n, per_chunk * bs, hkv, d)
 
     def chunk(blocks: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, Callable]:
-        k = to_f32(k_cache[blocks].reshape(kv_shape))  # blocks: [R, per_chunk]
+        kv_shape = (n, key_pos.shape[0], hkv, d)
+        k = to_f32(k_cache[blocks].reshape(kv_shape))  # blocks: [R, blocks per chunk]
         v = to_f32(v_cache[blocks].reshape(kv_shape))
         v = jnp.where((key_pos[None, :] <= pos[:, None])[:, :, None, None], v, 0.0)
         scores = jnp.einsum("nkgd,nskd->nkgs", qg, k)  # [R, K, G, S]
@@ -216,7 +218,7 @@ def _decode_rows(
         chunk,
         tables,
         pos,
-        per_chunk,
+        _key_chunks(bs, tile=False),
         bs,
         (n, hkv, group),
         d,
@@ -246,8 +248,7 @@ def _prefill_tiles(
     _, bs, hkv, _ = k_cache.shape
     group = hq // hkv
     offsets = jnp.arange(QUERY_TILE, dtype=jnp.int32)
-    per_chunk = max(1, _CHUNK_KEYS // bs)
-    kv_shape = (per_chunk * bs, hkv, d)
+    phases = _key_chunks(bs, tile=True)
 
     def tile(i: jax.Array, out: jax.Array) -> jax.Array:
         valid = offsets < lens[i]
@@ -260,14 +261,15 @@ def _prefill_tiles(
         last = jnp.max(pos)
 
         def chunk(blocks: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, Callable]:
-            k = to_f32(k_cache[blocks[0]].reshape(kv_shape))  # blocks: [1, per_chunk]
+            kv_shape = (key_pos.shape[0], hkv, d)
+            k = to_f32(k_cache[blocks[0]].reshape(kv_shape))  # blocks: [1, blocks per chunk]
             v = to_f32(v_cache[blocks[0]].reshape(kv_shape))
             v = jnp.where((key_pos <= last)[:, None, None], v, 0.0)
             scores = jnp.einsum("kqd,skd->kqs", qg, k)  # [K, tile * G, S]
             return scores, lambda p: jnp.einsum("kqs,skd->kqd", p, v)
 
         acc, l_final = _walk(
-            chunk, table, pos, per_chunk, bs, (hkv, QUERY_TILE * group), d, row_pos, **kw
+            chunk, table, pos, phases, bs, (hkv, QUERY_TILE * group), d, row_pos, **kw
         )
         rows = (acc / l_final[..., None]).reshape(hkv, QUERY_TILE, group, d)
         rows = rows.transpose(1, 0, 2, 3).reshape(QUERY_TILE, hq, d)
@@ -276,11 +278,31 @@ def _prefill_tiles(
     return jax.lax.fori_loop(0, jnp.sum(lens > 0), tile, out)
 
 
+def _key_chunks(block_size: int, *, tile: bool) -> tuple[tuple[int, int], ...]:
+    """How a walk cuts the keys: (first key, blocks per chunk) of each phase, the last phase
+    open-ended. Fixed by key position alone, never by the step, so a token's bits do not
+    depend on how its prompt was split.
+
+    Decodes walk _CHUNK_KEYS at a time. A tile walks its first _TILE_CHUNK_KEYS keys that way
+    too, then _TILE_CHUNK_KEYS at a time: a long prompt's tiles run a few large dots instead
+    of many small ones (measured on a 2-core CPU: a 1024-token prompt's attention 1.6x
+    faster), while a short prompt computes no masked keys past its end (128-key chunks from
+    the start made a 32-token prompt's tiles 2x slower).
+    """
+    small = max(1, _CHUNK_KEYS // block_size)
+    if not tile:
+        return ((0, small),)
+    big = max(small, _TILE_CHUNK_KEYS // block_size)
+    if big == small:
+        return ((0, small),)
+    return ((0, small), (big * block_size, big))
+
+
 def _walk(
-    chunk: Callable,  # (blocks [N or 1, per_chunk], key positions [S]) -> (scores, p -> p @ V)
+    chunk: Callable,  # (blocks [N or 1, per chunk], key positions [S]) -> (scores, p -> p @ V)
     tables: jax.Array,  # i32[N or 1, B]
     pos: jax.Array,  # i32[N] the queries' positions (-1: sees nothing)
-    per_chunk: int,  # blocks per chunk
+    phases: tuple[tuple[int, int], ...],  # _key_chunks
     block_size: int,
     row_shape: tuple[int, ...],  # the scores' shape without the key axis
     head_dim: int,
@@ -293,40 +315,52 @@ def _walk(
     """The online softmax over the chunks of keys from the first any query can see to the
     last; a query that sees nothing ends with a sum of 1 and an output of 0."""
     del sm_scale  # already folded into q
-    chunk_keys = per_chunk * block_size
     b = tables.shape[1]
-    tables = jnp.pad(tables, ((0, 0), (0, -(-b // per_chunk) * per_chunk - b)))
+    widest = max(per_chunk for _, per_chunk in phases)
+    tables = jnp.pad(tables, ((0, 0), (0, -(-b // widest) * widest - b)))
     sees = pos >= 0
-    stop = (jnp.max(pos) + chunk_keys) // chunk_keys  # 0 when no query sees anything
-    first = 0
+    lowest = 0
     if sliding_window is not None:  # chunks before every query's window are skipped
         lowest = jnp.min(jnp.where(sees, pos, jnp.iinfo(jnp.int32).max)) - sliding_window + 1
-        first = jnp.clip(lowest // chunk_keys, 0, stop)
 
-    def step(j: jax.Array, carry: tuple) -> tuple:
-        m_prev, l_prev, acc = carry
-        blocks = jax.lax.dynamic_slice_in_dim(tables, j * per_chunk, per_chunk, 1)
-        key_pos = j * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
-        scores, weigh = chunk(blocks, key_pos)
-        if soft_cap is not None:
-            scores = soft_cap * jnp.tanh(scores / soft_cap)
-        mask = key_pos <= row_pos
-        if sliding_window is not None:
-            mask &= key_pos > row_pos - sliding_window
-        scores = jnp.where(mask, scores, -jnp.inf)
-        m_new = jnp.maximum(m_prev, scores.max(axis=-1))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(scores - m_new[..., None])
-        return m_new, alpha * l_prev + p.sum(axis=-1), acc * alpha[..., None] + weigh(p)
+    def step_of(per_chunk: int) -> Callable:
+        chunk_keys = per_chunk * block_size
+
+        def step(j: jax.Array, carry: tuple) -> tuple:
+            m_prev, l_prev, acc = carry
+            blocks = jax.lax.dynamic_slice_in_dim(tables, j * per_chunk, per_chunk, 1)
+            key_pos = j * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
+            scores, weigh = chunk(blocks, key_pos)
+            if soft_cap is not None:
+                scores = soft_cap * jnp.tanh(scores / soft_cap)
+            mask = key_pos <= row_pos
+            if sliding_window is not None:
+                mask &= key_pos > row_pos - sliding_window
+            scores = jnp.where(mask, scores, -jnp.inf)
+            m_new = jnp.maximum(m_prev, scores.max(axis=-1))
+            alpha = jnp.exp(m_prev - m_new)
+            p = jnp.exp(scores - m_new[..., None])
+            return m_new, alpha * l_prev + p.sum(axis=-1), acc * alpha[..., None] + weigh(p)
+
+        return step
 
     # A finite initial max avoids inf - inf; a chunk a query cannot see leaves its state
     # bit-for-bit unchanged (alpha = 1, p = 0). `chunk` zeroes the values of keys no query
     # sees (slots past a request's length hold another request's or no KV), since p = 0
     # times a non-finite value would still poison the sum.
-    init = (
+    carry = (
         jnp.full(row_shape, -1e30, jnp.float32),
         jnp.zeros(row_shape, jnp.float32),
         jnp.zeros((*row_shape, head_dim), jnp.float32),
     )
-    _, l_final, acc = jax.lax.fori_loop(first, stop, step, init)
+    for i, (first_key, per_chunk) in enumerate(phases):
+        chunk_keys = per_chunk * block_size
+        # this phase's chunks: from its first key (or the window's) to the last key any
+        # query sees (none when no query sees anything), short of the next phase
+        stop = (jnp.max(pos) + chunk_keys) // chunk_keys
+        if i + 1 < len(phases):
+            stop = jnp.minimum(stop, phases[i + 1][0] // chunk_keys)
+        start = jnp.maximum(first_key // chunk_keys, lowest // chunk_keys)
+        carry = jax.lax.fori_loop(start, jnp.maximum(start, stop), step_of(per_chunk), carry)
+    _, l_final, acc = carry
     return acc, jnp.where(l_final > 0, l_final, 1.0)

@@ -61,10 +61,12 @@ ALL_KV = [kv for _, kvs in CASES.values() for kv in kvs]
 @pytest.fixture(params=["default", "small"])
 def tiling(request, monkeypatch):
     """The engine's tile sizes, and small ones so that these short requests span several
-    query tiles and key chunks (the chunking and the online softmax across chunks)."""
+    query tiles and key chunks (the chunking and the online softmax across chunks), and
+    tiles walk both their phases (small chunks, then large: attention._key_chunks)."""
     if request.param == "small":
         monkeypatch.setattr(attention, "QUERY_TILE", 4)
         monkeypatch.setattr(attention, "_CHUNK_KEYS", 8)
+        monkeypatch.setattr(attention, "_TILE_CHUNK_KEYS", 16)
     return request.param
 
 
@@ -100,11 +102,12 @@ def test_host_tiles_match_device_tiles(tiling):
 
 
 @pytest.mark.parametrize("hq, hkv, d", [(6, 2, 16), (9, 3, 64)])  # the second: smollm2's
-def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d):
+@pytest.mark.parametrize("kv", [70, 200])  # 200: past a tile's first 128 keys (_key_chunks)
+def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d, kv):
     # How the scheduler splits a request's tokens over steps depends on its batch-mates (the
     # token budget); the same token must get the same bits whichever way its prompt was split
     # into query tiles, and a decode the same bits whatever decodes share its step.
-    q, k, v, pos, md = ragged_batch([30], [70], hq=hq, hkv=hkv, d=d)
+    q, k, v, pos, md = ragged_batch([30], [kv], hq=hq, hkv=hkv, d=d)
     table = md.block_tables
 
     def run(q_lens):
@@ -113,7 +116,7 @@ def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d):
             slot_mapping=md.slot_mapping,
             token_req_idx=jnp.asarray(np.repeat(np.arange(n), q_lens), jnp.int32),
             block_tables=jnp.repeat(table, n, axis=0),
-            kv_lens=jnp.asarray(40 + np.cumsum(q_lens), jnp.int32),
+            kv_lens=jnp.asarray(kv - 30 + np.cumsum(q_lens), jnp.int32),
             cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
         )
         return np.asarray(
@@ -133,7 +136,9 @@ def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d):
     # and the per-row [G, D] x [D, keys] (batched over rows) can accumulate in another order
     # than the tile's [64 G, D] x [D, keys]. Measured: bit-equal on the CI machine of the
     # last landing; on an AVX-only (no AVX2) EPYC, 7.2e-7 of the largest output (6 ulps) for
-    # (9, 3, 64) and 5.3e-7 for (6, 2, 16).
+    # (9, 3, 64) and 5.3e-7 for (6, 2, 16). Past a tile's first 128 keys the tile walks
+    # 128-key chunks and the decode 32-key ones: measured on an AVX-512 EPYC, 6.0 eps of the
+    # largest output at 70 keys (one split for both) and 7.0 at 200, for (9, 3, 64).
     eps = np.finfo(np.float32).eps
     assert np.abs(decodes - whole).max() <= 16 * eps * np.abs(whole).max()
 
