@@ -65,9 +65,10 @@ class InputBatch:
         self._num_blocks = [0] * max_rows
         # req_id -> row
         self.row_of: dict[str, int] = {}
-        # rows whose requests have a logit bias / min_tokens (their per-step extras)
+        # rows whose requests have a logit bias / extras that follow the history (a
+        # min_tokens ban, penalty ids)
         self.bias_rows: set[int] = set()
-        self.min_tokens_rows: set[int] = set()
+        self.history_rows: set[int] = set()
 
     def retain(self, scheduled: Sequence[ScheduledRequest]) -> None:
         """Frees the rows of the requests `scheduled` does not hold (the same Request)."""
@@ -139,14 +140,12 @@ class InputBatch:
             seeds[idle] = 0
             if bias is not None:
                 bias[0][idle], bias[1][idle] = -1, 0.0
-        # rows whose extras follow the history: a min_tokens ban, penalties
-        special = [
-            i
-            for i, sr in enumerate(ordered)
+        # (rows whose extras follow the history: a min_tokens ban, penalty ids)
+        rows = {
+            i: SamplingRow.from_request(ordered[i].request, int(steps[i]))
+            for i in sorted(self.history_rows)
             if sampling[i]
-            and (i in self.min_tokens_rows or sr.request.sampling_params.has_penalties)
-        ]
-        rows = {i: SamplingRow.from_request(ordered[i].request, int(steps[i])) for i in special}
+        }
         return step_sampling_metadata(
             floats,
             ints,
@@ -180,8 +179,8 @@ class InputBatch:
             self.bias_ids[row, : len(bias[0])] = bias[0]
             self.bias_values[row, : len(bias[1])] = bias[1]
             self.bias_rows.add(row)
-        if p.min_tokens > 0:
-            self.min_tokens_rows.add(row)
+        if p.min_tokens > 0 or p.has_penalties:
+            self.history_rows.add(row)
         self._requests[row] = request
         self.row_of[request.request_id] = row
         return row
@@ -204,7 +203,7 @@ class InputBatch:
         self.seeds[dst], self.num_prompt[dst] = self.seeds[src], self.num_prompt[src]
         if self.bias_ids is not None and self.bias_values is not None:
             self.bias_ids[dst], self.bias_values[dst] = self.bias_ids[src], self.bias_values[src]
-        for rows in (self.bias_rows, self.min_tokens_rows):
+        for rows in (self.bias_rows, self.history_rows):
             rows.discard(dst)
             if src in rows:
                 rows.add(dst)
@@ -223,6 +222,6 @@ class InputBatch:
         if self.bias_ids is not None and self.bias_values is not None:
             self.bias_ids[row], self.bias_values[row] = -1, 0.0
         self.bias_rows.discard(row)
-        self.min_tokens_rows.discard(row)
+        self.history_rows.discard(row)
         self._requests[row] = self._block_lists[row] = None
         self._num_blocks[row] = 0
