@@ -82,13 +82,12 @@ class InputBatch:
         """`sr`'s row: added at the end when new; its block table grown to `sr.block_ids`.
         Raises (ValueError, OverflowError) when its values cannot be staged, before any write.
         """
-        request = sr.request
+        request, blocks = sr.request, sr.block_ids
+        if len(blocks) > self.max_blocks:
+            raise ValueError(f"{len(blocks)} blocks exceed the table's {self.max_blocks}")
         row = self.row_of.get(request.request_id)
         if row is None:
             row = self._add(request)
-        blocks = sr.block_ids
-        if len(blocks) > self.max_blocks:
-            raise ValueError(f"{len(blocks)} blocks exceed the table's {self.max_blocks}")
         held = self._num_blocks[row]
         if blocks is not self._block_lists[row] or len(blocks) < held:  # a new table
             self.block_table[row, len(blocks) : held] = 0
@@ -122,7 +121,7 @@ class InputBatch:
         token_mask: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> SamplingMetadata:
         """The step's SamplingMetadata: the rows' fixed values copied out, and the per-step
-        extras of its sampling rows. `steps`: i32[n] each row's sample index, -1 for a row
+        extras of its sampling rows. `steps`: i32[R] each row's sample index, -1 for a row
         that does not sample this step (a prefill chunk short of its prompt's end: it stages
         as padding)."""
         sampling = steps >= 0
