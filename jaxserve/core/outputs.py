@@ -29,7 +29,7 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    # the requests of this step, in batch order
+    # the requests of this step, in scheduling order (the runner's InputBatch picks their rows)
     scheduled: list[ScheduledRequest]
     # sum of num_scheduled_tokens over `scheduled`
     total_num_scheduled_tokens: int
