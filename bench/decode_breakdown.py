@@ -1,12 +1,14 @@
 """Where a decode step's time goes: dense, attention and host, and attention against its
 KV-bytes roofline at the read bandwidth measured in the same run.
 
-A StepProbe wraps an engine runner's jitted step for one generate(): it notes when each call
-starts and its bucket, and keeps the inputs of the calls in the decode bucket (references
-only; reading device arrays there would sync the loop it measures). After the run it replays
-one mid-run decode step's real inputs on the engine's own params and cache:
+A StepProbe wraps an engine runner's jitted step (its forward and sampler programs) for one
+generate(): it notes when each forward starts and its bucket, and keeps the inputs of the
+steps in the decode bucket (references only; reading device arrays there would sync the loop
+it measures). After the run it replays one mid-run decode step's real inputs on the engine's
+own params and cache:
 
-  device    = the jitted step with real attention (block_until_ready; median and best of reps)
+  device    = the jitted step, forward then sampler, with real attention (block_until_ready;
+              median and best of reps)
   dense     = the same step built with attention a no-op (weights, KV writes, sampler)
   attention = device - dense (best of reps of each)
   host      = wall time between consecutive decode calls in the engine loop (median) -
@@ -19,6 +21,7 @@ lens x 2 x kv heads x head dim x itemsize) over the measured read bandwidth.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -43,13 +46,13 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5) -> dict[str, Any]:
     return {"bytes": nbytes, "seconds": times, "bytes_per_s": nbytes / min(times)}
 
 
-def _step_seconds(fn: Any, runner: Any, inputs: Any, reps: int) -> dict[str, Any]:
-    """One step function on `inputs` (the runner's params; its cache donated and taken
-    back): seconds per call, the first (compile, warm caches) left out."""
+def _step_seconds(fn: Any, runner: Any, inputs: Any, sampling: Any, reps: int) -> dict[str, Any]:
+    """One step (a runner StepFn) on `inputs` and `sampling` (the runner's params; its cache
+    donated and taken back): seconds per call, the first (compile, warm caches) left out."""
     times = []
     for _ in range(reps + 1):
         start = time.perf_counter()
-        runner.kv_cache, out, prompt_out, _ = fn(*runner._step_args(inputs))
+        runner.kv_cache, out, prompt_out, _ = fn(*runner._step_args(inputs), sampling)
         jax.block_until_ready((runner.kv_cache, out, prompt_out))
         times.append(time.perf_counter() - start)
     times = times[1:]
@@ -74,7 +77,7 @@ class StepProbe:
         self.bandwidth = bandwidth
         # (start time, T bucket, kv_lens, cu_q_lens) of every step call of the run
         self.calls: list[tuple[float, int, Any, Any]] = []
-        # call index -> inputs, for the calls in the decode bucket
+        # call index -> (forward inputs, sampler inputs), for the calls in the decode bucket
         self.decode_inputs: dict[int, Any] = {}
         self._fn: Any = None
         self._decode_t = 0
@@ -82,7 +85,13 @@ class StepProbe:
     def attach(self, runner: Any) -> None:
         self._fn = runner._step_fn
         self._decode_t = runner.buckets.select(self.decode_reqs, 1)[0]
-        runner._step_fn = self._call
+        runner._step_fn = dataclasses.replace(self._fn, forward=self._call, sample=self._sample)
+
+    def _sample(self, logits: Any, sampling: Any) -> Any:
+        last = len(self.calls) - 1
+        if last in self.decode_inputs:
+            self.decode_inputs[last] = (self.decode_inputs[last], sampling)
+        return self._fn.sample(logits, sampling)
 
     def _call(self, params: Any, lora: Any, kv_cache: Any, last_ids: Any, inputs: Any) -> Any:
         md = inputs.attn
@@ -96,7 +105,7 @@ class StepProbe:
         )
         if inputs.num_tokens == self._decode_t:
             self.decode_inputs[len(self.calls) - 1] = inputs
-        return self._fn(params, lora, kv_cache, last_ids, inputs)
+        return self._fn.forward(params, lora, kv_cache, last_ids, inputs)
 
     def full_decode_calls(self) -> list[int]:
         """Indices of the calls that decode the run's fullest batch and nothing else (a step
@@ -128,14 +137,14 @@ class StepProbe:
         full = self.full_decode_calls()
         wall = self.wall_per_decode_step(full)
         middle = full[len(full) // 2]
-        inputs = self.decode_inputs[middle]
+        inputs, sampling = self.decode_inputs[middle]
         self.decode_inputs = {}
         kv_lens = np.asarray(self.calls[middle][2])
         live = kv_lens[kv_lens > 0]
-        device = _step_seconds(self._fn, runner, inputs, self.reps)
+        device = _step_seconds(self._fn, runner, inputs, sampling, self.reps)
         with attention_disabled():
             dense_fn = runner._make_step_fn(runner.attention_backend)
-        dense = _step_seconds(dense_fn, runner, inputs, self.reps)
+        dense = _step_seconds(dense_fn, runner, inputs, sampling, self.reps)
         spec = runner.spec
         # a difference of two timings: best of reps, where another process's bursts are least
         attention = device["min_s"] - dense["min_s"]

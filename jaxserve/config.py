@@ -222,8 +222,8 @@ class EngineArgs:
     # capped, unlike vLLM's, which caps every step)
     long_prefill_token_threshold: int = 0
     # schedule and stage step k+1 while the device runs step k (its decodes read k's sampled
-    # ids on the device); same tokens, stop checks one step late. Requests with penalties or
-    # grammars step synchronously; so do multi-host engines
+    # ids on the device); same tokens, stop checks one step late. Multi-host engines step
+    # synchronously
     async_scheduling: bool = True
     # token budget of one step (prefill chunks + decodes)
     max_num_batched_tokens: int = 512

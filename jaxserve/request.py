@@ -101,10 +101,6 @@ class Request:
         # schedule() to update_from_output() of that step (vLLM's num_output_placeholders);
         # with async scheduling the next step is scheduled in between, as if it were there
         self.num_output_placeholders = 0
-        # its next step needs its last token on the host (penalties read the history, a
-        # grammar advances by it): async scheduling runs the step after its sample only once
-        # that sample is read back. Set at admission (EngineCore.admit)
-        self.needs_host_tokens = sampling_params.has_penalties
         # prompt tokens served from the prefix cache when first scheduled (for usage accounting)
         self.num_cached_tokens = -1
         self.num_preemptions = 0

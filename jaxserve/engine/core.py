@@ -242,7 +242,6 @@ class EngineCore:
             # read now (a bad adapter fails this request alone); pinned while it runs
             self.lora.add(request.lora_request, pinned=self.scheduler.lora_use.refs)
         self.token_masks.add(request)  # a grammar that cannot compile fails here
-        request.needs_host_tokens |= self.token_masks.has_rules(request.request_id)
         try:
             self.scheduler.add_request(request, urgent=urgent)
         except BaseException:

@@ -35,7 +35,5 @@ def follow(runner: ModelRunner) -> None:
     """A follower process's loop: runs process 0's steps until it closes its engine."""
     if not runner.multihost or runner.is_leader:
         raise RuntimeError("follow() is for processes other than 0 of a multi-host mesh")
-    while (
-        inputs := step_broadcast.receive_step(runner.penalty_width, runner.bitmask_width)
-    ) is not None:
-        runner.run_followed_step(inputs)
+    while (message := step_broadcast.receive(runner.bitmask_width)) is not None:
+        runner.run_followed(message)

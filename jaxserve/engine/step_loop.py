@@ -1,16 +1,21 @@
 """StepLoop: one engine core's steps, synchronous or with async scheduling.
 
-A step is four calls joined by three dataclasses:
-scheduler.schedule() -> SchedulerOutput -> runner.launch() -> LaunchedStep -> runner.collect()
--> ModelRunnerOutput -> scheduler.update_from_output() -> EngineCoreOutputs.
+A step is five calls joined by three dataclasses:
+scheduler.schedule() -> SchedulerOutput -> runner.launch() (the forward) -> LaunchedStep ->
+runner.sample() -> runner.collect() -> ModelRunnerOutput -> scheduler.update_from_output() ->
+EngineCoreOutputs.
 
-With async scheduling (vLLM's --async-scheduling) step k+1 is scheduled and launched before
-step k is collected, so the host's work for k+1 runs while the device computes k; a decode of
-k+1 reads its input token from k's output on the device (the scheduler counts it as a
-placeholder). Stop checks land one step late: a request that step k finished has a token in
-k+1 that is dropped. A step whose requests need their last token on the host to stage the
-next one (penalties, grammars: Request.needs_host_tokens) is collected before the next is
-scheduled, as without async scheduling.
+The token bitmask (grammars, allowed_token_ids, bad_words) is filled in runner.sample(), after
+the forward is dispatched, so the fill runs while the device computes the forward (vLLM's
+execute_model / sample_tokens split).
+
+With async scheduling (vLLM's --async-scheduling) step k+1 is scheduled and its forward
+launched before step k is collected, so the host's work for k+1 runs while the device computes
+k; a decode of k+1 reads its input token from k's output on the device (the scheduler counts
+it as a placeholder). Step k is collected and applied (its grammars advance) before k+1's
+sampler is staged, so k+1's mask and penalty ids see k's tokens: every request steps
+asynchronously, constrained and penalized ones too. Stop checks land one step late: a request
+that step k finished has a token in k+1 that is dropped.
 """
 
 from __future__ import annotations
@@ -33,8 +38,6 @@ class _InFlight:
     launched: LaunchedStep
     # req_id -> its adapter's name, for the step's requests on one (LoRA stats)
     lora_names: dict[str, str]
-    # some request it samples needs that token on the host before its next step is staged
-    needs_host_tokens: bool
 
 
 class StepLoop:
@@ -67,16 +70,16 @@ class StepLoop:
         return self.in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
-        """One schedule -> launch -> collect -> update_from_output; with async scheduling,
-        the outputs are those of the step launched by the previous call (none on the first)."""
+        """One schedule -> launch -> sample -> collect -> update_from_output; with async
+        scheduling, the outputs are those of the step launched by the previous call (none on
+        the first), collected between this step's launch and its sample."""
         outputs = EngineCoreOutputs()
         in_flight, self.in_flight = self.in_flight, None
-        if in_flight is not None and in_flight.needs_host_tokens:
-            outputs, in_flight = self._finish(in_flight), None
         launched = self._launch() if self.scheduler.has_unfinished_requests() else None
         if in_flight is not None:
             outputs = self._finish(in_flight)
         if launched is not None:
+            self._sample(launched)
             if not self.async_scheduling:
                 outputs = self._finish(launched)
             elif self.scheduler.has_unfinished_requests():
@@ -93,12 +96,12 @@ class StepLoop:
         return outputs
 
     def _launch(self) -> _InFlight:
-        """Schedules a step and dispatches it; requests that fail to stage fail at once."""
+        """Schedules a step and dispatches its forward; requests that fail to stage fail at
+        once."""
         scheduler_output = self.scheduler.schedule()
         # Usage peaks while the step runs (finished requests free their blocks after it).
         usage = self.scheduler.kv_cache_manager.usage
         self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, usage)
-        masks = self.token_masks
         lora = self.lora
         lora_names: dict[str, str] = {}
         if lora is not None:
@@ -112,21 +115,30 @@ class StepLoop:
             lora.prepare(step_ids, self.scheduler.lora_use.running_ids(self.scheduler.running))
         launched = self.runner.launch(
             scheduler_output,
-            fill_mask=masks.fill if masks.num_requests else None,
             lora_slot_of=(lambda r: lora.slot_of(r.lora_int_id)) if lora is not None else None,
         )
-        failed = launched.staged.failed
-        if failed:
-            # before anything is scheduled after this step (async: before its collect)
-            for entry in scheduler_output.scheduled:
-                reason = failed.get(entry.request.request_id)
-                if reason is not None:
-                    self.scheduler.fail_staged(entry, reason)
-                    masks.remove(entry.request.request_id)
-        needs_host_tokens = any(
-            sr.is_sampling and sr.request.needs_host_tokens for sr in launched.staged.staged
+        in_flight = _InFlight(scheduler_output, launched, lora_names)
+        # before anything is scheduled after this step (async: before its collect)
+        self._fail(in_flight, launched.staged.failed)
+        return in_flight
+
+    def _sample(self, in_flight: _InFlight) -> None:
+        """Dispatches a launched step's sampler; its mask is filled while the forward runs."""
+        masks = self.token_masks
+        failed = self.runner.sample(
+            in_flight.launched, fill_mask=masks.fill if masks.num_requests else None
         )
-        return _InFlight(scheduler_output, launched, lora_names, needs_host_tokens)
+        self._fail(in_flight, failed)
+
+    def _fail(self, in_flight: _InFlight, failed: dict[str, str]) -> None:
+        """Fails the step's requests that could not be staged, each alone."""
+        if not failed:
+            return
+        for entry in in_flight.scheduler_output.scheduled:
+            reason = failed.get(entry.request.request_id)
+            if reason is not None:
+                self.scheduler.fail_staged(entry, reason)
+                self.token_masks.remove(entry.request.request_id)
 
     def _finish(self, in_flight: _InFlight, *, wait: bool = True) -> EngineCoreOutputs:
         """Collects a launched step and applies its tokens (stops, frees, grammars, stats);

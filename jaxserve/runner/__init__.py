@@ -1,1 +1,1 @@
-"""The device side of a step: inputs, the one jitted step, and sampling."""
+"""The device side of a step: inputs, the jitted step (forward, then sampler), and sampling."""

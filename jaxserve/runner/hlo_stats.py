@@ -159,7 +159,6 @@ def abstract_step_collectives(
     dtype: Any = "bfloat16",
     num_blocks: int = 1024,
     block_size: int = 16,
-    max_model_len: int = 2048,
     devices: Sequence[Any] | None = None,
 ) -> CollectiveStats:
     """Collectives of the TP step for any model shape, compiled from shapes alone.
@@ -189,12 +188,14 @@ def abstract_step_collectives(
     kv_shape = (exec_spec.num_layers, num_blocks, block_size)
     kv_shape = (*kv_shape, exec_spec.num_kv_heads, exec_spec.head_dim)
     kv = jax.ShapeDtypeStruct(kv_shape, dt, sharding=sharding.named(mesh, "kv_cache"))
-    step = make_step_fn(exec_spec, "xla", mesh)
-    inputs = dummy_step_inputs(shape, max_model_len, -(-exec_spec.vocab_size // 32))
+    step = make_step_fn(exec_spec, "xla", mesh, num_ids=shape[1])
+    inputs = dummy_step_inputs(shape)
     last_ids = jax.ShapeDtypeStruct(
         (shape[1],), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())
     )
-    text = step.lower(params, None, KVCache(k=kv, v=kv), last_ids, inputs).compile().as_text()
+    # (the forward holds every collective: the sampler runs replicated on gathered logits)
+    lowered = step.forward.lower(params, None, KVCache(k=kv, v=kv), last_ids, inputs)
+    text = lowered.compile().as_text()
     return collective_stats(text, exec_spec.num_layers)
 
 

@@ -26,6 +26,7 @@ from jaxserve.runner.sampler import SamplingMetadata
 from jaxserve.runner.sampling_metadata import (
     PADDING_FLOATS,
     PADDING_INTS,
+    RowStagingError,
     SamplingRow,
     fixed_values,
     fold_seed,
@@ -140,11 +141,13 @@ class InputBatch:
             if bias is not None:
                 bias[0][idle], bias[1][idle] = -1, 0.0
         # (rows whose extras follow the history: a min_tokens ban, penalty ids)
-        rows = {
-            i: SamplingRow.from_request(ordered[i].request, int(steps[i]))
-            for i in sorted(self.history_rows)
-            if sampling[i]
-        }
+        rows: dict[int, SamplingRow] = {}
+        for i in sorted(self.history_rows):
+            if sampling[i]:
+                try:
+                    rows[i] = SamplingRow.from_request(ordered[i].request, int(steps[i]))
+                except Exception as e:  # noqa: BLE001 - a failure here is this row's alone
+                    raise RowStagingError(i, e) from e
         return step_sampling_metadata(
             floats,
             ints,

@@ -1,11 +1,13 @@
-"""ModelRunner: owns the params and the paged KV cache on device, and runs the one jitted step
-(runner/step_fn.py builds it).
+"""ModelRunner: owns the params and the paged KV cache on device, and runs the jitted step
+(runner/step_fn.py builds its two programs: forward, then sample).
 
 launch(SchedulerOutput) stages the flat ragged batch on the host (numpy) and dispatches the
-step (forward -> logits of sampling rows -> on-device sampler) with the KV cache donated;
-collect() waits for it and returns only sampled ids and requested logprobs to the host. In
-between, the host may schedule and launch the next step (async scheduling, engine/core.py):
-that one's decodes read the sampled ids this step leaves on the device.
+forward (-> logits of the sampling rows) with the KV cache donated; sample() then stages the
+sampler's inputs (the token bitmask is filled here, while the forward runs) and dispatches the
+on-device sampler; collect() waits for it and returns only sampled ids and requested logprobs
+to the host. Between launch and sample the host may read back the previous step (async
+scheduling, engine/step_loop.py): this step's decodes read the sampled ids that one leaves
+on the device, and its grammars advance by them before its mask is filled.
 """
 
 from __future__ import annotations
@@ -35,16 +37,16 @@ from jaxserve.runner.device_inputs import DeviceInputs
 from jaxserve.runner.input_batch import InputBatch
 from jaxserve.runner.lora_slots import DeviceLoRASlots
 from jaxserve.runner.prompt_logprobs import PromptLogprobsOutput
-from jaxserve.runner.sampler import SamplerOutput
+from jaxserve.runner.sampler import SamplerOutput, SamplingMetadata
+from jaxserve.runner.sampler_inputs import FillMask, dummy_sampling, stage_sampling
 from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row, penalty_width
-from jaxserve.runner.step_fn import make_step_fn
+from jaxserve.runner.step_fn import StepFn, make_step_fn
 from jaxserve.runner.step_inputs import (
-    FillMask,
     LoRASlotOf,
     StagedStep,
     StepInputs,
-    build_step_inputs,
     dummy_step_inputs,
+    stage_forward,
 )
 from jaxserve.runner.step_outputs import fetch_step_outputs, read_step_outputs
 
@@ -62,9 +64,11 @@ class LaunchedStep:
     # its inputs, and the requests left out of it (the caller fails those at once)
     staged: StagedStep
     # its device outputs (futures until the step finishes); None when nothing ran (every
-    # scheduled request failed to stage, or none was scheduled)
+    # scheduled request failed to stage, or none was scheduled), and `out` until sample()
     out: SamplerOutput | None
     prompt_out: PromptLogprobsOutput | None
+    # the forward's f32[R, V] logits, between launch() and sample()
+    logits: jax.Array | None = None
 
 
 class ModelRunner:
@@ -146,6 +150,8 @@ class ModelRunner:
         self.last_token_ids = self._new_token_ids()
         # req_id -> its row in the last launched step, for the requests that step samples
         self._last_rows: dict[str, int] = {}
+        # a follower process: the logits of the forward it ran last, for its sampler message
+        self._followed_logits: jax.Array | None = None
         # the step batch's rows, kept between steps (a row is written when it changes)
         self.input_batch = InputBatch(self.buckets.max_num_reqs, self.buckets.max_blocks_per_req)
         # Multi-host: process 0 (the leader) broadcasts every step's inputs to the processes
@@ -172,25 +178,35 @@ class ModelRunner:
         )
         self.is_leader = jax.process_index() == 0
         self.is_warmed_up = False
-        # XLA lowerings seen during execute() (and embedding slices) after warmup; must stay 0
+        # XLA lowerings seen during a step (and embedding slices) after warmup; must stay 0
         self.num_compiles_after_warmup = 0
+        # steps whose token bitmask was filled, and how many of those fills ended while the
+        # forward was still running on the device (hidden behind it)
+        self.num_mask_fills = 0
+        self.num_mask_fills_hidden = 0
         # counts this process's lowerings until close() (read around each step)
         self.compiles = CompileCounter()
         self.num_steps = 0
 
-    def _make_step_fn(self, backend: str) -> Any:
+    def _make_step_fn(self, backend: str) -> StepFn:
         lora_sh = None if self.lora_slots is None else self.lora_slots.shardings
         return make_step_fn(
-            self.spec, backend, self.mesh, platform=self.platform, lora_shardings=lora_sh
+            self.spec,
+            backend,
+            self.mesh,
+            num_ids=self._num_ids,
+            platform=self.platform,
+            lora_shardings=lora_sh,
         )
 
-    def _dummy_inputs(self, shape: tuple[int, int, int]) -> StepInputs:
-        return dummy_step_inputs(
-            shape,
-            self.penalty_width(shape[2]),
-            self.bitmask_width,
-            lora=self.lora_slots is not None,
-        )
+    @property
+    def _num_ids(self) -> int:
+        """P, the length of last_token_ids: the largest R bucket."""
+        return max(r for _, r, _ in self.buckets.all_shapes())
+
+    def _dummy_inputs(self, shape: tuple[int, int, int]) -> tuple[StepInputs, SamplingMetadata]:
+        inputs = dummy_step_inputs(shape, lora=self.lora_slots is not None)
+        return inputs, dummy_sampling(shape[1], self.penalty_width(shape[2]), self.bitmask_width)
 
     def penalty_width(self, num_blocks_per_req: int) -> int:
         """L of the penalty block in the steps of block-table bucket B (as _stage sizes it)."""
@@ -225,7 +241,7 @@ class ModelRunner:
 
     def _new_token_ids(self) -> jax.Array:
         """Zero sampled ids of the largest R bucket, placed as the step returns them."""
-        size = max(r for _, r, _ in self.buckets.all_shapes())
+        size = self._num_ids
         if self.mesh is None:
             return jax.device_put(jnp.zeros(size, jnp.int32), self.devices[0])
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -242,9 +258,11 @@ class ModelRunner:
     def compile_smallest_bucket(self) -> None:
         """Compiles (without running) the step of the smallest bucket: a cheap check that the
         attention backend compiles at all, for engines started without warmup."""
-        inputs = self._dummy_inputs(self.buckets.all_shapes()[0])
-        inputs = self.device_inputs(inputs)
-        self._step_fn.lower(*self._step_args(inputs)).compile()
+        inputs, sampling = self.device_inputs(self._dummy_inputs(self.buckets.all_shapes()[0]))
+        fn = self._step_fn
+        fn.forward.lower(*self._step_args(inputs)).compile()
+        r, v = inputs.num_reqs, self.spec.vocab_size
+        fn.sample.lower(jax.ShapeDtypeStruct((r, v), jnp.float32), sampling).compile()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -264,38 +282,60 @@ class ModelRunner:
         """The step's arguments around `inputs` (already on the device)."""
         return self.params, self._lora_stacks, self.kv_cache, self.last_token_ids, inputs
 
-    def _run_step(self, inputs: StepInputs) -> tuple[SamplerOutput, PromptLogprobsOutput]:
-        """Dispatches one step (it runs on the device while the host goes on)."""
+    def _run_forward(self, inputs: StepInputs) -> tuple[jax.Array, PromptLogprobsOutput]:
+        """Dispatches a step's forward (it runs on the device while the host goes on)."""
         if self.multihost:
             if self.is_leader:
                 step_broadcast.send_step(inputs)
             inputs = step_broadcast.to_global(inputs, self.mesh)
         else:
             inputs = self.device_inputs(inputs)
-        self.kv_cache, out, prompt_out, self.last_token_ids = self._step_fn(
-            *self._step_args(inputs)
-        )
-        return out, prompt_out
+        self.kv_cache, logits, prompt_out = self._step_fn.forward(*self._step_args(inputs))
+        return logits, prompt_out
 
-    def run_followed_step(self, inputs: StepInputs) -> None:
-        """A follower process: runs one step process 0 broadcast (engine/follower.py's loop)."""
-        self._run_step(inputs)
-        self.num_steps += 1
+    def _run_sample(self, logits: jax.Array, sampling: SamplingMetadata) -> SamplerOutput:
+        """Dispatches the sampler on a dispatched forward's logits."""
+        if self.multihost:
+            if self.is_leader:
+                step_broadcast.send_sampling(sampling)
+            sampling = step_broadcast.to_global(sampling, self.mesh)
+        else:
+            sampling = self.device_inputs(sampling)
+        out, self.last_token_ids = self._step_fn.sample(logits, sampling)
+        return out
+
+    def _run_step(
+        self, inputs: StepInputs, sampling: SamplingMetadata
+    ) -> tuple[SamplerOutput, PromptLogprobsOutput]:
+        logits, prompt_out = self._run_forward(inputs)
+        return self._run_sample(logits, sampling), prompt_out
+
+    def run_followed(self, message: StepInputs | SamplingMetadata) -> None:
+        """A follower process: runs what process 0 broadcast (engine/follower.py's loop): a
+        step's forward, or the sampler on the last forward's logits."""
+        if isinstance(message, StepInputs):
+            self._followed_logits, _ = self._run_forward(message)
+            self.num_steps += 1
+        else:
+            assert self._followed_logits is not None, "a sampler message before its forward"
+            self._run_sample(self._followed_logits, message)
+            self._followed_logits = None
 
     def compiled_step_text(self, shape: tuple[int, int, int] | None = None) -> str:
-        """Optimized HLO of the step for one bucket (T, R, B); default: the largest decode-ish
-        bucket (max requests, widest block table). For hlo_stats.collective_stats."""
+        """Optimized HLO of the step's forward for one bucket (T, R, B); default: the largest
+        decode-ish bucket (max requests, widest block table). For hlo_stats.collective_stats:
+        the collectives are all in the forward (the sampler runs replicated on full rows)."""
         if shape is None:
             shape = max(self.buckets.all_shapes(), key=lambda s: (s[1], s[0], s[2]))
-        inputs = self.device_inputs(self._dummy_inputs(shape))
-        return self._step_fn.lower(*self._step_args(inputs)).compile().as_text()
+        inputs, _ = self.device_inputs(self._dummy_inputs(shape))
+        return self._step_fn.forward.lower(*self._step_args(inputs)).compile().as_text()
 
     def warmup(self, *, show_progress: bool = True) -> float:
         """Compiles every declared bucket once; returns the seconds it took."""
         start = time.perf_counter()
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
-            out, _ = self._run_step(self._dummy_inputs(shape))
+            out, _ = self._run_step(*self._dummy_inputs(shape))
         if self.lora_slots is not None:
             self.lora_slots.warmup()
         jax.block_until_ready(out.token_ids)
@@ -311,28 +351,21 @@ class ModelRunner:
         check_sampling_row(SamplingRow.from_request(request), self.penalty_len)
 
     def launch(
-        self,
-        scheduler_output: SchedulerOutput,
-        fill_mask: FillMask | None = None,
-        lora_slot_of: LoRASlotOf | None = None,
+        self, scheduler_output: SchedulerOutput, lora_slot_of: LoRASlotOf | None = None
     ) -> LaunchedStep:
-        """Stages and dispatches one step. fill_mask gives
-        its token bitmask rows (TokenMasks.fill), None when no scheduled request is
-        constrained; lora_slot_of the device slot of each request's adapter (required when
-        LoRA is on). A decode whose input token the previous launched step samples (async
+        """Stages and dispatches one step's forward; sample() dispatches its sampler.
+        lora_slot_of gives the device slot of each request's adapter (required when LoRA is
+        on). A decode whose input token the previous launched step samples (async
         scheduling) reads it from that step's output on the device.
 
         NOTE on failures: staging is per request (one that fails is named in
         LaunchedStep.staged.failed, and the others go on); only the device call itself raises,
         and that is fatal to the engine (the cache was donated to it).
         """
-        staged = build_step_inputs(
+        staged = stage_forward(
             scheduler_output,
             self.buckets,
             self.block_size,
-            self.penalty_len,
-            bitmask_width=self.bitmask_width,
-            fill_mask=fill_mask,
             lora_slot_of=(lora_slot_of or _no_adapter) if self.lora_slots is not None else None,
             prev_rows=self._last_rows,
             batch=self.input_batch,
@@ -341,20 +374,51 @@ class ModelRunner:
         if inputs is None:
             return LaunchedStep(staged, None, None)
         before = self.compiles.count
-        out, prompt_out = self._run_step(inputs)
+        logits, prompt_out = self._run_forward(inputs)
+        self._count_compiles(before, "step", inputs)
+        self.num_steps += 1
+        return LaunchedStep(staged, None, prompt_out, logits)
+
+    def sample(self, launched: LaunchedStep, fill_mask: FillMask | None = None) -> dict[str, str]:
+        """Stages a launched step's sampler inputs from its requests' latest tokens and
+        dispatches the sampler. fill_mask gives its token bitmask rows (TokenMasks.fill), None
+        when no request is constrained: the fill runs here, while the forward is on the device.
+        Returns req_id -> why, for the requests whose sampling could not be staged (they
+        sample nothing; the caller fails them)."""
+        logits, launched.logits = launched.logits, None
+        staged, inputs = launched.staged, launched.staged.inputs
+        if logits is None or inputs is None:
+            return {}
+        failed = stage_sampling(
+            staged,
+            self.input_batch,
+            self.block_size,
+            self.penalty_len,
+            bitmask_width=self.bitmask_width,
+            fill_mask=fill_mask,
+        )
+        if fill_mask is not None:
+            self.num_mask_fills += 1
+            self.num_mask_fills_hidden += not logits.is_ready()
+        assert staged.sampling is not None
+        before = self.compiles.count
+        launched.out = self._run_sample(logits, staged.sampling)
+        self._count_compiles(before, "sampler", inputs)
         self._last_rows = {
             sr.request.request_id: i for i, sr in enumerate(staged.staged) if sr.is_sampling
         }
+        return failed
+
+    def _count_compiles(self, before: int, what: str, inputs: StepInputs) -> None:
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
             logger.warning(
-                "step compiled after warmup (T, R, B = %d, %d, %d)",
+                "%s compiled after warmup (T, R, B = %d, %d, %d)",
+                what,
                 inputs.num_tokens,
                 inputs.num_reqs,
                 inputs.num_blocks_per_req,
             )
-        self.num_steps += 1
-        return LaunchedStep(staged, out, prompt_out)
 
     def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
         """Waits for a launched step and reads back what its requests asked for; a request

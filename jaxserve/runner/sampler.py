@@ -1,4 +1,4 @@
-"""Sampling on device, inside the runner's one jitted step: logits[R, V] -> one token per row.
+"""Sampling on device, the runner's jitted sampler program: logits[R, V] -> one token per row.
 
 The order is vLLM's: penalties -> logit_bias -> banned ids -> the token bitmask (structured
 output, allowed_token_ids, bad_words; runner/token_bitmask.py) -> greedy rows take the argmax;

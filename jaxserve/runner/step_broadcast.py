@@ -1,25 +1,29 @@
 """Multi-host steps: process 0 broadcasts each step's inputs, every process runs the step.
 
-Process 0 (the leader) broadcasts the step's host-side StepInputs with
+Process 0 (the leader) broadcasts the step's host-side inputs with
 `multihost_utils.broadcast_one_to_all` (an XLA collective: no home-made tensor transport), and
-every follower runs the same jitted step on its own devices. A step has a data-dependent bucket
-shape, so each step is two broadcasts: a fixed header [command, T, R, B], then the inputs
-shaped like a dummy step of that bucket.
+every follower runs the same jitted programs on its own devices. A step runs as two programs
+(runner/step_fn.py), so it is two messages: the forward's StepInputs, then the sampler's
+SamplingMetadata. Their shapes follow the step's bucket, so each message is two broadcasts: a
+fixed header [command, T, R, B], then the arrays shaped like a dummy step of that bucket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxserve.runner.sampler import SamplingMetadata
+from jaxserve.runner.sampler_inputs import dummy_sampling
 from jaxserve.runner.step_inputs import StepInputs, dummy_step_inputs
 
 # header commands
-_STOP, _STEP = 0, 1
+_STOP, _STEP, _SAMPLE = 0, 1, 2
 
 
 def spans_processes(devices: Sequence[jax.Device]) -> bool:
@@ -28,13 +32,17 @@ def spans_processes(devices: Sequence[jax.Device]) -> bool:
 
 
 def send_step(inputs: StepInputs) -> None:
-    """Process 0: announces the step's bucket, then broadcasts its inputs."""
-    header = np.array(
-        [_STEP, inputs.num_tokens, inputs.num_reqs, inputs.num_blocks_per_req],
-        np.int32,
-    )
-    multihost_utils.broadcast_one_to_all(header)
+    """Process 0: announces a step's bucket, then broadcasts its forward's inputs."""
+    header = [_STEP, inputs.num_tokens, inputs.num_reqs, inputs.num_blocks_per_req]
+    multihost_utils.broadcast_one_to_all(np.array(header, np.int32))
     multihost_utils.broadcast_one_to_all(inputs)
+
+
+def send_sampling(sampling: SamplingMetadata) -> None:
+    """Process 0: broadcasts the sampler's inputs of the step send_step announced last."""
+    r, width = sampling.penalty_token_ids.shape
+    multihost_utils.broadcast_one_to_all(np.array([_SAMPLE, 0, r, width], np.int32))
+    multihost_utils.broadcast_one_to_all(sampling)
 
 
 def send_stop() -> None:
@@ -42,17 +50,17 @@ def send_stop() -> None:
     multihost_utils.broadcast_one_to_all(np.array([_STOP, 0, 0, 0], np.int32))
 
 
-def receive_step(
-    penalty_width: Callable[[int], int], bitmask_width: int | None
-) -> StepInputs | None:
-    """A follower: the next step's inputs from process 0, or None when it stops;
-    penalty_width: B -> the penalty block's width (ModelRunner.penalty_width)."""
+def receive(bitmask_width: int | None) -> Any:
+    """A follower: process 0's next message, as it was sent: StepInputs (a forward),
+    SamplingMetadata (its sampler), or None when process 0 stops (no LoRA across processes:
+    the runner refuses it)."""
     header = multihost_utils.broadcast_one_to_all(np.zeros(4, np.int32))
     cmd, t, r, b = (int(x) for x in header)
     if cmd == _STOP:
         return None
-    template = dummy_step_inputs((t, r, b), penalty_width(b), bitmask_width)
-    return multihost_utils.broadcast_one_to_all(template)
+    if cmd == _SAMPLE:  # (b is the penalty width here)
+        return multihost_utils.broadcast_one_to_all(dummy_sampling(r, b, bitmask_width))
+    return multihost_utils.broadcast_one_to_all(dummy_step_inputs((t, r, b)))
 
 
 def broadcast_int(value: int) -> int:
@@ -60,7 +68,7 @@ def broadcast_int(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.array(value, np.int64)))
 
 
-def to_global(inputs: StepInputs, mesh: Mesh) -> StepInputs:
+def to_global(inputs: Any, mesh: Mesh) -> Any:
     """Host numpy leaves (equal on every process) -> global arrays replicated on the mesh."""
     replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -3,6 +3,10 @@
 The scheduler's output (host lists) becomes one registered pytree of arrays. Its bucket sizes
 (tokens T, requests R, blocks per request B) are static fields, so the set of compiled programs
 can be read off `Buckets.all_shapes()`: nothing else changes a traced shape.
+
+A step is staged in two phases, as it runs in two programs (runner/step_fn.py): this module's
+`stage_forward` builds the forward's StepInputs; runner/sampler_inputs.py then stages the
+sampler's, once the forward is on the device.
 """
 
 from __future__ import annotations
@@ -22,12 +26,6 @@ from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.input_batch import InputBatch
 from jaxserve.runner.prompt_spans import PromptLogprobSpan, prompt_spans, prompt_targets
 from jaxserve.runner.sampler import SamplingMetadata
-from jaxserve.runner.sampling_metadata import (
-    RowStagingError,
-    SamplingRow,
-    build_sampling_metadata,
-    penalty_width,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ logger = logging.getLogger(__name__)
         "positions",
         "attn",
         "logits_indices",
-        "sampling",
         "prompt_targets",
         "prev_rows",
         "lora_slots",
@@ -52,7 +49,6 @@ class StepInputs:
     positions: jax.Array  # i32[T] position of each token in its request, padded with 0
     attn: AttentionMetadata  # slot mapping, block tables, kv lens, cu_q_lens
     logits_indices: jax.Array  # i32[R] index into T of each request's last token this step
-    sampling: SamplingMetadata  # per-row sampling parameters, [R, ...]
     prompt_targets: jax.Array  # i32[T] the prompt token each position predicts, for requests
     # with prompt_logprobs (runner/prompt_logprobs.py); -1 elsewhere
     prev_rows: jax.Array  # i32[T] async scheduling: the row of the previous step's sampled
@@ -76,30 +72,29 @@ class StagedStep:
     failed: dict[str, str]
     # the staged requests' prompt-logprob positions (empty when none asks)
     prompt_spans: list[PromptLogprobSpan] = dataclasses.field(default_factory=list)
+    # i32[R] each row's sample index (the output token it samples), -1 for a row that does
+    # not sample (a prefill chunk short of its prompt's end, or padding)
+    sample_steps: np.ndarray | None = None
+    # the sampler's inputs, set by stage_sampling (None until then)
+    sampling: SamplingMetadata | None = None
 
 
-# TokenMasks.fill: the sampling rows' requests (None: not sampling) and R -> (bitmask, has_mask),
-# or None when no row is constrained.
-FillMask = Callable[[Sequence[Request | None], int], "tuple[np.ndarray, np.ndarray] | None"]
 # The device LoRA slot a request's tokens use (0: none); None when LoRA is off.
 LoRASlotOf = Callable[[Request], int]
 
 
-def build_step_inputs(
+def stage_forward(
     scheduler_output: SchedulerOutput,
     buckets: Buckets,
     block_size: int,
-    penalty_len: int,
     *,
-    bitmask_width: int | None = None,
-    fill_mask: FillMask | None = None,
     lora_slot_of: LoRASlotOf | None = None,
     prev_rows: Mapping[str, int] | None = None,
     batch: InputBatch | None = None,
 ) -> StagedStep:
-    """Host-side (numpy) staging of one step: O(tokens + requests), plus the block ids a
-    request gains (its other rows' values persist in `batch`, the runner's InputBatch; None:
-    a fresh one, whose rows follow the scheduled order).
+    """Host-side (numpy) staging of one step's forward: O(tokens + requests), plus the block
+    ids a request gains (its other rows' values persist in `batch`, the runner's InputBatch;
+    None: a fresh one, whose rows follow the scheduled order).
 
     prev_rows (async scheduling): req_id -> its row in the previous step, whose sampled id is
     still on the device; a request whose last scheduled token is that one reads it from there.
@@ -120,21 +115,13 @@ def build_step_inputs(
             batch.retain(todo)
             return StagedStep(inputs=None, staged=[], failed=failed)
         try:
-            inputs, ordered = _stage(
-                todo,
-                buckets,
-                block_size,
-                penalty_len,
-                batch,
-                bitmask_width,
-                fill_mask,
-                lora_slot_of,
-                prev_rows or {},
+            inputs, ordered, steps = _stage(
+                todo, buckets, block_size, batch, lora_slot_of, prev_rows or {}
             )
             spans = prompt_spans(ordered)
             if spans:
                 inputs.prompt_targets = prompt_targets(spans, inputs.num_tokens)
-            return StagedStep(inputs, ordered, failed, spans)
+            return StagedStep(inputs, ordered, failed, spans, sample_steps=steps)
         except _RequestStagingError as e:
             sr = e.scheduled
             logger.error(
@@ -142,11 +129,13 @@ def build_step_inputs(
                 sr.request.request_id,
                 exc_info=e.__cause__,
             )
-            cause = e.__cause__
-            failed[sr.request.request_id] = (
-                f"the engine could not stage this request: {type(cause).__name__}: {cause}"
-            )
+            failed[sr.request.request_id] = staging_failure(e.__cause__)
             failed.update(_sharing_unwritten_blocks(scheduled, failed, block_size))
+
+
+def staging_failure(cause: BaseException | None) -> str:
+    """The error a request left out of a step ends with."""
+    return f"the engine could not stage this request: {type(cause).__name__}: {cause}"
 
 
 class _RequestStagingError(Exception):
@@ -199,15 +188,13 @@ def _stage(
     scheduled: Sequence[ScheduledRequest],
     buckets: Buckets,
     block_size: int,
-    penalty_len: int,
     batch: InputBatch,
-    bitmask_width: int | None = None,
-    fill_mask: FillMask | None = None,
     lora_slot_of: LoRASlotOf | None = None,
     prev_rows: Mapping[str, int] | None = None,
-) -> tuple[StepInputs, list[ScheduledRequest]]:
-    """The padded arrays of `scheduled`, and the requests in their rows' order; raises
-    _RequestStagingError naming the one that fails."""
+) -> tuple[StepInputs, list[ScheduledRequest], np.ndarray]:
+    """The padded forward arrays of `scheduled`, the requests in their rows' order, and each
+    row's sample index (-1: not sampling); raises _RequestStagingError naming the one that
+    fails."""
     # The persistent rows first: a request keeps its row (block table, fixed sampling
     # values) from step to step, and only a new one or a grown table is written.
     batch.retain(scheduled)
@@ -238,9 +225,6 @@ def _stage(
                 in_flight_at.append(len(ids) + len(chunk))
                 in_flight_rows.append(prev_rows[request.request_id])  # type: ignore[index]
                 chunk.append(0)  # read on the device from the previous step's output
-                if sr.is_sampling and request.sampling_params.has_penalties:
-                    # (the engine steps such requests synchronously: this is a bug guard)
-                    raise ValueError("penalties read every output token; one is in flight")
             if -(-(start + n) // block_size) > len(sr.block_ids):
                 raise ValueError(f"no {n} tokens from {start} in {len(sr.block_ids)} blocks")
             ids += chunk
@@ -281,29 +265,10 @@ def _stage(
         lora_slots = np.zeros(t, np.int32)
         lora_slots[:num_tokens] = np.repeat(np.asarray(slots, np.int32), q_lens)
     tile_starts, tile_lens = query_tiles(cu_q_lens, t)
-    token_mask = None
-    if fill_mask is not None:
-        sampling_requests = [sr.request if sr.is_sampling else None for sr in ordered]
-        try:
-            token_mask = fill_mask(sampling_requests, r)
-        except Exception as e:  # noqa: BLE001 - blamed on the first constrained row
-            first = next((sr for sr in ordered if sr.is_sampling), ordered[0])
-            raise _RequestStagingError(first) from e
     # each sampling row's sample index (the output token it samples: one past any in flight)
     steps = np.full(r, -1, np.int32)
     is_sampling = np.asarray(sampling, bool)
     steps[:nreq][is_sampling] = (kv_lens[:nreq] - batch.num_prompt[:nreq])[is_sampling]
-    try:
-        sampling_md = batch.sampling_metadata(
-            ordered,
-            steps,
-            r,
-            penalty_width(b, block_size, penalty_len),
-            bitmask_width=bitmask_width,
-            token_mask=token_mask,
-        )
-    except RowStagingError as e:
-        raise _RequestStagingError(ordered[e.row]) from e.cause
     prev = _no_targets(t)
     if in_flight_at:
         prev = np.full(t, -1, np.int32)
@@ -321,7 +286,6 @@ def _stage(
             tile_lens=tile_lens,
         ),
         logits_indices=logits_indices,
-        sampling=sampling_md,
         prompt_targets=_no_targets(t),
         prev_rows=prev,
         num_tokens=t,
@@ -329,7 +293,7 @@ def _stage(
         num_blocks_per_req=b,
         lora_slots=lora_slots,
     )
-    return inputs, ordered
+    return inputs, ordered, steps
 
 
 def _check_in_flight(sr: ScheduledRequest, prev_rows: Mapping[str, int] | None) -> None:
@@ -351,17 +315,11 @@ def _check_in_flight(sr: ScheduledRequest, prev_rows: Mapping[str, int] | None) 
         )
 
 
-def dummy_step_inputs(
-    shape: tuple[int, int, int],
-    penalty_len: int,
-    bitmask_width: int | None = None,
-    *,
-    lora: bool = False,
-) -> StepInputs:
-    """An all-padding step of the given bucket (for warmup): every write hits the null block."""
+def dummy_step_inputs(shape: tuple[int, int, int], *, lora: bool = False) -> StepInputs:
+    """An all-padding forward of the given bucket (for warmup): every write hits the null
+    block."""
     t, r, b = shape
     zeros = functools.partial(np.zeros, dtype=np.int32)
-    rows: Sequence[SamplingRow | None] = [None] * r
     return StepInputs(
         input_ids=zeros(t),
         positions=zeros(t),
@@ -377,7 +335,6 @@ def dummy_step_inputs(
         logits_indices=zeros(r),
         prompt_targets=_no_targets(t),
         prev_rows=_no_targets(t),
-        sampling=build_sampling_metadata(list(rows), r, penalty_len, bitmask_width=bitmask_width),
         num_tokens=t,
         num_reqs=r,
         num_blocks_per_req=b,

@@ -1,4 +1,4 @@
-"""The constrained-decoding token bitmask, applied to logits inside the one jitted step.
+"""The constrained-decoding token bitmask, applied to logits inside the jitted sampler.
 
 The host (jaxserve/structured_output/manager.py) fills `u32[R, ceil(V/32)]` as llguidance
 writes it: bit j (little-endian) of word w allows token 32 * w + j. Here disallowed tokens get

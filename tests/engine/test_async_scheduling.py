@@ -3,7 +3,8 @@ back, and it gives exactly the tokens of synchronous steps.
 
 The oracle is the engine itself with async_scheduling off, on the same requests: greedy and
 seeded sampling, n > 1, logprobs, stop tokens and max_tokens landing one step late,
-preemption, penalties and grammars (which step synchronously), aborts while a step runs.
+preemption, penalties and grammars (their sampler inputs are staged after the previous step
+is read back, so they step asynchronously too), aborts while a step runs.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def test_async_gives_the_tokens_of_sync(tiny_model_dir, num_blocks):
     np.testing.assert_allclose(values, sync_values, rtol=16 * np.finfo(np.float32).eps, atol=0)
 
 
-def test_penalties_and_grammars_step_synchronously_with_the_same_tokens(tiny_model_dir):
+def test_penalties_and_grammars_step_asynchronously_with_the_same_tokens(tiny_model_dir):
     prompts = _prompts(12, seed=5)
     params = _params(12)
     params[1] = SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=1.5)
@@ -125,29 +126,39 @@ def test_penalties_and_grammars_step_synchronously_with_the_same_tokens(tiny_mod
 
 
 class _Trace:
-    """Records the runner's launch and collect calls, in order."""
+    """Records the runner's launch (L), sample (S) and collect (C) calls, and the token
+    bitmask fills (F), in order."""
 
     def __init__(self, core: EngineCore) -> None:
         self.events: list[str] = []
-        runner = core.runner
-        launch, collect = runner.launch, runner.collect
+        runner, masks = core.runner, core.token_masks
+        for obj, name, event in (
+            (runner, "launch", "L"),
+            (runner, "sample", "S"),
+            (runner, "collect", "C"),
+            (masks, "fill", "F"),
+        ):
+            setattr(obj, name, self._traced(getattr(obj, name), event))
 
-        def traced_launch(*args, **kwargs):
-            self.events.append("L")
-            return launch(*args, **kwargs)
+    def _traced(self, fn, event: str):
+        def traced(*args, **kwargs):
+            self.events.append(event)
+            return fn(*args, **kwargs)
 
-        def traced_collect(*args, **kwargs):
-            self.events.append("C")
-            return collect(*args, **kwargs)
+        return traced
 
-        runner.launch, runner.collect = traced_launch, traced_collect
+    @property
+    def calls(self) -> str:
+        """The events as one string, e.g. "LSFLCSF..." (S is logged before its fill runs)."""
+        return "".join(self.events)
 
     @property
     def max_in_flight(self) -> int:
         depth = most = 0
         for e in self.events:
-            depth += 1 if e == "L" else -1
-            most = max(most, depth)
+            if e in "LC":
+                depth += 1 if e == "L" else -1
+                most = max(most, depth)
         return most
 
 
@@ -182,17 +193,36 @@ def test_the_next_step_is_launched_before_the_last_is_collected(async_core):
     assert all(len(t) == 10 for t in tokens.values())
     # two steps on the device's queue at once, in every step but the first and the last
     assert trace.max_in_flight == 2
-    assert trace.events[:3] == ["L", "L", "C"]
+    # the second step's forward goes out before the first step is read back, and its
+    # sampler after: L S, then L C S in every step
+    assert trace.calls.startswith("LSLCS")
     # the last launch ran only requests that had ended by then: it is not waited for
     assert trace.events.count("L") == trace.events.count("C") + 1
 
 
-def test_a_penalty_request_makes_its_steps_synchronous(async_core):
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=8, frequency_penalty=0.5),
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=8,
+            structured_outputs=StructuredOutputsParams(regex="[a-z]{20,30}"),
+        ),
+    ],
+    ids=["penalty", "grammar"],
+)
+def test_penalty_and_grammar_requests_step_asynchronously(async_core, params):
     trace = _Trace(async_core)
-    params = SamplingParams(temperature=0.0, max_tokens=6, frequency_penalty=0.5)
-    async_core.add_request(core_request("penalised", list(range(300, 320)), params))
-    assert len(_drain(async_core)["penalised"]) == 6
-    assert trace.max_in_flight == 1
+    async_core.add_request(core_request("ruled", list(range(300, 320)), params))
+    assert len(_drain(async_core)["ruled"]) == 8
+    assert trace.max_in_flight == 2
+    if params.structured_outputs is None:
+        return
+    # each step's mask is filled after its forward is launched (S is logged as it starts)
+    # and, from the second step on, after the previous step is read back: the grammar has
+    # its last token, and the fill runs while the forward is on the device
+    assert trace.calls.startswith("LSF" + "LCSF" * 6)
 
 
 def test_abort_while_a_step_runs_frees_everything(async_core):

@@ -36,13 +36,18 @@ def core(tiny_model_dir, request):
     c.close()
 
 
-def _fail_staging_of(request_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Staging `request_id`'s sampling row raises (as a value its arrays cannot hold would)."""
+def _fail_staging_of(
+    request_id: str, monkeypatch: pytest.MonkeyPatch, *, phase: str = "forward"
+) -> None:
+    """Staging `request_id`'s sampling row raises (as a value its arrays cannot hold would):
+    when it takes its row, before the forward (phase "forward"), or when its per-step extras
+    are staged for the sampler, after the forward is dispatched (phase "sampling"; only a row
+    with such extras: min_tokens or penalties)."""
 
     class FailingRow(SamplingRow):
         @classmethod
         def from_request(cls, request: Request, step: int | None = None) -> SamplingRow:
-            if request.request_id == request_id:
+            if request.request_id == request_id and (step is None) == (phase == "forward"):
                 raise RuntimeError("injected staging failure")
             return SamplingRow.from_request(request, step)
 
@@ -142,6 +147,26 @@ def test_injected_failure_fails_one_request(core, monkeypatch, where):
     _assert_idle(core)
     monkeypatch.undo()
     assert _reference(core) == ref
+
+
+def test_a_failure_staging_the_sampler_fails_that_request_alone(core, monkeypatch):
+    """The forward already runs with the request: it samples nothing, fails alone, and its
+    blocks are freed; a sibling on its prompt's blocks reads KV that was written, and goes on."""
+    ref = _reference(core)
+    core.scheduler.reset_prefix_cache()
+    _fail_staging_of("bad", monkeypatch, phase="sampling")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, min_tokens=2)
+    good = [_request(rid, p) for rid, p in PROMPTS.items()]
+    tokens, errors = _run(
+        core, [good[0], _request("bad", SHARED, params), _request("sibling", SHARED), *good[1:]]
+    )
+    assert set(errors) == {"bad"} and tokens["bad"] == []
+    assert "injected staging failure" in errors["bad"] and "Traceback" not in errors["bad"]
+    assert {rid: tokens[rid] for rid in PROMPTS} == ref and len(tokens["sibling"]) == 6
+    _assert_idle(core)
+    monkeypatch.undo()
+    again, errors = _run(core, [_request("again", SHARED)])
+    assert not errors and again["again"] == tokens["sibling"]
 
 
 def test_sibling_on_a_failed_requests_blocks_fails_too_and_cache_stays_clean(core, monkeypatch):

@@ -13,8 +13,8 @@ from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.request import Request
 from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.input_batch import InputBatch
+from jaxserve.runner.sampler_inputs import build_step_inputs
 from jaxserve.runner.sampling_metadata import SamplingRow, build_sampling_metadata, penalty_width
-from jaxserve.runner.step_inputs import build_step_inputs
 from jaxserve.sampling_params import SamplingParams
 
 BLOCK = 4
@@ -113,6 +113,7 @@ def test_kept_rows_stage_what_a_fresh_batch_stages(seed):
         fresh = build_step_inputs(SchedulerOutput(kept.staged, 0), BUCKETS, BLOCK, 64)
         assert [sr.request for sr in fresh.staged] == [sr.request for sr in kept.staged]
         _assert_same(kept.inputs, fresh.inputs)
+        _assert_same_leaves(kept.sampling, fresh.sampling)
         # and the sampling rows are what build_sampling_metadata makes of each request alone
         # (rows that do not sample this step are padding)
         rows = [
@@ -126,7 +127,7 @@ def test_kept_rows_stage_what_a_fresh_batch_stages(seed):
         ]
         width = penalty_width(kept.inputs.num_blocks_per_req, BLOCK, 64)
         _assert_same_leaves(
-            kept.inputs.sampling, build_sampling_metadata(rows, kept.inputs.num_reqs, width)
+            kept.sampling, build_sampling_metadata(rows, kept.inputs.num_reqs, width)
         )
         assert batch.num_rows == len(scheduled)
         assert {sr.request.request_id for sr in scheduled} == set(batch.row_of)
@@ -170,7 +171,7 @@ def test_a_row_changes_only_when_its_request_comes_goes_or_grows():
     ):
         np.testing.assert_array_equal(a, b)
     # the step's arrays are copies: a later write to the batch leaves them alone
-    for leaf in jax.tree.leaves(first.inputs):
+    for leaf in jax.tree.leaves((first.inputs, first.sampling)):
         for kept in (batch.block_table, batch.floats, batch.ints, batch.seeds):
             assert not np.shares_memory(np.asarray(leaf), kept)
     # r0 grows a block, r1 leaves: r2 (the last row) moves into r1's row, r0 keeps its own

@@ -8,7 +8,8 @@ import pytest
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
 from jaxserve.request import Request
 from jaxserve.runner.buckets import Buckets
-from jaxserve.runner.step_inputs import build_step_inputs, dummy_step_inputs
+from jaxserve.runner.sampler_inputs import build_step_inputs
+from jaxserve.runner.step_inputs import dummy_step_inputs
 from jaxserve.sampling_params import SamplingParams
 
 BLOCK = 4
@@ -108,7 +109,7 @@ def test_same_request_stages_the_same_whatever_its_batch_mates():
 
 
 def test_dummy_step_writes_only_the_null_block():
-    s = dummy_step_inputs((16, 4, 8), penalty_len=8)
+    s = dummy_step_inputs((16, 4, 8))
     assert (s.num_tokens, s.num_reqs, s.num_blocks_per_req) == (16, 4, 8)
     assert s.input_ids.shape == (16,) and s.attn.block_tables.shape == (4, 8)
     assert not s.attn.slot_mapping.any() and not s.attn.block_tables.any()
