@@ -12,10 +12,12 @@ execute_model / sample_tokens split).
 With async scheduling (vLLM's --async-scheduling) step k+1 is scheduled and its forward
 launched before step k is collected, so the host's work for k+1 runs while the device computes
 k; a decode of k+1 reads its input token from k's output on the device (the scheduler counts
-it as a placeholder). Step k is collected and applied (its grammars advance) before k+1's
-sampler is staged, so k+1's mask and penalty ids see k's tokens: every request steps
-asynchronously, constrained and penalized ones too. Stop checks land one step late: a request
-that step k finished has a token in k+1 that is dropped.
+it as a placeholder). k+1's sampler is dispatched right after its forward, unless some row's
+sampler inputs follow the latest tokens (a grammar, bad_words, penalties): then step k is
+collected and applied first (its grammars advance), and k+1's mask and penalty ids see k's
+tokens while k+1's forward runs. So every request steps asynchronously, constrained and
+penalized ones too. Stop checks land one step late: a request that step k finished has a
+token in k+1 that is dropped.
 """
 
 from __future__ import annotations
@@ -76,10 +78,16 @@ class StepLoop:
         outputs = EngineCoreOutputs()
         in_flight, self.in_flight = self.in_flight, None
         launched = self._launch() if self.scheduler.has_unfinished_requests() else None
+        # the sampler goes out at once unless it waits for the step in flight's tokens
+        sampled = False
+        if launched is not None and (in_flight is None or not self._reads_last_tokens(launched)):
+            self._sample(launched)
+            sampled = True
         if in_flight is not None:
             outputs = self._finish(in_flight)
         if launched is not None:
-            self._sample(launched)
+            if not sampled:
+                self._sample(launched)
             if not self.async_scheduling:
                 outputs = self._finish(launched)
             elif self.scheduler.has_unfinished_requests():
@@ -121,6 +129,19 @@ class StepLoop:
         # before anything is scheduled after this step (async: before its collect)
         self._fail(in_flight, launched.staged.failed)
         return in_flight
+
+    def _reads_last_tokens(self, in_flight: _InFlight) -> bool:
+        """Whether the step's sampler inputs follow its requests' latest tokens: a penalty's
+        history, a grammar's state, bad_words. Only then does its sampler wait for the step
+        before it to be read back; the others are dispatched right after their forward."""
+        masks = self.token_masks
+        if not masks.num_requests and not self.runner.input_batch.history_rows:
+            return False  # (no row has a mask rule, penalties or min_tokens)
+        return any(
+            sr.is_sampling
+            and (sr.request.sampling_params.has_penalties or masks.has_rules(sr.request.request_id))
+            for sr in in_flight.launched.staged.staged
+        )
 
     def _sample(self, in_flight: _InFlight) -> None:
         """Dispatches a launched step's sampler; its mask is filled while the forward runs."""
