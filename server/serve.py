@@ -19,6 +19,7 @@ import signal
 
 from jaxserve.config import EngineArgs
 from jaxserve.engine.client import EngineClient
+from jaxserve.engine.gc_heap import freeze_startup_heap
 from server.app import make_app
 from server.connections import ConnectionLimits, ensure_fd_limit, start_http
 from server.lora import LoRAModule, check_lora_modules
@@ -112,6 +113,7 @@ async def _serve_app(
         app, ns.host, ns.port, limits, shutdown_timeout_s=_CLOSE_GRACE_S
     )
     logger.info("serving %s on %s", state.model_name, site.name)
+    freeze_startup_heap()  # the app and its engine client are up: their heap stays
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

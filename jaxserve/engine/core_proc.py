@@ -47,6 +47,7 @@ from jaxserve.engine import ipc
 from jaxserve.engine.core_interface import EngineCoreInterface
 from jaxserve.engine.dp import make_engine_core
 from jaxserve.engine.embed_queue import EmbedQueue
+from jaxserve.engine.gc_heap import freeze_startup_heap
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class EngineCoreProc:
 
     def run(self) -> int:
         """The busy loop; returns the exit code."""
+        freeze_startup_heap()  # the engine is built and warmed up: its heap stays
         self.send(self._ready)
         while True:
             is_busy = self.core.has_unfinished_requests() or self._embeds.has_work
