@@ -282,25 +282,25 @@ class ModelRunner:
         """The step's arguments around `inputs` (already on the device)."""
         return self.params, self._lora_stacks, self.kv_cache, self.last_token_ids, inputs
 
+    def _placed(self, tree: Any, send: Any) -> Any:
+        """A program's host inputs as it takes them: multi-host, broadcast by the leader with
+        `send` and made global; else with the shared padding blocks swapped for their
+        device copies."""
+        if not self.multihost:
+            return self.device_inputs(tree)
+        if self.is_leader:
+            send(tree)
+        return step_broadcast.to_global(tree, self.mesh)
+
     def _run_forward(self, inputs: StepInputs) -> tuple[jax.Array, PromptLogprobsOutput]:
         """Dispatches a step's forward (it runs on the device while the host goes on)."""
-        if self.multihost:
-            if self.is_leader:
-                step_broadcast.send_step(inputs)
-            inputs = step_broadcast.to_global(inputs, self.mesh)
-        else:
-            inputs = self.device_inputs(inputs)
+        inputs = self._placed(inputs, step_broadcast.send_step)
         self.kv_cache, logits, prompt_out = self._step_fn.forward(*self._step_args(inputs))
         return logits, prompt_out
 
     def _run_sample(self, logits: jax.Array, sampling: SamplingMetadata) -> SamplerOutput:
         """Dispatches the sampler on a dispatched forward's logits."""
-        if self.multihost:
-            if self.is_leader:
-                step_broadcast.send_sampling(sampling)
-            sampling = step_broadcast.to_global(sampling, self.mesh)
-        else:
-            sampling = self.device_inputs(sampling)
+        sampling = self._placed(sampling, step_broadcast.send_sampling)
         out, self.last_token_ids = self._step_fn.sample(logits, sampling)
         return out
 
