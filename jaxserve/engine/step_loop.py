@@ -27,7 +27,8 @@ import dataclasses
 from jaxserve.core.outputs import EngineCoreOutputs, ModelRunnerOutput, SchedulerOutput
 from jaxserve.core.scheduler import Scheduler
 from jaxserve.lora.manager import LoRAManager
-from jaxserve.runner.model_runner import LaunchedStep, ModelRunner
+from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.step_outputs import LaunchedStep
 from jaxserve.structured_output.token_mask import TokenMasks
 
 

@@ -12,7 +12,6 @@ on the device, and its grammars advance by them before its mask is filled.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -20,17 +19,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxserve.config import CacheConfig, LoRAConfig, SchedulerConfig
 from jaxserve.core.outputs import ModelRunnerOutput, SchedulerOutput
-from jaxserve.model import llama, sharding
 from jaxserve.model.attention import KVCache, kv_storage_dtype
 from jaxserve.model.lora import LoRAStacks
 from jaxserve.model.spec import ModelSpec
 from jaxserve.request import Request
-from jaxserve.runner import step_broadcast
+from jaxserve.runner import device_buffers, step_broadcast
 from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.compile_counter import CompileCounter
 from jaxserve.runner.device_inputs import DeviceInputs
@@ -43,32 +40,17 @@ from jaxserve.runner.sampling_metadata import SamplingRow, check_sampling_row, p
 from jaxserve.runner.step_fn import StepFn, make_step_fn
 from jaxserve.runner.step_inputs import (
     LoRASlotOf,
-    StagedStep,
     StepInputs,
     dummy_step_inputs,
     stage_forward,
 )
-from jaxserve.runner.step_outputs import fetch_step_outputs, read_step_outputs
+from jaxserve.runner.step_outputs import LaunchedStep, fetch_step_outputs, read_step_outputs
 
 logger = logging.getLogger(__name__)
 
 
 def _no_adapter(request: Request) -> int:
     return 0
-
-
-@dataclasses.dataclass
-class LaunchedStep:
-    """A step dispatched to the device and not read back yet."""
-
-    # its inputs, and the requests left out of it (the caller fails those at once)
-    staged: StagedStep
-    # its device outputs (futures until the step finishes); None when nothing ran (every
-    # scheduled request failed to stage, or none was scheduled), and `out` until sample()
-    out: SamplerOutput | None
-    prompt_out: PromptLogprobsOutput | None
-    # the forward's f32[R, V] logits, between launch() and sample()
-    logits: jax.Array | None = None
 
 
 class ModelRunner:
@@ -105,13 +87,7 @@ class ModelRunner:
         self.platform = self.devices[0].platform
         # step outputs in one device_get; not on CPU, where they are host memory already
         self.batched_fetch = self.platform != "cpu"
-        if tensor_parallel_size > 1:
-            self.mesh: Mesh | None = sharding.make_mesh(tensor_parallel_size, self.devices)
-            spec = sharding.tp_spec(spec, tensor_parallel_size)
-        else:
-            if len(self.devices) != 1:
-                raise ValueError(f"tensor_parallel_size=1 needs 1 device, got {self.devices}")
-            self.mesh = None
+        self.mesh, spec = device_buffers.replica_mesh(spec, tensor_parallel_size, self.devices)
         # the execution spec: kv heads as the cache stores them (repeated when TP > kv heads)
         self.spec = spec
         self.dtype = dtype
@@ -130,20 +106,11 @@ class ModelRunner:
             scheduler_config.max_model_len,
             cache_config.block_size,
         )
-        shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
-        shape = (spec.num_layers, *shape)
-        self._kv_cache_shape = shape
-        if self.mesh is None:
-            # Commit params and cache to the device: jit keys its cache on committed-ness, and
-            # the step returns a committed cache, so an uncommitted first cache would compile
-            # twice.
-            self.params = jax.device_put(params, self.devices[0])
-        else:
-            self.params = sharding.place_params(self.model_spec, params, self.mesh)
-        if self.platform == "cpu":
-            # bf16 weights as the bit patterns XLA:CPU slices natively (llama.storage_params);
-            # the head's own copy only on one device (the TP shardings name no tied head).
-            self.params = llama.storage_params(self.params, untie_head=self.mesh is None)
+        kv_heads, d = spec.num_kv_heads, spec.head_dim
+        self._kv_cache_shape = (spec.num_layers, num_blocks, self.block_size, kv_heads, d)
+        self.params = device_buffers.place_params(
+            self.model_spec, params, self.devices[0], self.mesh
+        )
         self.kv_cache = self._new_kv_cache()
         # the last step's sampled ids by row, on the device (padded to the largest R bucket):
         # the next step's input for tokens still in flight (async scheduling)
@@ -222,30 +189,14 @@ class ModelRunner:
         assert self.lora_slots is not None, "LoRA is off"
         before = self.compiles.count
         self.lora_slots.write(slot, weights)  # type: ignore[arg-type]
-        if self.is_warmed_up and self.compiles.count != before:
-            self.num_compiles_after_warmup += self.compiles.count - before
-            logger.warning("a LoRA slot write compiled after warmup")
+        self._count_compiles(before, "a LoRA slot write")
 
     def _new_kv_cache(self) -> KVCache:
-        """An all-zero KV cache on the runner's devices (committed, or sharded on the mesh)."""
-        shape = self._kv_cache_shape
         dtype = kv_storage_dtype(self.kv_cache_dtype, self.platform, self.attention_backend)
-        if self.mesh is None:
-            kv_cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-            return jax.device_put(kv_cache, self.devices[0])
-        # zeros created sharded: no device ever holds the whole cache
-        return jax.jit(
-            lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
-            out_shardings=sharding.kv_cache_sharding(self.mesh),
-        )()
+        return device_buffers.new_kv_cache(self._kv_cache_shape, dtype, self.devices[0], self.mesh)
 
     def _new_token_ids(self) -> jax.Array:
-        """Zero sampled ids of the largest R bucket, placed as the step returns them."""
-        size = self._num_ids
-        if self.mesh is None:
-            return jax.device_put(jnp.zeros(size, jnp.int32), self.devices[0])
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.jit(lambda: jnp.zeros(size, jnp.int32), out_shardings=replicated)()
+        return device_buffers.new_token_ids(self._num_ids, self.devices[0], self.mesh)
 
     def use_attention_backend(self, backend: str) -> None:
         """Rebuilds the step for another attention backend (auto's fallback when the Pallas
@@ -272,11 +223,7 @@ class ModelRunner:
     @property
     def kv_cache_bytes_per_device(self) -> dict[jax.Device, int]:
         """KV cache bytes each device holds, read from the arrays' addressable shards."""
-        out: dict[jax.Device, int] = {}
-        for arr in (self.kv_cache.k, self.kv_cache.v):
-            for shard in arr.addressable_shards:
-                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-        return out
+        return device_buffers.bytes_per_device((self.kv_cache.k, self.kv_cache.v))
 
     def _step_args(self, inputs: StepInputs) -> tuple[Any, ...]:
         """The step's arguments around `inputs` (already on the device)."""
@@ -304,12 +251,6 @@ class ModelRunner:
         out, self.last_token_ids = self._step_fn.sample(logits, sampling)
         return out
 
-    def _run_step(
-        self, inputs: StepInputs, sampling: SamplingMetadata
-    ) -> tuple[SamplerOutput, PromptLogprobsOutput]:
-        logits, prompt_out = self._run_forward(inputs)
-        return self._run_sample(logits, sampling), prompt_out
-
     def run_followed(self, message: StepInputs | SamplingMetadata) -> None:
         """A follower process: runs what process 0 broadcast (engine/follower.py's loop): a
         step's forward, or the sampler on the last forward's logits."""
@@ -335,7 +276,8 @@ class ModelRunner:
         start = time.perf_counter()
         shapes = self.buckets.all_shapes()
         for shape in tqdm(shapes, desc="Compiling step buckets", disable=not show_progress):
-            out, _ = self._run_step(*self._dummy_inputs(shape))
+            inputs, sampling = self._dummy_inputs(shape)
+            out = self._run_sample(self._run_forward(inputs)[0], sampling)
         if self.lora_slots is not None:
             self.lora_slots.warmup()
         jax.block_until_ready(out.token_ids)
@@ -409,16 +351,18 @@ class ModelRunner:
         }
         return failed
 
-    def _count_compiles(self, before: int, what: str, inputs: StepInputs) -> None:
+    def _count_compiles(self, before: int, what: str, inputs: StepInputs | None = None) -> None:
+        """Counts (and warns of) the lowerings since `before` once warmed up: each is a stall
+        that warmup should have paid."""
         if self.is_warmed_up and self.compiles.count != before:
             self.num_compiles_after_warmup += self.compiles.count - before
-            logger.warning(
-                "%s compiled after warmup (T, R, B = %d, %d, %d)",
-                what,
-                inputs.num_tokens,
-                inputs.num_reqs,
-                inputs.num_blocks_per_req,
+            i = inputs
+            shape = (
+                ""
+                if i is None
+                else f" (T, R, B = {i.num_tokens}, {i.num_reqs}, {i.num_blocks_per_req})"
             )
+            logger.warning("%s compiled after warmup%s", what, shape)
 
     def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
         """Waits for a launched step and reads back what its requests asked for; a request

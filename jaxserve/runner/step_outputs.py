@@ -1,4 +1,5 @@
-"""The step's device outputs read back into ModelRunnerOutput (sampled ids, logprobs).
+"""A launched step (LaunchedStep), and its device outputs read back into ModelRunnerOutput
+(sampled ids, logprobs).
 
 Only the outputs the step's requests read come back (the sampled ids; the logprob and
 prompt-logprob arrays only when some row asked). On an accelerator they come in one
@@ -12,6 +13,7 @@ Per request: a request whose read-back raises fails alone (named in `failed`), t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -24,6 +26,20 @@ from jaxserve.runner.sampler import SamplerOutput
 from jaxserve.runner.step_inputs import StagedStep
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """A step dispatched to the device and not read back yet."""
+
+    # its inputs, and the requests left out of it (the caller fails those at once)
+    staged: StagedStep
+    # its device outputs (futures until the step finishes); None when nothing ran (every
+    # scheduled request failed to stage, or none was scheduled), and `out` until sample()
+    out: SamplerOutput | None
+    prompt_out: PromptLogprobsOutput | None
+    # the forward's f32[R, V] logits, between launch() and sample()
+    logits: jax.Array | None = None
 
 
 def _local(x: jax.Array) -> jax.Array:
