@@ -35,7 +35,7 @@ class LaunchedStep:
     # its inputs, and the requests left out of it (the caller fails those at once)
     staged: StagedStep
     # its device outputs (futures until the step finishes); None when nothing ran (every
-    # scheduled request failed to stage, or none was scheduled), and `out` until sample()
+    # scheduled request failed to stage, or none was scheduled), and None until sample()
     out: SamplerOutput | None
     prompt_out: PromptLogprobsOutput | None
     # the forward's f32[R, V] logits, between launch() and sample()
