@@ -16,7 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxserve.model import tiles
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -44,6 +45,8 @@ class KVCache:
         "cu_q_lens",
         "tile_starts",
         "tile_lens",
+        "wide_tile_starts",
+        "wide_tile_lens",
     ],
     meta_fields=[],
 )
@@ -64,6 +67,11 @@ class AttentionMetadata:
     tile_starts: jax.Array | None = None
     # i32[max(1, T // 2)] real tokens in each tile, tiles packed first (padding tiles: 0)
     tile_lens: jax.Array | None = None
+    # i32[max(1, T // WIDE_QUERY_TILE)] first token of each wide tile (query_tiles); padding: 0.
+    # None with tile_starts (derived from cu_q_lens)
+    wide_tile_starts: jax.Array | None = None
+    # i32[max(1, T // WIDE_QUERY_TILE)] WIDE_QUERY_TILE per wide tile, packed first (padding: 0)
+    wide_tile_lens: jax.Array | None = None
 
 
 # A bf16 cache on CPU is stored as its uint16 bit patterns (kv_storage_dtype).
@@ -104,29 +112,6 @@ def write_kv(
     return flat.at[slot_mapping].set(new.astype(cache.dtype)).reshape(nb, bs, hkv, d)
 
 
-# Query tokens per prefill tile: a tile's keys are gathered once for all its tokens, and its
-# scores are one [tile * group, head_dim] x [head_dim, keys] dot per kv head.
-QUERY_TILE = 64
-
-
-def query_tiles(cu_q_lens: Any, num_tokens: int, xp: Any = np) -> tuple[Any, Any]:
-    """The prefill tiles of a step: (first token index, real tokens) per tile, i32[max(1, T//2)].
-
-    A request with two or more query tokens is cut into tiles of QUERY_TILE tokens (the last
-    may be shorter); a request with one (a decode, or a prefill's last token) has none and
-    goes through the per-token path. Tiles are packed first, padding tiles have length 0.
-    `xp` is numpy on the host (step_inputs builds them) or jax.numpy inside a jit.
-    """
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    per_req = xp.where(q_lens >= 2, (q_lens + QUERY_TILE - 1) // QUERY_TILE, 0)
-    cum = xp.cumsum(per_req)
-    j = xp.arange(max(1, num_tokens // 2), dtype=np.int32)  # a tile has >= 2 tokens
-    req = xp.minimum(xp.searchsorted(cum, j, side="right"), q_lens.shape[0] - 1)
-    start = cu_q_lens[req] + (j - (cum[req] - per_req[req])) * QUERY_TILE
-    lens = xp.where(j < cum[-1], xp.minimum(QUERY_TILE, cu_q_lens[req + 1] - start), 0)
-    return xp.where(lens > 0, start, 0).astype(np.int32), lens.astype(np.int32)
-
-
 # Keys per step of every walk over a context: small enough that one step's gathered K/V for
 # every decode row stays in cache, large enough that the loop overhead does not show
 # (measured on a 2-core CPU: 32 keys beat 16 and 64-128 by 20-40%). The online softmax's
@@ -162,20 +147,24 @@ def xla_paged_attention(
 
     NOTE: on CPU the memory traffic of gathering the context, not the math, is the cost.
     Gathering per token would copy a 512-token prefill chunk's context 512 times; a tile of
-    QUERY_TILE tokens shares one gather. Each walk over the keys stops at the last key its
-    rows can see (a dynamic trip count), so a step costs what its contexts hold, not what the
-    block-table bucket could hold. A chunk a row cannot see leaves its running max, sum and
-    output bit-for-bit unchanged, so a row's result does not depend on its batch-mates or on
-    the bucket (batched == alone).
+    QUERY_TILE (or WIDE_QUERY_TILE) tokens shares one gather. Each walk over the keys stops at
+    the last key its rows can see (a dynamic trip count), so a step costs what its contexts
+    hold, not what the block-table bucket could hold. A chunk a row cannot see leaves its
+    running max, sum and output bit-for-bit unchanged, so a row's result does not depend on
+    its batch-mates or on the bucket (batched == alone).
     """
     t, hq, d = q.shape
     out = jnp.zeros((t, hq, d), jnp.float32)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     out = _decode_rows(out, q, k_cache, v_cache, positions, md, **kw)
-    tile_starts, tile_lens = md.tile_starts, md.tile_lens
-    if tile_starts is None or tile_lens is None:
-        tile_starts, tile_lens = query_tiles(md.cu_q_lens, t, jnp)
-    out = _prefill_tiles(out, q, k_cache, v_cache, positions, md, tile_starts, tile_lens, **kw)
+    narrow = md.tile_starts, md.tile_lens
+    wide = md.wide_tile_starts, md.wide_tile_lens
+    if any(x is None for x in (*narrow, *wide)):
+        narrow, wide = tiles.query_tiles(md.cu_q_lens, t, jnp)
+    args = (q, k_cache, v_cache, positions, md)
+    if t >= tiles.WIDE_QUERY_TILE:  # smaller steps have no wide tile: no loop to compile
+        out = _prefill_tiles(out, *args, *wide, size=tiles.WIDE_QUERY_TILE, **kw)
+    out = _prefill_tiles(out, *args, *narrow, size=tiles.QUERY_TILE, **kw)
     return out.astype(q.dtype)
 
 
@@ -238,16 +227,18 @@ def _prefill_tiles(
     md: AttentionMetadata,
     starts: jax.Array,
     lens: jax.Array,
+    *,
+    size: int,
     **kw: Any,
 ) -> jax.Array:
-    """Query tiles: a tile's QUERY_TILE tokens share one walk over their request's blocks.
+    """Query tiles: a tile's `size` tokens share one walk over their request's blocks.
 
     Inside a tile everything is kv-head-major ([K, tile * G, ...]), the layout the dots take,
     so XLA transposes only the gathered keys and values, not the scores."""
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
     group = hq // hkv
-    offsets = jnp.arange(QUERY_TILE, dtype=jnp.int32)
+    offsets = jnp.arange(size, dtype=jnp.int32)
     phases = _key_chunks(bs, tile=True)
 
     def tile(i: jax.Array, out: jax.Array) -> jax.Array:
@@ -255,8 +246,8 @@ def _prefill_tiles(
         idx = jnp.minimum(starts[i] + offsets, t - 1)
         pos = jnp.where(valid, positions[idx], -1)
         table = md.block_tables[md.token_req_idx[starts[i]]][None]  # [1, B]
-        qg = q[idx].reshape(QUERY_TILE, hkv, group, d).astype(jnp.float32) * kw["sm_scale"]
-        qg = qg.transpose(1, 0, 2, 3).reshape(hkv, QUERY_TILE * group, d)
+        qg = q[idx].reshape(size, hkv, group, d).astype(jnp.float32) * kw["sm_scale"]
+        qg = qg.transpose(1, 0, 2, 3).reshape(hkv, size * group, d)
         row_pos = jnp.repeat(pos, group)[None, :, None]  # [1, tile * G, 1]
         last = jnp.max(pos)
 
@@ -268,11 +259,9 @@ def _prefill_tiles(
             scores = jnp.einsum("kqd,skd->kqs", qg, k)  # [K, tile * G, S]
             return scores, lambda p: jnp.einsum("kqs,skd->kqd", p, v)
 
-        acc, l_final = _walk(
-            chunk, table, pos, phases, bs, (hkv, QUERY_TILE * group), d, row_pos, **kw
-        )
-        rows = (acc / l_final[..., None]).reshape(hkv, QUERY_TILE, group, d)
-        rows = rows.transpose(1, 0, 2, 3).reshape(QUERY_TILE, hq, d)
+        acc, l_final = _walk(chunk, table, pos, phases, bs, (hkv, size * group), d, row_pos, **kw)
+        rows = (acc / l_final[..., None]).reshape(hkv, size, group, d)
+        rows = rows.transpose(1, 0, 2, 3).reshape(size, hq, d)
         return out.at[jnp.where(valid, idx, t)].set(rows, mode="drop")
 
     return jax.lax.fori_loop(0, jnp.sum(lens > 0), tile, out)

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from jaxserve.core.outputs import ScheduledRequest, SchedulerOutput
-from jaxserve.model.attention import AttentionMetadata, query_tiles
+from jaxserve.model.attention import AttentionMetadata
+from jaxserve.model.tiles import WIDE_QUERY_TILE, query_tiles
 from jaxserve.request import Request
 from jaxserve.runner.buckets import Buckets
 from jaxserve.runner.input_batch import InputBatch
@@ -264,7 +265,7 @@ def _stage(
     if lora_slot_of is not None:
         lora_slots = np.zeros(t, np.int32)
         lora_slots[:num_tokens] = np.repeat(np.asarray(slots, np.int32), q_lens)
-    tile_starts, tile_lens = query_tiles(cu_q_lens, t)
+    (tile_starts, tile_lens), (wide_starts, wide_lens) = query_tiles(cu_q_lens, t)
     # each sampling row's sample index (the output token it samples: one past any in flight)
     steps = np.full(r, -1, np.int32)
     is_sampling = np.asarray(sampling, bool)
@@ -284,6 +285,8 @@ def _stage(
             cu_q_lens=cu_q_lens,
             tile_starts=tile_starts,
             tile_lens=tile_lens,
+            wide_tile_starts=wide_starts,
+            wide_tile_lens=wide_lens,
         ),
         logits_indices=logits_indices,
         prompt_targets=_no_targets(t),
@@ -331,6 +334,8 @@ def dummy_step_inputs(shape: tuple[int, int, int], *, lora: bool = False) -> Ste
             cu_q_lens=zeros(r + 1),
             tile_starts=zeros(max(1, t // 2)),
             tile_lens=zeros(max(1, t // 2)),
+            wide_tile_starts=zeros(max(1, t // WIDE_QUERY_TILE)),
+            wide_tile_lens=zeros(max(1, t // WIDE_QUERY_TILE)),
         ),
         logits_indices=zeros(r),
         prompt_targets=_no_targets(t),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model import attention
+from jaxserve.model import attention, tiles
 from jaxserve.model.attention import AttentionMetadata, xla_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ref_paged_attention
 
@@ -61,10 +61,12 @@ ALL_KV = [kv for _, kvs in CASES.values() for kv in kvs]
 @pytest.fixture(params=["default", "small"])
 def tiling(request, monkeypatch):
     """The engine's tile sizes, and small ones so that these short requests span several
-    query tiles and key chunks (the chunking and the online softmax across chunks), and
-    tiles walk both their phases (small chunks, then large: attention._key_chunks)."""
+    query tiles, wide and narrow, and key chunks (the chunking and the online softmax across
+    chunks), and tiles walk both their phases (small chunks, then large:
+    attention._key_chunks)."""
     if request.param == "small":
-        monkeypatch.setattr(attention, "QUERY_TILE", 4)
+        monkeypatch.setattr(tiles, "QUERY_TILE", 4)
+        monkeypatch.setattr(tiles, "WIDE_QUERY_TILE", 8)
         monkeypatch.setattr(attention, "_CHUNK_KEYS", 8)
         monkeypatch.setattr(attention, "_TILE_CHUNK_KEYS", 16)
     return request.param
@@ -89,24 +91,32 @@ def test_chunked_matches_reference(tiling, hq, hkv, window, cap):
 def test_host_tiles_match_device_tiles(tiling):
     # step_inputs builds the tiles with numpy; the embedder and these tests let the attention
     # derive them with jnp: one function, both must agree (and cover every prefill token once).
-    cu = np.cumsum([0, *ALL_Q, 0, 0]).astype(np.int32)  # two padding rows
+    # two requests long enough for wide tiles, and two padding rows
+    cu = np.cumsum([0, *ALL_Q, 300, 257, 0, 0]).astype(np.int32)
     t = int(cu[-1]) + 5
-    host = attention.query_tiles(cu, t)
-    dev = jax.jit(lambda c: attention.query_tiles(c, t, jnp))(jnp.asarray(cu))
-    for h, d in zip(host, dev, strict=True):
+    host = tiles.query_tiles(cu, t)
+    dev = jax.jit(lambda c: tiles.query_tiles(c, t, jnp))(jnp.asarray(cu))
+    for h, d in zip(jax.tree.leaves(host), jax.tree.leaves(dev), strict=True):
         assert np.array_equal(h, np.asarray(d))
-    starts, lens = host
-    covered = sorted(s + i for s, n in zip(starts, lens, strict=True) for i in range(n))
+    (starts, lens), (wide_starts, wide_lens) = host
+    assert set(wide_lens) <= {0, tiles.WIDE_QUERY_TILE}
+    cut = [*zip(starts, lens, strict=True), *zip(wide_starts, wide_lens, strict=True)]
+    covered = sorted(s + i for s, n in cut for i in range(n))
     prefill = [i for r, n in enumerate(np.diff(cu)) if n >= 2 for i in range(cu[r], cu[r + 1])]
     assert covered == prefill
 
 
 @pytest.mark.parametrize("hq, hkv, d", [(6, 2, 16), (9, 3, 64)])  # the second: smollm2's
 @pytest.mark.parametrize("kv", [70, 200])  # 200: past a tile's first 128 keys (_key_chunks)
-def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d, kv):
+def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d, kv, monkeypatch):
     # How the scheduler splits a request's tokens over steps depends on its batch-mates (the
     # token budget); the same token must get the same bits whichever way its prompt was split
     # into query tiles, and a decode the same bits whatever decodes share its step.
+    # No wide tiles here: with the small tiles' 8-24 score rows, XLA:CPU rounds the softmax's
+    # fused reductions by row count (as _MIN_DECODE_ROWS says for decodes), so a small wide
+    # tile and a small narrow one differ in the last bit (measured: [7, 13, 10] against [30]).
+    # At the engine's sizes (192 and 768 rows) they agree: test_wide_tiles_give_a_token_...
+    monkeypatch.setattr(tiles, "WIDE_QUERY_TILE", 1024)
     q, k, v, pos, md = ragged_batch([30], [kv], hq=hq, hkv=hkv, d=d)
     table = md.block_tables
 
@@ -141,6 +151,31 @@ def test_split_does_not_change_a_tokens_bits(tiling, hq, hkv, d, kv):
     # largest output at 70 keys (one split for both) and 7.0 at 200, for (9, 3, 64).
     eps = np.finfo(np.float32).eps
     assert np.abs(decodes - whole).max() <= 16 * eps * np.abs(whole).max()
+
+
+def test_wide_tiles_give_a_token_the_bits_of_narrow_ones():
+    # The engine's tile sizes on a prompt long enough for wide tiles: whether a token is in a
+    # wide tile (its request had WIDE_QUERY_TILE query tokens in the step) or a narrow one
+    # (the rest of the request, or a smaller chunk of it) must not change its bits.
+    n = tiles.WIDE_QUERY_TILE + 44
+    q, k, v, pos, md = ragged_batch([n], [n], hq=9, hkv=3, d=64, num_blocks=96)
+
+    def run(q_lens):
+        split = AttentionMetadata(
+            slot_mapping=md.slot_mapping,
+            token_req_idx=jnp.asarray(np.repeat(np.arange(len(q_lens)), q_lens), jnp.int32),
+            block_tables=jnp.repeat(md.block_tables, len(q_lens), axis=0),
+            kv_lens=jnp.asarray(np.cumsum(q_lens), jnp.int32),
+            cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
+        )
+        return np.asarray(
+            jax.jit(lambda *a: xla_paged_attention(*a, sm_scale=0.125))(q, k, v, pos, split)
+        )
+
+    whole = run([n])  # one wide tile, then narrow ones
+    np.testing.assert_allclose(whole, reference(q, k, v, pos, md, sm_scale=0.125), 2e-5, 2e-5)
+    for q_lens in ([100, n - 100], [44, n - 44], [n - 2, 2]):  # narrow only; wide after 44
+        assert np.array_equal(run(q_lens), whole), q_lens
 
 
 def test_nan_poisoned_padding():
