@@ -8,7 +8,7 @@ BREAKDOWN: A's decode step (N requests at ~P + O/2 context) split into dense, at
   host, and attention against its KV-bytes roofline at the read bandwidth measured here
   (bench/decode_breakdown.py).
 PREFILL: one --prefill-len prompt alone (max_tokens=1): prefill tok/s from its time to first
-  token, against the same with attention a no-op.
+  token, against the same with attention a no-op (both engines alive, reps alternated).
 HOST: host microseconds per request per step on a null model at --host-requests concurrent
   decodes (bench/host_overhead.py).
 B: N requests sharing a long prefix with distinct suffixes: prefix caching on vs off.
@@ -69,7 +69,7 @@ from workloads import (  # noqa: E402
     run_attention_ceiling,
     run_caching_cost,
     run_jaxserve,
-    run_prefill_alone,
+    run_prefill_pair,
     run_transformers,
     without_token_ids,
 )
@@ -94,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--breakdown-reps", type=int, default=10, help="timed calls per step")
     ap.add_argument("--bw-mib", type=int, default=1024, help="array read for the bandwidth")
     ap.add_argument("--prefill-len", type=int, default=1024)
-    ap.add_argument("--prefill-reps", type=int, default=3, help="PREFILL: best of")
+    ap.add_argument("--prefill-reps", type=int, default=6, help="PREFILL: best of, each")
     ap.add_argument("--host-requests", type=int, default=256)
     ap.add_argument("--host-prompt-len", type=int, default=16)
     ap.add_argument("--host-output-len", type=int, default=64)
@@ -187,8 +187,8 @@ def hf_baselines(args: argparse.Namespace, prompts: list[list[int]], record: dic
 
 
 def prefill_row(args: argparse.Namespace, engine: dict[str, Any], record: dict) -> list[Row]:
-    real = run_prefill_alone(args.prefill_len, args.prefill_reps, engine)
-    free = run_prefill_alone(args.prefill_len, args.prefill_reps, engine, no_attention=True)
+    pair = run_prefill_pair(args.prefill_len, args.prefill_reps, engine)
+    real, free = pair["real"], pair["no_attention"]
     ratio = real["prefill_tok_s"] / free["prefill_tok_s"]
     record["PREFILL"] = {"real": real, "no_attention": free, "ratio": ratio}
     return [
