@@ -18,9 +18,9 @@ QUERY_TILE = 64
 # prompt's chunk) walks its keys in tiles this wide first, and its remaining tokens in
 # QUERY_TILE ones. XLA:CPU runs the wider tile's dots 2-4x faster (measured on a 2-core EPYC:
 # 22 GFLOP/s for [192, 64] x [64, 128] inside the walk, 75 for [768, 64] x [64, 256]), and a
-# 1024-token prompt's prefill went from 0.66x to 0.74x of the same with attention a no-op
-# (four alternated runs each). Short prompts keep narrow tiles: a wide tile half empty
-# computes twice the scores it needs.
+# 1024-token prompt's prefill went from 0.62x to 0.69x of the same with attention a no-op
+# (bench PREFILL, three alternated runs each). Short prompts keep narrow tiles: a wide tile
+# half empty computes twice the scores it needs.
 WIDE_QUERY_TILE = 256
 
 
