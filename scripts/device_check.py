@@ -196,6 +196,10 @@ def stage_workload_a(ctx: Context) -> dict[str, Any]:
     if ctx.dry_run:
         cmd += ["--num-requests", "2", "--prompt-len", "8", "--output-len", "4"]
         cmd += ["--max-num-seqs", "2", "--max-num-batched-tokens", "16"]
+        # PREFILL at its device size (1024 tokens, best of 6 each) took 100 of this stage's
+        # 141 s on a 2-core CPU: the dry run proves the row runs, not how fast
+        cmd += ["--prefill-len", "32", "--prefill-reps", "1", "--host-requests", "16"]
+        cmd += ["--bw-mib", "64", "--breakdown-reps", "2"]
         cmd += ["--skip", "HF,B,C,KV,COMM,CEIL"]
     else:  # workload A (64 x 128 / 128) and its CEIL row; no transformers baseline here
         cmd += ["--skip", "HF,B,C,KV,COMM"]
