@@ -6,7 +6,7 @@ the other rows divide by temperature, filter (top-k, top-p, min-p) and draw with
 trick, keyed by (seed, step) per row, so a seeded request gives the same text whatever its
 batch-mates.
 Logprobs, ranks and the top-N are taken from the raw model distribution (vLLM's default).
-Everything is pure jnp with static shapes; the expensive parts (sorting, penalty counts,
+Everything is pure jnp with static shapes; the expensive parts (top-k/top-p, penalty counts,
 top-N, random draws) sit behind lax.cond so a batch that needs none of them pays for none.
 """
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxserve.runner.token_bitmask import apply_token_bitmask
+from jaxserve.runner.top_k_top_p import apply_top_k_top_p
 from jaxserve.sampling_params import GREEDY_TEMPERATURE, MAX_LOGPROBS
 
 
@@ -139,32 +140,6 @@ def apply_logit_bias(
     return logits.at[rows, ids].add(values, mode="drop")
 
 
-def apply_top_k_top_p(
-    logits: jax.Array,  # f32[R, V] already divided by temperature
-    top_k: jax.Array,  # i32[R] 0 = off
-    top_p: jax.Array,  # f32[R] 1 = off
-) -> jax.Array:  # f32[R, V]
-    """Masks to -inf every token outside the top k and outside the minimal top-p nucleus.
-
-    One descending sort serves both: the k-th sorted value is the top-k threshold, and the
-    nucleus keeps sorted token i while the mass strictly before it is < top_p (the smallest
-    set whose mass reaches top_p). Ties at a threshold are all kept.
-    """
-    _, v = logits.shape
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    sorted_desc = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_desc, -jnp.inf)
-
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    in_nucleus = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    # the first sorted token is always in (mass_before = 0 < top_p), so the min is finite
-    p_threshold = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, p_threshold)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
-
-
 def apply_min_p(
     logits: jax.Array,  # f32[R, V] already divided by temperature
     min_p: jax.Array,  # f32[R] 0 = off
@@ -200,7 +175,7 @@ def _random_sample(
     needs_sort = jnp.any(~is_greedy & ((md.top_k > 0) | (md.top_p < 1.0)))
     logits = lax.cond(
         needs_sort,
-        lambda x: apply_top_k_top_p(x, md.top_k, md.top_p),
+        lambda x: apply_top_k_top_p(x, md.top_k, md.top_p, ~is_greedy),
         lambda x: x,
         logits,
     )

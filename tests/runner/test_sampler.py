@@ -16,7 +16,6 @@ from jaxserve.runner.sampler import (
     SamplingMetadata,
     apply_min_p,
     apply_penalties,
-    apply_top_k_top_p,
     sample,
 )
 from jaxserve.runner.sampling_metadata import (
@@ -26,6 +25,7 @@ from jaxserve.runner.sampling_metadata import (
     fold_seed,
     required_penalty_len,
 )
+from jaxserve.runner.top_k_top_p import apply_top_k_top_p
 from jaxserve.sampling_params import MAX_BANNED_TOKEN_IDS, MAX_LOGPROBS, SamplingParams
 
 jit_sample = jax.jit(sample)
