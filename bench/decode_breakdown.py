@@ -17,6 +17,11 @@ own params and cache:
 so host is what the loop exposes on top of the device step (with async scheduling, only the
 part it does not hide). The roofline is the KV bytes the step must read per layer (sum of kv
 lens x 2 x kv heads x head dim x itemsize) over the measured read bandwidth.
+
+The gather floor is what copying those bytes costs before any math: one layer's K and V blocks
+of the step's live requests gathered into fresh arrays, as a paged attention must hand XLA's
+dots a buffer (XLA:CPU fuses no gather into a dot). An attention that gathers cannot beat it,
+so floor / roofline bounds attention / roofline from below on this backend.
 """
 
 from __future__ import annotations
@@ -44,6 +49,36 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     x.delete()
     return {"bytes": nbytes, "seconds": times, "bytes_per_s": nbytes / min(times)}
+
+
+def dot_rate(dtype: str, shape: tuple[int, int, int] = (512, 576, 1536), reps: int = 10) -> float:
+    """FLOP/s of a jitted [M, K] x [K, N] jnp.dot of `dtype` operands accumulating in f32
+    (preferred_element_type), best of `reps`: whether this CPU's dots gain from bf16."""
+    m, k, n = shape
+    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    return 2 * m * k * n / _best_seconds(lambda: dot(a, b), reps)
+
+
+def _best_seconds(call: Any, reps: int) -> float:
+    """Best wall seconds of `reps` calls of `call` (blocked on), after one untimed call."""
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gather_floor(cache: Any, tables: np.ndarray, kv_lens: np.ndarray, reps: int) -> float:
+    """Best seconds to gather one layer's K and V blocks holding each live row's context
+    (`tables` rows, `kv_lens` > 0) into fresh arrays (the module docstring's gather floor)."""
+    bs = cache.k.shape[2]
+    live = [tables[r, : -(-int(n) // bs)] for r, n in enumerate(kv_lens) if n > 0]
+    idx = jnp.asarray(np.concatenate(live).astype(np.int32))
+    gather = jax.jit(lambda k, v, i: (k[0, i], v[0, i]))
+    return _best_seconds(lambda: gather(cache.k, cache.v, idx), reps)
 
 
 def _step_seconds(fn: Any, runner: Any, inputs: Any, sampling: Any, reps: int) -> dict[str, Any]:
@@ -166,10 +201,14 @@ class StepProbe:
             itemsize = runner.kv_cache.k.dtype.itemsize
             kv_bytes = int(live.sum()) * 2 * spec.num_kv_heads * spec.head_dim * itemsize
             roofline = kv_bytes / self.bandwidth
+            tables = np.asarray(inputs.attn.block_tables)
+            floor = gather_floor(runner.kv_cache, tables, kv_lens, self.reps)
             out.update(
                 kv_bytes_per_layer=kv_bytes,
                 read_bytes_per_s=self.bandwidth,
                 roofline_per_layer_s=roofline,
+                gather_floor_per_layer_s=floor,
+                gather_floor_over_roofline=floor / roofline,
                 # None when the difference drowned in noise (no ratio to report)
                 attention_over_roofline=(
                     out["attention_per_layer_s"] / roofline if attention > 0 else None
@@ -202,4 +241,13 @@ def breakdown_rows(label: str, b: dict[str, Any]) -> list[tuple[str, float, str]
         )
     elif "roofline_per_layer_s" in b:
         rows.append((f"BREAKDOWN {label} attention/roofline", float("nan"), "below the noise"))
+    if "gather_floor_per_layer_s" in b:
+        rows.append(
+            (
+                f"BREAKDOWN {label} gather floor/roofline",
+                float("nan"),
+                f"{b['gather_floor_per_layer_s'] * ms:.3f} ms/layer to copy the step's KV:"
+                f" {b['gather_floor_over_roofline']:.1f}x (attention cannot go below it)",
+            )
+        )
     return rows

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform as host_platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from save import save_record
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ref_ragged_paged_attention
 
@@ -192,11 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     record = run(args)
     record["args"] = vars(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernels-{record['backend']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    path = save_record(record, args.out, f"kernels-{record['backend']}")
     bad = [r for r in record["results"] if "error" in r or r.get("correct") is False]
     if bad:
         raise SystemExit(f"{len(bad)} kernel run(s) failed or were wrong: see {path}")

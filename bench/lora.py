@@ -18,7 +18,6 @@ what to compare: this machine is noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.save import save_record  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.lora.request import LoRARequest  # noqa: E402
 from jaxserve.model.spec import ModelSpec  # noqa: E402
@@ -145,11 +145,7 @@ def main() -> None:
         f"{hl['compiles']} compiles (target < 1 s, 0 compiles)"
     )
     print(f"compiles in the measured reps: {results['compiles_in_measured_reps']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"lora-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    save_record(results, args.out, "lora")
 
 
 def jax_block(core: Any) -> None:

@@ -13,7 +13,6 @@ as the delta's cost relative to base. Writes one JSON record to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.save import save_record  # noqa: E402
 from jaxserve.model.lora import lora_delta  # noqa: E402
 
 
@@ -108,11 +108,7 @@ def main() -> None:
                 + "   "
                 + " ".join(f"{k}={v:+.2f}" for k, v in over.items())
             )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"lora_kernels-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    save_record(results, args.out, "lora_kernels")
 
 
 if __name__ == "__main__":

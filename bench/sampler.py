@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxserve.runner.top_k_top_p as top_k_top_p  # noqa: E402
+from bench.save import save_record  # noqa: E402
 from bench.workloads import VOCAB, progress, random_prompts  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 
@@ -160,11 +160,7 @@ def main() -> None:
             f"{label + ' (tok/s, x plain)':<32} {c['tok_s']:>6.1f} {c['vs_plain']:>4.2f}x "
             f"{s['tok_s']:>6.1f} {s['vs_plain']:>4.2f}x"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sampler-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    save_record(record, args.out, "sampler")
 
 
 if __name__ == "__main__":

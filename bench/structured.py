@@ -19,7 +19,6 @@ what to compare: this machine is noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.save import save_record  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 from jaxserve.structured_output.params import StructuredOutputsParams  # noqa: E402
 
@@ -163,11 +163,7 @@ def main() -> None:
     print(f"fill share of step time at 100%: {results['fill_share_of_step_time_100']:.3f}")
     print(f"fills hidden behind the forward at 100%: {results['fills_hidden_share_100']:.3f}")
     print(f"compiles in the measured reps: {results['compiles_in_measured_reps']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"structured-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    save_record(results, args.out, "structured")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,11 @@ compare: this machine is noisy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 ROWS = ("A", "A16", "HF", "CEIL", "CEIL16", "BREAKDOWN", "PREFILL", "HOST", "B", "C", "KV", "COMM")
@@ -59,8 +57,9 @@ if __name__ == "__main__":
 
 # After XLA_FLAGS: these import jax.
 from comm import COMM_MODELS, comm_rows, run_comm, run_comm_own  # noqa: E402
-from decode_breakdown import StepProbe, breakdown_rows, read_bandwidth  # noqa: E402
+from decode_breakdown import StepProbe, breakdown_rows, dot_rate, read_bandwidth  # noqa: E402
 from host_overhead import host_rows, run_host_overhead  # noqa: E402
+from save import save_record  # noqa: E402
 from targets import check_targets, print_targets  # noqa: E402
 from workloads import (  # noqa: E402
     VOCAB,
@@ -160,6 +159,17 @@ def workload_a(args: argparse.Namespace, engine: dict[str, Any], record: dict[st
                 "A bf16 / A f32",
                 float("nan"),
                 f"{ratio:.2f}x (target >= 1.5x); same greedy tokens {same}/{len(ids['f32'])}",
+            )
+        )
+        # what bf16 can gain on this CPU at all: its dots alone, same shape as the issue's
+        rates = {dtype: dot_rate(dtype) for dtype in ("float32", "bfloat16")}
+        record["dot_flop_per_s"] = rates
+        rows.append(
+            (
+                "dot 512x576x1536 bf16 / f32",
+                float("nan"),
+                f"{rates['bfloat16'] / rates['float32']:.2f}x ({rates['bfloat16'] / 1e9:.0f} vs"
+                f" {rates['float32'] / 1e9:.0f} GFLOP/s, f32 accumulation)",
             )
         )
     if "A" not in skip and "HF" not in skip:
@@ -318,11 +328,8 @@ def main() -> None:
         print(f"{name:<44} {tps:>12.1f}  {note}")
     record["targets"] = check_targets(record)
     print_targets(record["targets"])
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
-    print(f"\nwrote {path}")
+    print()
+    save_record(record, args.out, "throughput")
 
 
 if __name__ == "__main__":
