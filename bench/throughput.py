@@ -2,11 +2,12 @@
 
 Rows (--skip takes a comma list of their names):
 A / A16: N requests x P prompt tokens x O output tokens, greedy, ignore_eos, in float32 / in
-  bfloat16; HF: transformers generate() at batch 1 (a few prompts) and static batch 8.
+  bfloat16 (with both, the FLOP/s of one bf16 and one f32 jnp.dot: what bf16 can gain on this
+  CPU); HF: transformers generate() at batch 1 (a few prompts) and static batch 8.
 CEIL / CEIL16: workload A (f32 / bf16) with attention a no-op: the ceiling for A.
 BREAKDOWN: A's decode step (N requests at ~P + O/2 context) split into dense, attention and
-  host, and attention against its KV-bytes roofline at the read bandwidth measured here
-  (bench/decode_breakdown.py).
+  host, and attention and its gather floor (copying the step's KV alone) against the KV-bytes
+  roofline at the read bandwidth measured here (bench/decode_breakdown.py).
 PREFILL: one --prefill-len prompt alone (max_tokens=1): prefill tok/s from its time to first
   token, against the same with attention a no-op (both engines alive, reps alternated).
 HOST: host microseconds per request per step on a null model at --host-requests concurrent
