@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import timed
 from workloads import attention_disabled
 
 
@@ -41,12 +42,7 @@ def read_bandwidth(nbytes: int = 2**30, reps: int = 5) -> dict[str, Any]:
     """Bytes/s of a jitted jnp.sum over an `nbytes` f32 array, best of `reps`."""
     x = jnp.ones(nbytes // 4, jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()  # compile
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        total(x).block_until_ready()
-        times.append(time.perf_counter() - start)
+    times = timed(lambda: total(x), reps)
     x.delete()
     return {"bytes": nbytes, "seconds": times, "bytes_per_s": nbytes / min(times)}
 
@@ -57,18 +53,7 @@ def dot_rate(dtype: str, shape: tuple[int, int, int] = (512, 576, 1536), reps: i
     m, k, n = shape
     a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
     dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    return 2 * m * k * n / _best_seconds(lambda: dot(a, b), reps)
-
-
-def _best_seconds(call: Any, reps: int) -> float:
-    """Best wall seconds of `reps` calls of `call` (blocked on), after one untimed call."""
-    jax.block_until_ready(call())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return 2 * m * k * n / min(timed(lambda: dot(a, b), reps))
 
 
 def gather_floor(cache: Any, tables: np.ndarray, kv_lens: np.ndarray, reps: int) -> float:
@@ -78,7 +63,7 @@ def gather_floor(cache: Any, tables: np.ndarray, kv_lens: np.ndarray, reps: int)
     live = [tables[r, : -(-int(n) // bs)] for r, n in enumerate(kv_lens) if n > 0]
     idx = jnp.asarray(np.concatenate(live).astype(np.int32))
     gather = jax.jit(lambda k, v, i: (k[0, i], v[0, i]))
-    return _best_seconds(lambda: gather(cache.k, cache.v, idx), reps)
+    return min(timed(lambda: gather(cache.k, cache.v, idx), reps))
 
 
 def _step_seconds(fn: Any, runner: Any, inputs: Any, sampling: Any, reps: int) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.save import save_record  # noqa: E402
+from bench.timing import timed  # noqa: E402
 from jaxserve.model.lora import lora_delta  # noqa: E402
 
 
@@ -67,13 +67,7 @@ WAYS = {"base": base, "onehot": onehot, "ragged": ragged, "gather": gather}
 
 def time_fn(fn, args, reps: int) -> float:
     f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: f(*args), reps))
 
 
 def main() -> None:

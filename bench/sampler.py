@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import platform
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 
 import jaxserve.runner.top_k_top_p as top_k_top_p  # noqa: E402
 from bench.save import save_record  # noqa: E402
+from bench.timing import timed  # noqa: E402
 from bench.workloads import VOCAB, progress, random_prompts  # noqa: E402
 from jaxserve import LLM, SamplingParams  # noqa: E402
 
@@ -53,13 +53,7 @@ def always_sorted() -> Iterator[None]:
 
 
 def best_ms(fn: Any, *args: Any, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
+    return min(timed(lambda: fn(*args), reps)) * 1e3
 
 
 def float64_kept(logits: np.ndarray, top_p: float) -> np.ndarray:
